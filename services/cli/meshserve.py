@@ -1,0 +1,146 @@
+"""`meshserve`: run one MeshServe service, or the whole local mesh (`meshserve up`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Awaitable, Callable
+
+from services.common.lifecycle import default_id, install_stop_signals, parse_option
+from services.common.logging_setup import setup_logging
+
+log = logging.getLogger("meshserve")
+
+
+def _run_service(component: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+    setup_logging(component)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        await run(stop)
+
+    try:
+        asyncio.run(main())
+    except Exception as exc:  # noqa: BLE001 - a clear one-line reason, then a non-zero exit
+        log.error("%s failed: %s", component, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        return 1
+    return 0
+
+
+def cmd_modelserver(args: argparse.Namespace) -> int:
+    from services.modelserver.engine import ModelSpec
+    from services.modelserver.server import ModelServerConfig, run
+
+    options = dict(parse_option(o) for o in args.engine_option)
+    specs = []
+    for text in args.model:
+        spec = ModelSpec.parse(text)
+        specs.append(ModelSpec(spec.name, spec.backend, spec.source, options))
+    config = ModelServerConfig(
+        server_id=args.id or default_id("server"), models=specs, listen=args.listen,
+        advertise=args.advertise, region=args.region, zone=args.zone, etcd=args.etcd,
+        metrics=args.metrics, lease_ttl=args.lease_ttl, memory_bytes=args.memory_bytes)
+    return _run_service(f"modelserver[{config.server_id}]", lambda stop: run(config, stop))
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    from services.router.server import RouterConfig, run
+
+    config = RouterConfig(router_id=args.id or default_id("router"), listen=args.listen,
+                          advertise=args.advertise, region=args.region, zone=args.zone,
+                          etcd=args.etcd, metrics=args.metrics, lease_ttl=args.lease_ttl)
+    return _run_service(f"router[{config.router_id}]", lambda stop: run(config, stop))
+
+
+def cmd_controlplane(args: argparse.Namespace) -> int:
+    from services.controlplane.server import ControlPlaneConfig, run
+
+    config = ControlPlaneConfig(replica_id=args.id or default_id("controlplane"),
+                                listen=args.listen, advertise=args.advertise, region=args.region,
+                                etcd=args.etcd, metrics=args.metrics, lease_ttl=args.lease_ttl)
+    return _run_service(f"controlplane[{config.replica_id}]", lambda stop: run(config, stop))
+
+
+def cmd_envoy_config(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from services.common.envoy_config import DEFAULT_DESCRIPTOR, EnvoySettings, render
+
+    text = render(EnvoySettings(
+        listen=args.listen, admin=args.admin, routers=args.router,
+        descriptor=Path(args.descriptor or DEFAULT_DESCRIPTOR), cluster_type=args.cluster_type,
+        access_log=args.access_log))
+    sys.stdout.write(text)
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from services.localmesh.cli import up
+
+    return up(args)
+
+
+def _common(p: argparse.ArgumentParser, listen: str) -> None:
+    p.add_argument("--id", default="", help="replica id (default: kind-host-pid)")
+    p.add_argument("--listen", default=listen, help="host:port to serve gRPC on")
+    p.add_argument("--advertise", default="", help="address others dial (default: --listen)")
+    p.add_argument("--region", default="local")
+    p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoints, comma-separated")
+    p.add_argument("--metrics", default="127.0.0.1:0",
+                   help="host:port for Prometheus /metrics ('' disables; port 0 picks one)")
+    p.add_argument("--lease-ttl", type=int, default=10, help="etcd lease TTL in seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("modelserver", help="run a model server")
+    _common(p, "127.0.0.1:7001")
+    p.add_argument("--zone", default="local-a")
+    p.add_argument("--model", action="append", required=True,
+                   help="NAME=BACKEND[:SOURCE], e.g. smollm2=torch:embedded or echo=sim (repeatable)")
+    p.add_argument("--engine-option", action="append", default=[],
+                   help="engine option key=value for every model (e.g. tokens_per_second=50)")
+    p.add_argument("--memory-bytes", type=int, default=0)
+    p.set_defaults(func=cmd_modelserver)
+
+    p = sub.add_parser("router", help="run a router")
+    _common(p, "127.0.0.1:8001")
+    p.add_argument("--zone", default="")
+    p.set_defaults(func=cmd_router)
+
+    p = sub.add_parser("controlplane", help="run a control-plane replica")
+    _common(p, "127.0.0.1:9001")
+    p.set_defaults(func=cmd_controlplane)
+
+    p = sub.add_parser("envoy-config", help="print the rendered Envoy config")
+    p.add_argument("--listen", default="0.0.0.0:8080")
+    p.add_argument("--admin", default="127.0.0.1:9901")
+    p.add_argument("--router", action="append", required=True, help="router host:port (repeatable)")
+    p.add_argument("--descriptor", default="")
+    p.add_argument("--cluster-type", default="STATIC", choices=["STATIC", "STRICT_DNS"])
+    p.add_argument("--access-log", default="/dev/stdout")
+    p.set_defaults(func=cmd_envoy_config)
+
+    p = sub.add_parser("up", help="start the local mesh: etcd, Envoy, control plane, router, servers")
+    from services.localmesh.cli import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=cmd_up)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"meshserve: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""What every MeshServe gRPC server shares: health, reflection, limits and error mapping."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+#: Largest request a server accepts (an oversize request gets RESOURCE_EXHAUSTED from gRPC itself,
+#: and the services reject prompts above their own character limit with INVALID_ARGUMENT).
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),  # a taken port must fail loudly, not be shared
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+]
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.enable_retries", 0),  # the router does its own retries
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+class PortInUseError(RuntimeError):
+    pass
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise PortInUseError with an actionable message when host:port cannot be bound."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise PortInUseError(
+                f"port {port} on {host} is already in use ({exc.strerror}); stop whatever holds it "
+                f"(e.g. `ss -ltnp 'sport = :{port}'`) or choose another port") from None
+
+
+def new_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A grpc.aio server with grpc.health.v1 and reflection already registered."""
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = list(service_names) + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                   reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    return server, health_servicer
+
+
+def bind(server: grpc.aio.Server, address: str) -> int:
+    """Bind an insecure port, refusing loudly when it is taken."""
+    host, _, port = address.rpartition(":")
+    if int(port) != 0:
+        check_port_free(host.strip("[]") or "0.0.0.0", int(port))
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise PortInUseError(f"could not bind {address}")
+    return bound
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, names: Iterable[str],
+                      serving: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in names:
+        await health_servicer.set(name, status)

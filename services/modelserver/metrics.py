@@ -1,0 +1,24 @@
+"""The model server's Prometheus metrics (defined once per process)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from services.common.metrics import LATENCY_BUCKETS
+
+REQUESTS = Counter("meshserve_modelserver_requests_total",
+                   "Generate calls by model and final gRPC status code", ["model", "code"])
+PROMPT_TOKENS = Counter("meshserve_modelserver_prompt_tokens_total", "Prompt tokens", ["model"])
+GENERATED_TOKENS = Counter("meshserve_modelserver_generated_tokens_total", "Generated tokens",
+                           ["model"])
+CACHED_TOKENS = Counter("meshserve_modelserver_cached_prompt_tokens_total",
+                        "Prompt tokens served from the prefix cache", ["model"])
+TTFT = Histogram("meshserve_modelserver_time_to_first_token_seconds", "Time to first token",
+                 ["model"], buckets=LATENCY_BUCKETS)
+ITL = Histogram("meshserve_modelserver_inter_token_latency_seconds",
+                "Time between streamed chunks divided by their tokens", ["model"],
+                buckets=LATENCY_BUCKETS)
+E2E = Histogram("meshserve_modelserver_request_duration_seconds", "End-to-end Generate latency",
+                ["model"], buckets=LATENCY_BUCKETS)
+RUNNING = Gauge("meshserve_modelserver_running_sequences", "Sequences in the batch", ["model"])
+WAITING = Gauge("meshserve_modelserver_waiting_requests", "Requests queued", ["model"])
+KV_USED = Gauge("meshserve_modelserver_kv_blocks_used", "KV cache blocks in use", ["model"])
+KV_TOTAL = Gauge("meshserve_modelserver_kv_blocks_total", "KV cache blocks in the pool", ["model"])

@@ -1,0 +1,228 @@
+"""The whole mesh on real parts: etcd, Envoy, control plane, router and two sim model servers.
+
+Tests run in file order against one mesh; the destructive ones (drain, SIGKILL) come last.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections import Counter
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+
+from services.localmesh.mesh import LocalMesh, MeshPlan, ServerPlan
+from tests.conftest import meshctl, wait_for
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "echo"
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    plan = MeshPlan(
+        data_dir=tmp_path_factory.mktemp("mesh"), base_port=0, lease_ttl=3,
+        servers=[ServerPlan("server-0", [f"{MODEL}=sim"], zone="local-a",
+                            engine_options=["tokens_per_second=1000"]),
+                 ServerPlan("server-1", [f"{MODEL}=sim"], zone="local-b",
+                            engine_options=["tokens_per_second=1000"])])
+    m = LocalMesh(plan)
+    m.start()
+    try:
+        yield m
+    finally:
+        m.stop()
+        for name, child in m.children.items():
+            assert not child.alive(), f"{name} (pid {child.pid}) survived the mesh stop"
+
+
+@pytest.fixture(scope="module")
+def stub(mesh):
+    with grpc.insecure_channel(mesh.envoy) as channel:
+        yield inference_pb2_grpc.InferenceServiceStub(channel)
+
+
+def ask(prompt="hello mesh world", max_tokens=4, **kw) -> inference_pb2.GenerateRequest:
+    req = inference_pb2.GenerateRequest(model=MODEL, prompt=prompt, **kw)
+    req.sampling.max_tokens = max_tokens
+    return req
+
+
+def test_every_service_reports_grpc_health(mesh):
+    targets = {"controlplane": (mesh.controlplane, "meshserve.v1.ControlPlaneService"),
+               "router0": (mesh.routers[0], "meshserve.v1.InferenceService"),
+               **{sid: (a, f"meshserve.v1.ModelServerService/{MODEL}")
+                  for sid, a in mesh.servers.items()}}
+    for name, (address, service) in targets.items():
+        with grpc.insecure_channel(address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            for svc in ("", service):
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=svc), timeout=5)
+                assert resp.status == health_pb2.HealthCheckResponse.SERVING, (name, svc)
+
+
+def test_unary_generate_through_envoy(stub):
+    resp = stub.Generate(ask("alpha beta gamma", max_tokens=5), timeout=30)
+    assert resp.text == "alpha beta gamma alpha beta"
+    assert len(resp.token_ids) == 5
+    assert resp.finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert resp.usage.prompt_tokens == 3 and resp.usage.completion_tokens == 5
+    assert resp.served_by.server_id in ("server-0", "server-1")
+    assert resp.served_by.router_id == "router0"
+    assert resp.served_by.simulated and resp.served_by.backend == "sim"
+    assert resp.request_id
+
+
+def test_streaming_generate_through_envoy(stub):
+    chunks = list(stub.GenerateStream(ask("one two", max_tokens=6), timeout=30))
+    assert len(chunks) == 6
+    assert "".join(c.text for c in chunks) == "one two one two one two"
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_LENGTH
+    assert chunks[-1].usage.completion_tokens == 6
+    assert all(c.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
+
+
+def _post(mesh, path, body):
+    req = urllib.request.Request(f"http://{mesh.envoy}{path}", data=json.dumps(body).encode(),
+                                 headers={"content-type": "application/json"}, method="POST")
+    return urllib.request.urlopen(req, timeout=30)
+
+
+def test_json_over_http_transcoding(mesh):
+    with _post(mesh, "/v1/generate", {"model": MODEL, "messages": [{"role": "user", "content": "hi there"}],
+                                      "sampling": {"max_tokens": 3}}) as resp:
+        body = json.loads(resp.read())
+    assert body["text"] == "hi there hi"
+    assert body["usage"]["completion_tokens"] == 3
+    assert body["served_by"]["simulated"] is True
+    with _post(mesh, "/v1/generate:stream", {"model": MODEL, "prompt": "a b",
+                                             "sampling": {"max_tokens": 3}}) as resp:
+        lines = [json.loads(x) for x in resp.read().decode().splitlines() if x.strip()]
+    assert [x["text"] for x in lines] == ["a", " b", " a"]
+    with urllib.request.urlopen(f"http://{mesh.envoy}/v1/models", timeout=10) as resp:
+        models = json.loads(resp.read())["models"]
+    assert models == [{"name": MODEL, "ready_replicas": 2, "regions": ["local"]}]
+
+
+def test_json_errors_carry_grpc_status(mesh):
+    with pytest.raises(urllib.error.HTTPError) as info:
+        _post(mesh, "/v1/generate", {"model": "no-such-model", "prompt": "x"})
+    assert info.value.code == 404
+    body = json.loads(info.value.read())
+    assert body["code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert "no-such-model" in body["message"]
+
+
+@pytest.mark.parametrize("mutate, code, words", [
+    (lambda r: setattr(r, "model", "no-such-model"), grpc.StatusCode.NOT_FOUND, "not served"),
+    (lambda r: setattr(r, "prompt", ""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    (lambda r: setattr(r.sampling, "max_tokens", -1), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+    (lambda r: setattr(r.sampling, "temperature", -0.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    (lambda r: setattr(r.sampling, "top_p", 1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (lambda r: setattr(r.sampling, "top_p", -0.1), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    (lambda r: setattr(r, "prompt", "x" * (600 * 1024)), grpc.StatusCode.INVALID_ARGUMENT, "limit"),
+    (lambda r: r.messages.add(role="user", content="both"), grpc.StatusCode.INVALID_ARGUMENT, "not both"),
+    (lambda r: setattr(r, "priority", 42), grpc.StatusCode.INVALID_ARGUMENT, "priority"),
+])
+def test_bad_input_gets_precise_status(mesh, stub, mutate, code, words):
+    req = ask()
+    mutate(req)
+    for call in (lambda: stub.Generate(req, timeout=30),
+                 lambda: list(stub.GenerateStream(req, timeout=30))):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == code
+        assert words in info.value.details()
+    # Nothing fell over: every process is alive and a good request still succeeds.
+    assert all(ch.alive() for ch in mesh.children.values())
+    assert stub.Generate(ask(), timeout=30).usage.completion_tokens == 4
+
+
+def test_bad_input_straight_to_a_model_server(mesh):
+    from meshserve.v1 import modelserver_pb2, modelserver_pb2_grpc
+
+    with grpc.insecure_channel(mesh.servers["server-0"]) as ch:
+        ms = modelserver_pb2_grpc.ModelServerServiceStub(ch)
+        bad = modelserver_pb2.ModelServerServiceGenerateRequest(model=MODEL, prompt="x")
+        bad.sampling.top_p = 2.0
+        with pytest.raises(grpc.RpcError) as info:
+            list(ms.Generate(bad, timeout=10))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        missing = modelserver_pb2.ModelServerServiceGenerateRequest(model="nope", prompt="x")
+        with pytest.raises(grpc.RpcError) as info:
+            list(ms.Generate(missing, timeout=10))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        good = modelserver_pb2.ModelServerServiceGenerateRequest(model=MODEL, prompt="ok go")
+        good.sampling.max_tokens = 2
+        assert "".join(p.text for p in ms.Generate(good, timeout=10)) == "ok go"
+
+
+def test_meshctl_status_and_servers(mesh):
+    out = meshctl("--controlplane", mesh.controlplane, "status")
+    assert out.returncode == 0, out.stderr
+    for word in ("server-0", "server-1", "router0", MODEL, "SERVING", mesh.etcd_clients[0]):
+        assert word in out.stdout
+    out = meshctl("--controlplane", mesh.controlplane, "-o", "json", "servers")
+    assert out.returncode == 0, out.stderr
+    servers = json.loads(out.stdout)["servers"]
+    assert sorted(s["info"]["server_id"] for s in servers) == ["server-0", "server-1"]
+
+
+def test_meshctl_generate_through_envoy(mesh):
+    out = meshctl("--endpoint", mesh.envoy, "generate", MODEL, "tick tock", "--max-tokens", "3")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "tick tock tick"
+    assert "SIMULATED" in out.stderr
+    out = meshctl("--endpoint", mesh.envoy, "generate", MODEL, "tick tock", "--max-tokens", "3",
+                  "--stream")
+    assert out.returncode == 0 and out.stdout.strip() == "tick tock tick"
+
+
+def test_meshctl_errors_are_clear(mesh):
+    out = meshctl("--controlplane", mesh.controlplane, "drain", "no-such-server")
+    assert out.returncode == 1
+    assert "NOT_FOUND" in out.stderr and "no-such-server" in out.stderr
+    out = meshctl("--controlplane", "127.0.0.1:1", "--timeout", "2", "status")
+    assert out.returncode == 3
+    assert "cannot reach 127.0.0.1:1" in out.stderr
+
+
+def _served_by(stub, n: int) -> Counter:
+    return Counter(stub.Generate(ask(), timeout=30).served_by.server_id for _ in range(n))
+
+
+def test_drain_moves_new_traffic_away(mesh, stub):
+    out = meshctl("--controlplane", mesh.controlplane, "drain", "server-0", "--reason", "test")
+    assert out.returncode == 0, out.stderr
+    # Routers learn the drain through their etcd watch; then no new request goes there.
+    wait_for(lambda: _served_by(stub, 4) == Counter({"server-1": 4}), 15, "traffic to leave server-0")
+    assert _served_by(stub, 20) == Counter({"server-1": 20})
+    status = json.loads(meshctl("--controlplane", mesh.controlplane, "-o", "json", "servers").stdout)
+    states = {s["info"]["server_id"]: s["state"] for s in status["servers"]}
+    assert states == {"server-0": "SERVING_STATE_DRAINING", "server-1": "SERVING_STATE_SERVING"}
+    out = meshctl("--controlplane", mesh.controlplane, "undrain", "server-0")
+    assert out.returncode == 0, out.stderr
+    wait_for(lambda: "server-0" in _served_by(stub, 8), 15, "server-0 to take traffic again")
+
+
+def test_sigkilled_server_traffic_keeps_succeeding_and_it_leaves_membership(mesh, stub):
+    mesh.sup.kill(mesh.children["server-1"])
+    # Right after the kill its lease is still alive: the router must retry elsewhere, not fail.
+    served = Counter()
+    for _ in range(30):
+        served[stub.Generate(ask(), timeout=30).served_by.server_id] += 1
+        chunks = list(stub.GenerateStream(ask(), timeout=30))
+        assert chunks[-1].usage.completion_tokens == 4
+    assert served == Counter({"server-0": 30})
+
+    def gone() -> bool:
+        out = meshctl("--controlplane", mesh.controlplane, "-o", "json", "servers")
+        return [s["info"]["server_id"] for s in json.loads(out.stdout)["servers"]] == ["server-0"]
+    wait_for(gone, 20, "server-1's lease to expire and it to leave membership", interval=0.5)
+    models = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models
+    assert [(m.name, m.ready_replicas) for m in models] == [(MODEL, 1)]
