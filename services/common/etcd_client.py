@@ -136,6 +136,15 @@ class EtcdClient:
         return out
 
 
+async def _cancel(task: asyncio.Task | None) -> None:
+    if task is not None:
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - it is being stopped
+            pass
+
+
 @dataclass
 class _Registration:
     key: str
@@ -180,12 +189,7 @@ class LeaseKeeper:
             log.warning("etcd not reachable yet; registration continues in the background")
 
     async def stop(self, revoke: bool = True) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await _cancel(self._task)
         if revoke and self.lease_id is not None:
             try:
                 await asyncio.wait_for(self._client.revoke_lease(self.lease_id), 2.0)
@@ -257,12 +261,7 @@ class PrefixMirror:
             log.warning("no etcd snapshot of %s yet; continuing with an empty view", self.prefix)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await _cancel(self._task)
 
     async def _notify(self, key: str, value: bytes | None) -> None:
         if self._on_change is not None:
