@@ -10,6 +10,7 @@ from meshserve.v1 import inference_pb2, inference_pb2_grpc
 from services.common import keyspace
 from services.common.replica import run_replica
 
+from .dispatch import Dispatcher
 from .pool import BackendPool
 from .servicer import InferenceServicer
 
@@ -35,8 +36,9 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     def register(server, etcd, view) -> None:
         pool = BackendPool(view)
         pools.append(pool)
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(pool, config.router_id), server)
+        dispatcher = Dispatcher(pool, config.router_id)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dispatcher),
+                                                                  server)
 
     try:
         async with run_replica(
