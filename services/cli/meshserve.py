@@ -42,7 +42,8 @@ def cmd_modelserver(args: argparse.Namespace) -> int:
     config = ModelServerConfig(
         server_id=args.id or default_id("server"), models=specs, listen=args.listen,
         advertise=args.advertise, region=args.region, zone=args.zone, etcd=args.etcd,
-        metrics=args.metrics, lease_ttl=args.lease_ttl, memory_bytes=args.memory_bytes)
+        metrics=args.metrics, lease_ttl=args.lease_ttl, memory_bytes=args.memory_bytes,
+        idle_unload_s=args.idle_unload_s, failure_backoff_s=args.failure_backoff_s)
     return _run_service(f"modelserver[{config.server_id}]", lambda stop: run(config, stop))
 
 
@@ -101,11 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("modelserver", help="run a model server")
     _common(p, "127.0.0.1:7001")
     p.add_argument("--zone", default="local-a")
-    p.add_argument("--model", action="append", required=True,
-                   help="NAME=BACKEND[:SOURCE], e.g. smollm2=torch:embedded or echo=sim (repeatable)")
+    p.add_argument("--model", action="append", default=[],
+                   help="pin NAME=BACKEND[:SOURCE] on this server, e.g. smollm2=torch:embedded or "
+                        "echo=sim (repeatable); placements from the control plane add more")
     p.add_argument("--engine-option", action="append", default=[],
                    help="engine option key=value for every model (e.g. tokens_per_second=50)")
-    p.add_argument("--memory-bytes", type=int, default=0)
+    p.add_argument("--memory-bytes", type=int, default=0,
+                   help="memory budget for placed models (0 = unlimited)")
+    p.add_argument("--idle-unload-s", type=float, default=300.0,
+                   help="unload a released model after this long idle")
+    p.add_argument("--failure-backoff-s", type=float, default=60.0,
+                   help="keep a failed load reported this long so it is not retried here at once")
     p.set_defaults(func=cmd_modelserver)
 
     p = sub.add_parser("router", help="run a router")

@@ -163,6 +163,7 @@ class LeaseKeeper:
         self._client = client
         self.ttl = ttl
         self._keys: dict[str, _Registration] = {}
+        self._pending_deletes: set[str] = set()
         self.lease_id: int | None = None
         self.healthy = False
         self.reregistrations = 0
@@ -178,6 +179,16 @@ class LeaseKeeper:
             except EtcdError as exc:
                 log.warning("etcd put %s failed, will retry on renewal: %s", key, exc)
                 self._wake.set()
+
+    async def delete(self, key: str) -> None:
+        """Detach and delete a key (now if possible; a later re-registration will not restore it)."""
+        self._keys.pop(key, None)
+        try:
+            await self._client.delete(key)
+        except EtcdError as exc:
+            log.warning("etcd delete %s failed, will retry: %s", key, exc)
+            self._pending_deletes.add(key)
+            self._wake.set()
 
     async def start(self, wait: float = 10.0) -> None:
         """Start keeping alive; waits up to `wait` seconds for the first registration."""
@@ -216,6 +227,10 @@ class LeaseKeeper:
                 elif self._wake.is_set():
                     for reg in list(self._keys.values()):
                         await self._client.put(reg.key, reg.value, lease=self.lease_id)
+                for key in list(self._pending_deletes):
+                    if key not in self._keys:
+                        await self._client.delete(key)
+                    self._pending_deletes.discard(key)
                 self._wake.clear()
                 self.healthy = True
                 backoff = 0.2

@@ -6,8 +6,12 @@ Layout (values are binary protobuf, never ad-hoc JSON):
     /meshserve/routers/<router-id>      ReplicaInfo     on the router's lease
     /meshserve/controlplanes/<id>       ReplicaInfo     on the replica's lease
     /meshserve/drain/<server-id>        DrainRecord     operator intent, survives restarts
-
-Later layers add models/, placement/, status/, health/, ensembles/, jobs/ and election/ here.
+    /meshserve/models/<model>           ModelSpec       desired state, written on deploy
+    /meshserve/placement/<server>/<m>   Placement       the leader's decision
+    /meshserve/status/<server>/<m>      ModelStatus     on the server's lease
+    /meshserve/health/<server-id>       HealthVerdict   the leader's health checker
+    /meshserve/settings/routing         RoutingPolicy   managed by the control plane
+    /meshserve/election/controlplane    LeaderRecord    on the leader's lease
 """
 
 from __future__ import annotations
@@ -23,6 +27,12 @@ SERVERS = ROOT + "servers/"
 ROUTERS = ROOT + "routers/"
 CONTROLPLANES = ROOT + "controlplanes/"
 DRAIN = ROOT + "drain/"
+MODELS = ROOT + "models/"
+PLACEMENT = ROOT + "placement/"
+STATUS = ROOT + "status/"
+HEALTH = ROOT + "health/"
+ROUTING_POLICY = ROOT + "settings/routing"
+ELECTION = ROOT + "election/controlplane"
 
 M = TypeVar("M", bound=Message)
 
@@ -47,6 +57,32 @@ def controlplane_key(replica_id: str) -> str:
 
 def drain_key(server_id: str) -> str:
     return DRAIN + _check_id("server", server_id)
+
+
+def model_key(model: str) -> str:
+    return MODELS + _check_id("model", model)
+
+
+def placement_prefix(server_id: str) -> str:
+    return PLACEMENT + _check_id("server", server_id) + "/"
+
+
+def placement_key(server_id: str, model: str) -> str:
+    return placement_prefix(server_id) + _check_id("model", model)
+
+
+def status_key(server_id: str, model: str) -> str:
+    return STATUS + _check_id("server", server_id) + "/" + _check_id("model", model)
+
+
+def health_key(server_id: str) -> str:
+    return HEALTH + _check_id("server", server_id)
+
+
+def split_pair(prefix: str, key: str) -> tuple[str, str]:
+    """'<prefix><server>/<model>' -> (server, model)."""
+    server, _, model = id_from_key(prefix, key).partition("/")
+    return server, model
 
 
 def id_from_key(prefix: str, key: str) -> str:
@@ -76,4 +112,10 @@ VALUE_TYPES: dict[str, type[Message]] = {
     ROUTERS: controlplane_pb2.ReplicaInfo,
     CONTROLPLANES: controlplane_pb2.ReplicaInfo,
     DRAIN: controlplane_pb2.DrainRecord,
+    MODELS: controlplane_pb2.ModelSpec,
+    PLACEMENT: controlplane_pb2.Placement,
+    STATUS: controlplane_pb2.ModelStatus,
+    HEALTH: controlplane_pb2.HealthVerdict,
+    ROUTING_POLICY: controlplane_pb2.RoutingPolicy,
+    ELECTION: controlplane_pb2.LeaderRecord,
 }

@@ -1,7 +1,7 @@
-"""A live, read-only view of who is in the mesh, built from etcd watches.
+"""A live, read-only view of the mesh, built from etcd watches.
 
-Routers and the control plane both read membership through this view, so every replica sees the
-same state for the same etcd revision. When etcd is unreachable the view keeps the last state.
+Routers and the control plane read etcd through this view, so every replica sees the same state
+for the same etcd revision. When etcd is unreachable the view keeps the last state.
 """
 
 from __future__ import annotations
@@ -10,35 +10,50 @@ import asyncio
 import logging
 from typing import Callable
 
-from meshserve.v1 import controlplane_pb2, modelserver_pb2
+from meshserve.v1 import controlplane_pb2 as cp
+from meshserve.v1 import modelserver_pb2
 
 from . import keyspace
 from .etcd_client import EtcdClient, PrefixMirror
 
 log = logging.getLogger(__name__)
 
+READY = cp.MODEL_STATE_READY
+NOT_SERVING = cp.SERVING_STATE_NOT_SERVING
+
 
 class MeshView:
     def __init__(self, client: EtcdClient) -> None:
         self._client = client
         self.servers: dict[str, modelserver_pb2.ServerInfo] = {}
-        self.drains: dict[str, controlplane_pb2.DrainRecord] = {}
-        self.routers: dict[str, controlplane_pb2.ReplicaInfo] = {}
-        self.controlplanes: dict[str, controlplane_pb2.ReplicaInfo] = {}
+        self.drains: dict[str, cp.DrainRecord] = {}
+        self.routers: dict[str, cp.ReplicaInfo] = {}
+        self.controlplanes: dict[str, cp.ReplicaInfo] = {}
+        self.models: dict[str, cp.ModelSpec] = {}
+        self.placements: dict[tuple[str, str], cp.Placement] = {}
+        self.statuses: dict[tuple[str, str], cp.ModelStatus] = {}
+        self.health: dict[str, cp.HealthVerdict] = {}
+        self._singles: dict[str, object] = {}
         self._listeners: list[Callable[[], None]] = []
         self._mirrors = [
-            PrefixMirror(client, keyspace.SERVERS, self._apply(self.servers, keyspace.SERVERS)),
-            PrefixMirror(client, keyspace.DRAIN, self._apply(self.drains, keyspace.DRAIN)),
-            PrefixMirror(client, keyspace.ROUTERS, self._apply(self.routers, keyspace.ROUTERS)),
-            PrefixMirror(client, keyspace.CONTROLPLANES,
-                         self._apply(self.controlplanes, keyspace.CONTROLPLANES)),
+            self._mirror(keyspace.SERVERS, self.servers),
+            self._mirror(keyspace.DRAIN, self.drains),
+            self._mirror(keyspace.ROUTERS, self.routers),
+            self._mirror(keyspace.CONTROLPLANES, self.controlplanes),
+            self._mirror(keyspace.MODELS, self.models),
+            self._mirror(keyspace.PLACEMENT, self.placements, pair=True),
+            self._mirror(keyspace.STATUS, self.statuses, pair=True),
+            self._mirror(keyspace.HEALTH, self.health),
+            self._mirror(keyspace.ROUTING_POLICY, self._singles),
+            self._mirror(keyspace.ELECTION, self._singles),
         ]
 
-    def _apply(self, table: dict, prefix: str):
+    def _mirror(self, prefix: str, table: dict, pair: bool = False) -> PrefixMirror:
         cls = keyspace.VALUE_TYPES[prefix]
 
         def on_change(key: str, value: bytes | None) -> None:
-            ident = keyspace.id_from_key(prefix, key)
+            ident = keyspace.split_pair(prefix, key) if pair else (
+                keyspace.id_from_key(prefix, key) or prefix)
             if value is None:
                 table.pop(ident, None)
             else:
@@ -49,7 +64,7 @@ class MeshView:
                 table[ident] = msg
             for listener in self._listeners:
                 listener()
-        return on_change
+        return PrefixMirror(self._client, prefix, on_change)
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Called (synchronously, on the event loop) after every change."""
@@ -65,19 +80,41 @@ class MeshView:
     def connected(self) -> bool:
         return all(m.connected for m in self._mirrors)
 
+    @property
+    def routing_policy(self) -> cp.RoutingPolicy | None:
+        return self._singles.get(keyspace.ROUTING_POLICY)  # type: ignore[return-value]
+
+    @property
+    def leader(self) -> cp.LeaderRecord | None:
+        return self._singles.get(keyspace.ELECTION)  # type: ignore[return-value]
+
     def is_draining(self, server_id: str) -> bool:
         return server_id in self.drains
 
-    def servers_for(self, model: str) -> list[modelserver_pb2.ServerInfo]:
-        """Servers that carry the model and are not draining."""
-        return [s for sid, s in self.servers.items()
-                if model in s.models and sid not in self.drains]
+    def verdict(self, server_id: str) -> int:
+        """SERVING unless the health checker said otherwise (a live lease is the default)."""
+        v = self.health.get(server_id)
+        return v.state if v is not None else cp.SERVING_STATE_SERVING
 
-    def models(self) -> dict[str, list[modelserver_pb2.ServerInfo]]:
+    def serving(self, server_id: str) -> bool:
+        return (server_id in self.servers and not self.is_draining(server_id)
+                and self.verdict(server_id) != NOT_SERVING)
+
+    def ready_models(self, server_id: str) -> list[str]:
+        return sorted(m for (s, m), st in self.statuses.items() if s == server_id and st.state == READY)
+
+    def servers_for(self, model: str) -> list[modelserver_pb2.ServerInfo]:
+        """Routing candidates: the model READY there, verdict SERVING, not draining."""
+        return [self.servers[s] for (s, m), st in self.statuses.items()
+                if m == model and st.state == READY and self.serving(s)]
+
+    def ready_by_model(self) -> dict[str, list[modelserver_pb2.ServerInfo]]:
         out: dict[str, list[modelserver_pb2.ServerInfo]] = {}
-        for sid, s in self.servers.items():
-            if sid in self.drains:
-                continue
-            for m in s.models:
-                out.setdefault(m, []).append(s)
+        for (s, m), st in self.statuses.items():
+            if st.state == READY and self.serving(s):
+                out.setdefault(m, []).append(self.servers[s])
         return out
+
+    def known_models(self) -> set[str]:
+        """Models some live server reports on or that are deployed."""
+        return {m for (s, m) in self.statuses if s in self.servers} | set(self.models)

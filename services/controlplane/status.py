@@ -37,6 +37,6 @@ def cluster_status(view: MeshView, replica_id: str) -> controlplane_pb2.GetClust
     resp.servers.extend(list_servers(view))
     resp.routers.extend(view.routers[r] for r in sorted(view.routers))
     resp.controlplanes.extend(view.controlplanes[c] for c in sorted(view.controlplanes))
-    for model, servers in view.models().items():
+    for model, servers in view.ready_by_model().items():
         resp.model_replicas[model] = len(servers)
     return resp

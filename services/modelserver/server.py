@@ -1,4 +1,4 @@
-"""A model server process: load models, serve ModelServerService, register in etcd on a lease.
+"""A model server process: serve ModelServerService, follow placements, register on a lease.
 
 Shutdown order matters for "nothing is lost": stop accepting, leave membership (routers stop
 picking us), let in-flight requests finish within the grace period, then stop engines.
@@ -11,21 +11,23 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from meshserve.v1 import controlplane_pb2 as cp
 from meshserve.v1 import modelserver_pb2, modelserver_pb2_grpc
 
 from services.common import keyspace
-from services.common.etcd_client import EtcdClient, LeaseKeeper
+from services.common.etcd_client import EtcdClient, LeaseKeeper, PrefixMirror
 from services.common.grpc_util import bind, new_server, set_serving
 from services.common.lifecycle import now_ms
 from services.common.metrics import serve_metrics
 
 from .engine import ModelSpec
-from .host import ModelHost
+from .manager import ModelManager
 from .servicer import ModelServerServicer
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = modelserver_pb2.DESCRIPTOR.services_by_name["ModelServerService"].full_name
+RECONCILE_EVERY_S = 1.0
 
 
 def model_health_name(model: str) -> str:
@@ -36,7 +38,7 @@ def model_health_name(model: str) -> str:
 @dataclass
 class ModelServerConfig:
     server_id: str
-    models: list[ModelSpec]
+    models: list[ModelSpec]  # pinned on the command line; placements add more
     listen: str = "127.0.0.1:7001"
     advertise: str = ""  # address routers dial; defaults to listen
     region: str = "local"
@@ -44,59 +46,123 @@ class ModelServerConfig:
     etcd: str = "127.0.0.1:2379"
     metrics: str = "127.0.0.1:0"  # "" disables /metrics
     lease_ttl: int = 10
-    memory_bytes: int = 0
+    memory_bytes: int = 0  # budget for placed models (0 = unlimited)
     shutdown_grace_s: float = 15.0
+    idle_unload_s: float = 300.0
+    failure_backoff_s: float = 60.0
     labels: dict[str, str] = field(default_factory=dict)
 
 
+class _Registration:
+    """Keeps ServerInfo and per-model status keys on the lease, and health, in step with models.
+
+    Status changes are applied one at a time, in order, so etcd never ends on a stale state.
+    """
+
+    def __init__(self, info: modelserver_pb2.ServerInfo, keeper: LeaseKeeper, health) -> None:
+        self.info = info
+        self.manager: ModelManager | None = None
+        self._keeper = keeper
+        self._health = health
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._worker: asyncio.Task | None = None
+
+    def on_status(self, model: str, status: cp.ModelStatus | None) -> None:
+        self._queue.put_nowait((model, status))
+        if self._worker is None:
+            self._worker = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        while True:
+            model, status = await self._queue.get()
+            try:
+                await self._apply(model, status)
+            except Exception:  # noqa: BLE001 - the keeper retries etcd; never kill the worker
+                log.exception("could not publish the status of %s", model)
+
+    async def _apply(self, model: str, status: cp.ModelStatus | None) -> None:
+        key = keyspace.status_key(self.info.server_id, model)
+        serving = status is not None and status.state == cp.MODEL_STATE_READY
+        await set_serving(self._health, [model_health_name(model)], serving)
+        if self.manager is not None:
+            self.info.models[:] = self.manager.ready_models()
+            self.info.backend = self.manager.backend
+            self.info.simulated = self.manager.simulated
+        if status is None:
+            await self._keeper.delete(key)
+        else:
+            await self._keeper.put(key, keyspace.encode(status))
+        await self._keeper.put(keyspace.server_key(self.info.server_id), keyspace.encode(self.info))
+
+    async def flush(self) -> None:
+        while not self._queue.empty():
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+
+
 async def run(config: ModelServerConfig, stop: asyncio.Event) -> None:
-    host = ModelHost(config.models)
-    started_ms = now_ms()
     info = modelserver_pb2.ServerInfo(
         server_id=config.server_id, region=config.region, zone=config.zone,
-        memory_bytes=config.memory_bytes, labels=config.labels, started_at_ms=started_ms)
-
-    servicer = ModelServerServicer(host, lambda: info)
+        memory_bytes=config.memory_bytes, labels=config.labels, started_at_ms=now_ms())
+    etcd = EtcdClient(config.etcd)
+    keeper = LeaseKeeper(etcd, ttl=config.lease_ttl)
     server, health = new_server([SERVICE_NAME])
+    registration = _Registration(info, keeper, health)
+    manager = ModelManager(config.server_id, config.models, config.memory_bytes,
+                           registration.on_status, config.idle_unload_s, config.failure_backoff_s)
+    registration.manager = manager
+    servicer = ModelServerServicer(manager, lambda: info)
     modelserver_pb2_grpc.add_ModelServerServiceServicer_to_server(servicer, server)
     port = bind(server, config.listen)
-    listen_host = config.listen.rpartition(":")[0]
-    info.address = config.advertise or f"{listen_host}:{port}"
+    info.address = config.advertise or f"{config.listen.rpartition(':')[0]}:{port}"
     info.metrics_address = serve_metrics(config.metrics)
     await set_serving(health, ["", SERVICE_NAME], False)
     await server.start()
-    log.info("model server %s listening on %s; loading %d model(s)", config.server_id,
-             info.address, len(config.models))
+    log.info("model server %s listening on %s", config.server_id, info.address)
 
-    etcd = EtcdClient(config.etcd)
-    keeper = LeaseKeeper(etcd, ttl=config.lease_ttl)
-    health_names = ["", SERVICE_NAME]
+    wake = asyncio.Event()
+    placements = PrefixMirror(etcd, keyspace.placement_prefix(config.server_id),
+                              on_change=lambda key, value: wake.set())
     try:
-        await host.start()
-        info.models[:] = host.models()
-        info.backend = host.backend
-        info.simulated = host.simulated
-        health_names = ["", SERVICE_NAME] + [model_health_name(m) for m in host.models()]
-        await set_serving(health, health_names, True)
+        await manager.start_pinned()
+        await registration.flush()
         await keeper.put(keyspace.server_key(config.server_id), keyspace.encode(info))
         await keeper.start()
-        log.info("model server %s serving %s", config.server_id, ", ".join(host.models()))
+        await placements.start()
+        await set_serving(health, ["", SERVICE_NAME], True)
+        log.info("model server %s serving (pinned: %s)", config.server_id,
+                 ", ".join(manager.ready_models()) or "none")
         while not stop.is_set():
+            desired = {}
+            for key, value in placements.items.items():
+                placement = keyspace.decode(cp.Placement, value)
+                if placement is not None:
+                    desired[placement.spec.name] = placement.spec
+            manager.set_placements(desired)
+            await manager.reconcile()
             servicer.update_gauges()
-            try:
-                await asyncio.wait_for(stop.wait(), 1.0)
-            except asyncio.TimeoutError:
-                pass
+            wake.clear()
+            stopped = asyncio.create_task(stop.wait())
+            woken = asyncio.create_task(wake.wait())
+            await asyncio.wait({stopped, woken}, timeout=RECONCILE_EVERY_S,
+                               return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            woken.cancel()
     finally:
         log.info("model server %s stopping: leaving membership, draining %d request(s)",
-                 config.server_id, servicer.in_flight)
+                 config.server_id, manager.in_flight())
         servicer.accepting = False
-        await set_serving(health, health_names, False)
+        await set_serving(health, ["", SERVICE_NAME], False)
+        await placements.stop()
+        await registration.stop()
         await keeper.stop(revoke=True)
         deadline = time.monotonic() + config.shutdown_grace_s
-        while servicer.in_flight and time.monotonic() < deadline:
+        while manager.in_flight() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await server.stop(grace=1.0)
-        await host.stop()
+        await manager.stop()
         await etcd.close()
         log.info("model server %s stopped", config.server_id)

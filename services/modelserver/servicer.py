@@ -1,4 +1,4 @@
-"""ModelServerService: a thin gRPC layer over the ModelHost. Protobuf stops here."""
+"""ModelServerService: a thin gRPC layer over the ModelManager. Protobuf stops here."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from services.common.validation import validate_generate
 from . import metrics
 from .convert import chunk_to_proto, load_to_proto, request_from_proto
 from .engine.base import CapacityError, EngineUnavailableError, InvalidRequestError
-from .host import ModelHost
+from .manager import ModelManager
 
 log = logging.getLogger(__name__)
 
@@ -24,10 +24,10 @@ LOAD_HEARTBEAT_S = 5.0
 
 
 class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
-    def __init__(self, host: ModelHost, info: Callable[[], modelserver_pb2.ServerInfo]) -> None:
-        self._host = host
+    def __init__(self, manager: ModelManager,
+                 info: Callable[[], modelserver_pb2.ServerInfo]) -> None:
+        self._manager = manager
         self._info = info
-        self.in_flight = 0
         self.accepting = True
 
     async def Generate(self, request: modelserver_pb2.ModelServerServiceGenerateRequest,
@@ -39,12 +39,12 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
         except ValueError as exc:
             metrics.REQUESTS.labels(model[:64], "INVALID_ARGUMENT").inc()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        engine = self._host.get(model)
+        engine = self._manager.get(model)
         if engine is None:
             metrics.REQUESTS.labels("unknown", "NOT_FOUND").inc()
             await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"model {model!r} is not loaded on server {self._info().server_id}; "
-                                f"it serves {', '.join(self._host.models()) or 'nothing'}")
+                                f"model {model!r} is not served by server {self._info().server_id}; "
+                                f"it serves {', '.join(self._manager.ready_models()) or 'nothing'}")
         if not self.accepting or not engine.ready:
             metrics.REQUESTS.labels(model, "UNAVAILABLE").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE,
@@ -55,46 +55,45 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
         code = "OK"
         started = last = time.monotonic()
         first = True
-        self.in_flight += 1
-        stream = engine.generate(request_from_proto(request, deadline))
-        try:
-            async for chunk in stream:
-                now = time.monotonic()
-                if chunk.token_ids:
-                    if first:
-                        metrics.TTFT.labels(model).observe(now - started)
-                        first = False
-                    else:
-                        metrics.ITL.labels(model).observe((now - last) / len(chunk.token_ids))
-                    last = now
-                    metrics.GENERATED_TOKENS.labels(model).inc(len(chunk.token_ids))
-                if chunk.usage is not None:
-                    metrics.PROMPT_TOKENS.labels(model).inc(chunk.usage.prompt_tokens)
-                    metrics.CACHED_TOKENS.labels(model).inc(chunk.usage.cached_tokens)
-                yield chunk_to_proto(chunk)
-        except InvalidRequestError as exc:
-            code = "INVALID_ARGUMENT"
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except CapacityError as exc:
-            code = "RESOURCE_EXHAUSTED"
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except EngineUnavailableError as exc:
-            code = "UNAVAILABLE"
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        finally:
-            self.in_flight -= 1
-            await stream.aclose()
-            metrics.REQUESTS.labels(model, code).inc()
-            metrics.E2E.labels(model).observe(time.monotonic() - started)
+        with self._manager.track(model):
+            stream = engine.generate(request_from_proto(request, deadline))
+            try:
+                async for chunk in stream:
+                    now = time.monotonic()
+                    if chunk.token_ids:
+                        if first:
+                            metrics.TTFT.labels(model).observe(now - started)
+                            first = False
+                        else:
+                            metrics.ITL.labels(model).observe((now - last) / len(chunk.token_ids))
+                        last = now
+                        metrics.GENERATED_TOKENS.labels(model).inc(len(chunk.token_ids))
+                    if chunk.usage is not None:
+                        metrics.PROMPT_TOKENS.labels(model).inc(chunk.usage.prompt_tokens)
+                        metrics.CACHED_TOKENS.labels(model).inc(chunk.usage.cached_tokens)
+                    yield chunk_to_proto(chunk)
+            except InvalidRequestError as exc:
+                code = "INVALID_ARGUMENT"
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            except CapacityError as exc:
+                code = "RESOURCE_EXHAUSTED"
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            except EngineUnavailableError as exc:
+                code = "UNAVAILABLE"
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            finally:
+                await stream.aclose()
+                metrics.REQUESTS.labels(model, code).inc()
+                metrics.E2E.labels(model).observe(time.monotonic() - started)
 
     async def GetServerInfo(self, request, context) -> modelserver_pb2.GetServerInfoResponse:
         return modelserver_pb2.GetServerInfoResponse(info=self._info())
 
     def load_report(self) -> modelserver_pb2.LoadReport:
-        return load_to_proto(self._info().server_id, self._host.loads())
+        return load_to_proto(self._info().server_id, self._manager.loads())
 
     async def StreamLoad(self, request: modelserver_pb2.StreamLoadRequest,
                          context: grpc.aio.ServicerContext
@@ -114,12 +113,12 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
             await asyncio.sleep(interval)
 
     def update_gauges(self) -> None:
-        for spec in self._host.specs:
-            engine = self._host.get(spec.name)
+        for name in self._manager.ready_models():
+            engine = self._manager.get(name)
             if engine is None:
                 continue
             load = engine.load()
-            metrics.RUNNING.labels(spec.name).set(load.running)
-            metrics.WAITING.labels(spec.name).set(load.queue_depth)
-            metrics.KV_USED.labels(spec.name).set(load.kv_blocks_used)
-            metrics.KV_TOTAL.labels(spec.name).set(load.kv_blocks_total)
+            metrics.RUNNING.labels(name).set(load.running)
+            metrics.WAITING.labels(name).set(load.queue_depth)
+            metrics.KV_USED.labels(name).set(load.kv_blocks_used)
+            metrics.KV_TOTAL.labels(name).set(load.kv_blocks_total)

@@ -55,7 +55,7 @@ class Dispatcher:
         self.router_id = router_id
 
     def known_models(self) -> set[str]:
-        return {m for b in self._pool.backends.values() for m in b.info.models}
+        return self._pool.known_models()
 
     def models(self) -> list[ModelAvailability]:
         out = []

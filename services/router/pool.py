@@ -104,8 +104,11 @@ class BackendPool:
                 backend.report = None
             await asyncio.sleep(0.5)
 
+    def known_models(self) -> set[str]:
+        return self._view.known_models()
+
     def candidates(self, model: str) -> list[Backend]:
-        """Members that carry the model and are not draining."""
+        """Servers with the model READY, verdict SERVING, not draining."""
         return [self.backends[s.server_id] for s in self._view.servers_for(model)
                 if s.server_id in self.backends]
 
