@@ -1,0 +1,231 @@
+"""TorchEngine: the asyncio face of EngineCore.
+
+The core loop runs in one dedicated thread (torch releases the GIL inside kernels, so the event
+loop stays responsive); requests and aborts reach it through an inbox guarded by a condition
+variable, and chunks come back per request via loop.call_soon_threadsafe into an asyncio.Queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import torch
+
+from ..engine.base import (CapacityError, Engine, EngineLoad, EngineUnavailableError, GenerationChunk,
+                           GenerationRequest, InvalidRequestError, SamplingParams)
+from .config import TorchEngineConfig, resolve_dtype
+from .engine_core import CoreRequest, EngineCore
+from .model import KVCache, LlamaModel
+from .tokenizer import Tokenizer
+from .weights import CheckpointError, load_checkpoint, resolve_source
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class TorchEngine(Engine):
+    backend = "torch"
+
+    def __init__(self, model_name: str, source: str, config: TorchEngineConfig | None = None) -> None:
+        super().__init__(model_name)
+        self.source = source
+        self.config = config or TorchEngineConfig()
+        self.config.validate()
+        self.core: EngineCore | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.dtype: torch.dtype | None = None
+        self._vocab_size = 0
+        self._max_context = self.config.max_context or 2048
+        self._cv = threading.Condition()
+        self._inbox: list[tuple[str, object]] = []
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._shutdown = False
+        self._accepting = False
+        self._ready = False
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self._thread is not None:
+            return
+        try:
+            await asyncio.to_thread(self._load)
+        except (CheckpointError, OSError) as e:
+            raise EngineUnavailableError(f"cannot load model {self.model_name!r} from {self.source!r}: {e}") from e
+        self._shutdown = False
+        self._thread = threading.Thread(target=self._run, name=f"torch-engine-{self.model_name}", daemon=True)
+        self._thread.start()
+        self._accepting = True
+        if self.config.warmup:
+            warm = GenerationRequest(request_id="warmup", model=self.model_name, prompt="Hello",
+                                     sampling=SamplingParams(max_tokens=2))
+            async for _ in self.generate(warm):
+                pass
+        self._ready = True
+
+    def _load(self) -> None:
+        """Blocking part of start(): weights, tokenizer, KV pool, core."""
+        cfg = self.config
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        path = resolve_source(self.source)
+        args, tensors = load_checkpoint(path)
+        tokenizer = Tokenizer(path)
+        dtype = resolve_dtype(cfg.dtype)
+        max_context = min(args.max_position, cfg.max_context or args.max_position)
+        model = LlamaModel(args, tensors, dtype, max_context)
+        del tensors
+        num_blocks = cfg.num_blocks(KVCache.bytes_per_block(args, cfg.block_size, dtype))
+        kv = KVCache.allocate(args, num_blocks, cfg.block_size, dtype)
+        self.core = EngineCore(model, kv, tokenizer.decode, tokenizer.eos_token_ids, cfg.max_running,
+                               cfg.step_token_budget, max_context)
+        self.tokenizer, self.dtype = tokenizer, dtype
+        self._vocab_size, self._max_context = args.vocab_size, max_context
+        log.info("torch engine %s: %s, %d KV blocks of %d tokens, max context %d", self.model_name, dtype,
+                 num_blocks, cfg.block_size, max_context)
+
+    async def stop(self) -> None:
+        self._accepting = False
+        self._ready = False
+        thread = self._thread
+        if thread is not None:
+            with self._cv:
+                self._shutdown = True
+                self._cv.notify()
+            await asyncio.to_thread(thread.join)
+            self._thread = None
+        for rid in list(self._streams):
+            self._deliver(rid, EngineUnavailableError("engine stopped"))
+        self.core = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    def load(self) -> EngineLoad:
+        core = self.core
+        if core is None:
+            return EngineLoad(0, 0, 0, 0, self.config.max_running)
+        s = core.scheduler
+        return EngineLoad(
+            queue_depth=len(s.waiting) + len(self._inbox), running=len(s.running),
+            kv_blocks_used=core.blocks.num_used, kv_blocks_total=core.blocks.num_blocks,
+            max_running=s.max_running, prefix_cache_hit_rate=core.blocks.hit_rate,
+            tokens_per_second=core.tokens_per_second())
+
+    # ---- requests ------------------------------------------------------------------------------
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        if not self._accepting or self.core is None:
+            raise EngineUnavailableError(f"model {self.model_name!r} is not loaded")
+        core_req = self._prepare(request)
+        if len(self._inbox) + len(self.core.scheduler.waiting) >= self.config.max_waiting:
+            raise CapacityError(f"{self.config.max_waiting} requests already wait for model {self.model_name!r}")
+        rid = f"{request.request_id}#{next(self._ids)}"
+        core_req.request_id = rid
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        self._streams[rid] = stream
+        self._submit("add", core_req)
+        done = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                done = item.finish_reason is not None
+                yield item
+                if done:
+                    return
+        finally:
+            self._streams.pop(rid, None)
+            if not done:  # consumer went away (GeneratorExit / CancelledError): free blocks now
+                self._submit("abort", rid)
+
+    def _prepare(self, request: GenerationRequest) -> CoreRequest:
+        """All validation that needs the tokenizer; raises InvalidRequestError before any chunk."""
+        request.validate_shape()
+        assert self.tokenizer is not None and self.core is not None
+        try:
+            if request.messages:
+                ids = self.tokenizer.encode_chat([(m.role, m.content) for m in request.messages])
+            else:
+                ids = self.tokenizer.encode(request.prompt or "")
+        except InvalidRequestError:
+            raise
+        except Exception as e:  # template errors (e.g. a role order the template rejects)
+            raise InvalidRequestError(f"cannot tokenize the request: {e}") from e
+        if not ids:
+            raise InvalidRequestError("the prompt tokenizes to zero tokens")
+        p = request.sampling
+        resume = [int(t) for t in request.resume_token_ids]
+        if any(not 0 <= t < self._vocab_size for t in resume):
+            raise InvalidRequestError(f"resume_token_ids must be in [0, {self._vocab_size})")
+        total = len(ids) + p.max_tokens
+        if total > self._max_context:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({p.max_tokens}) = {total} exceeds the "
+                f"context of {self._max_context} tokens")
+        blocks = self.core.blocks
+        need = -(-total // blocks.block_size)
+        if need > blocks.num_blocks:
+            raise InvalidRequestError(
+                f"request needs {need} KV blocks but the pool holds {blocks.num_blocks}; lower max_tokens")
+        return CoreRequest(request_id="", prompt_ids=ids, sampling=p, priority=int(request.priority),
+                           resume_ids=resume, deadline=request.deadline)
+
+    # ---- core thread ---------------------------------------------------------------------------
+    def _submit(self, kind: str, payload: object) -> None:
+        with self._cv:
+            self._inbox.append((kind, payload))
+            self._cv.notify()
+
+    def _deliver(self, rid: str, item: object) -> None:
+        final = isinstance(item, BaseException) or getattr(item, "finish_reason", None) is not None
+        stream = self._streams.pop(rid, None) if final else self._streams.get(rid)
+        if stream is not None:
+            try:
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            except RuntimeError:  # the consumer's loop is closed
+                pass
+
+    def _run(self) -> None:
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)  # OpenMP settings are per thread
+        core = self.core
+        assert core is not None
+        while True:
+            with self._cv:
+                while not self._inbox and not core.has_work() and not self._shutdown:
+                    self._cv.wait()
+                if self._shutdown:
+                    return
+                inbox, self._inbox = self._inbox, []
+            for kind, payload in inbox:
+                if kind == "add":
+                    core.add_request(payload)  # type: ignore[arg-type]
+                else:
+                    core.abort(payload)  # type: ignore[arg-type]
+            try:
+                outputs = core.step()
+            except Exception as e:  # scheduler/sampler bug: fail everything rather than hang clients
+                log.exception("engine step failed")
+                for rid in core.abort_all():
+                    self._deliver(rid, EngineUnavailableError(f"engine step failed: {e}"))
+                continue
+            for rid, chunk in outputs:
+                self._deliver(rid, chunk)

@@ -1,0 +1,151 @@
+"""Continuous-batching scheduler: decides, every step, which tokens of which sequences to compute.
+
+Each step spends a token budget: first one slice for every running sequence (its decode token, or
+the next chunk of a prompt still being prefilled), then admits waiting sequences by priority and
+arrival, giving each a prefill chunk that fits what is left (chunked prefill keeps step latency
+bounded). When the KV pool runs dry, the least important, newest running sequence is preempted by
+recompute: its blocks are released (full ones stay in the prefix cache) and it waits again.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SeqStatus
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, new tokens)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_running: int, token_budget: int) -> None:
+        self.blocks = blocks
+        self.block_size = blocks.block_size
+        self.max_running = max_running
+        self.token_budget = token_budget
+        self.waiting: list[Sequence] = []  # sorted by sort_key
+        self.running: list[Sequence] = []  # sorted by sort_key; the last one is the preemption victim
+        self.num_preemptions = 0
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        bisect.insort(self.waiting, seq, key=lambda s: s.sort_key)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a sequence (done, cancelled or failed) and free its blocks at once."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.token_budget
+        scheduled: dict[Sequence, int] = {}
+        preempted: list[Sequence] = []
+
+        def preempt_last() -> Sequence:
+            nonlocal budget
+            victim = self.running.pop()
+            self._release(victim)
+            victim.num_computed = 0
+            victim.num_preemptions += 1
+            self.num_preemptions += 1
+            self.add(victim)
+            budget += scheduled.pop(victim, 0)
+            preempted.append(victim)
+            return victim
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if self._grow(seq, n):
+                scheduled[seq] = n
+                budget -= n
+                i += 1
+                continue
+            if preempt_last() is seq:
+                break
+            # a victim behind us freed blocks: retry the same sequence
+
+        # Blocks were short for running work: admitting more now would only thrash.
+        blocks_short = bool(preempted)
+        while not blocks_short and self.waiting and budget > 0:
+            seq = self.waiting[0]
+            if len(self.running) >= self.max_running:
+                if self._outranks_last_running(seq):
+                    preempt_last()
+                    continue
+                break
+            hashes = seq.full_block_hashes(self.block_size)
+            # keep at least one token to compute: its logits produce the next token
+            hits = self.blocks.match_prefix(hashes[: (seq.num_tokens - 1) // self.block_size])
+            num_cached = len(hits) * self.block_size
+            n = min(seq.num_tokens - num_cached, budget)
+            need = self.blocks.blocks_needed(num_cached + n, len(hits))
+            if not self.blocks.can_allocate(need, hits):
+                if self._outranks_last_running(seq):
+                    preempt_last()
+                    continue
+                break
+            seq.block_ids = self.blocks.take_hits(hits) + self.blocks.allocate(need)
+            seq.num_computed = num_cached
+            seq.num_committed_blocks = len(hits)
+            if seq.num_cached_tokens < 0:  # first admission: the hit the client benefits from
+                seq.num_cached_tokens = num_cached
+                self.blocks.record_lookup(seq.num_tokens, num_cached)
+            self.waiting.pop(0)
+            seq.status = SeqStatus.RUNNING
+            bisect.insort(self.running, seq, key=lambda s: s.sort_key)
+            scheduled[seq] = n
+            budget -= n
+        return SchedulerOutput(scheduled=list(scheduled.items()), preempted=preempted)
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Advance computed counts and publish newly completed blocks to the prefix cache.
+
+        Call before appending sampled tokens; the hash of a block covers tokens already present.
+        """
+        bs = self.block_size
+        for seq, n in out.scheduled:
+            if seq.status is not SeqStatus.RUNNING:
+                continue
+            seq.num_computed += n
+            full = seq.num_computed // bs
+            if full > seq.num_committed_blocks:
+                hashes = seq.full_block_hashes(bs)
+                self.blocks.commit(seq.block_ids, hashes, seq.num_committed_blocks, full)
+                seq.num_committed_blocks = full
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _outranks_last_running(self, seq: Sequence) -> bool:
+        return bool(self.running) and self.running[-1].priority > seq.priority
+
+    def _grow(self, seq: Sequence, n: int) -> bool:
+        need = self.blocks.blocks_needed(seq.num_computed + n, len(seq.block_ids))
+        if need == 0:
+            return True
+        if not self.blocks.can_allocate(need):
+            return False
+        seq.block_ids.extend(self.blocks.allocate(need))
+        return True
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.block_ids:
+            self.blocks.free(seq.block_ids)
+        seq.block_ids = []
+        seq.num_committed_blocks = 0
