@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
 import grpc
 from meshserve.v1 import controlplane_pb2
@@ -24,18 +24,22 @@ log = logging.getLogger(__name__)
 async def run_replica(*, key: Callable[[str], str], replica_id: str, service_name: str,
                       register: Callable[[grpc.aio.Server, EtcdClient, MeshView], None],
                       listen: str, advertise: str, region: str, zone: str, etcd: str,
-                      metrics: str, lease_ttl: int, grace_s: float
-                      ) -> AsyncIterator[tuple[EtcdClient, MeshView]]:
-    """Yields once the replica serves and is registered; stops everything on exit."""
+                      metrics: str, lease_ttl: int, grace_s: float,
+                      extra_service_names: Sequence[str] = ()
+                      ) -> AsyncIterator[tuple[EtcdClient, MeshView, controlplane_pb2.ReplicaInfo]]:
+    """Yields once the replica serves and is registered; stops everything on exit.
+
+    `extra_service_names`: further services `register` adds, for health and reflection.
+    """
     client = EtcdClient(etcd)
     view = MeshView(client)
-    server, health = new_server([service_name])
+    server, health = new_server([service_name, *extra_service_names])
     register(server, client, view)
     port = bind(server, listen)
     info = controlplane_pb2.ReplicaInfo(
         replica_id=replica_id, address=advertise or f"{listen.rpartition(':')[0]}:{port}",
         region=region, zone=zone, metrics_address=serve_metrics(metrics), started_at_ms=now_ms())
-    names = ["", service_name]
+    names = ["", service_name, *extra_service_names]
     await set_serving(health, names, False)
     await server.start()
     keeper = LeaseKeeper(client, ttl=lease_ttl)
@@ -46,7 +50,7 @@ async def run_replica(*, key: Callable[[str], str], replica_id: str, service_nam
         await set_serving(health, names, True)
         log.info("%s serving on %s (%d server(s) known)", replica_id, info.address,
                  len(view.servers))
-        yield client, view
+        yield client, view, info
     finally:
         log.info("%s stopping", replica_id)
         await set_serving(health, names, False)

@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Iterable
 
 import grpc
 from meshserve.v1 import common_pb2, inference_pb2, modelserver_pb2
@@ -31,6 +31,25 @@ RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 PASS_THROUGH = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
                 grpc.StatusCode.NOT_FOUND, grpc.StatusCode.DEADLINE_EXCEEDED,
                 grpc.StatusCode.CANCELLED, grpc.StatusCode.FAILED_PRECONDITION}
+
+
+def merge_chunks(chunks: Iterable[inference_pb2.GenerateResponse]
+                 ) -> inference_pb2.GenerateResponse:
+    """A streamed answer as one response: texts joined, the last chunk's finish and usage."""
+    answer = inference_pb2.GenerateResponse()
+    texts: list[str] = []
+    for chunk in chunks:
+        texts.append(chunk.text)
+        answer.token_ids.extend(chunk.token_ids)
+        answer.logprobs.extend(chunk.logprobs)
+        answer.served_by.CopyFrom(chunk.served_by)
+        answer.request_id = chunk.request_id
+        if chunk.finish_reason:
+            answer.finish_reason = chunk.finish_reason
+        if chunk.HasField("usage"):
+            answer.usage.CopyFrom(chunk.usage)
+    answer.text = "".join(texts)
+    return answer
 
 
 class RouteError(Exception):

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+from inference import grpc_service_pb2_grpc as kserve_pb2_grpc
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common import keyspace
 from services.common.replica import run_replica
 
 from .dispatch import Dispatcher
+from .kserve.servicer import SERVICE_NAME as KSERVE_SERVICE_NAME
+from .kserve.servicer import KServeServicer
 from .pool import BackendPool
 from .servicer import InferenceServicer
 
@@ -39,10 +42,13 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
         dispatcher = Dispatcher(pool, config.router_id)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dispatcher),
                                                                   server)
+        kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dispatcher),
+                                                                   server)
 
     try:
         async with run_replica(
                 key=keyspace.router_key, replica_id=config.router_id, service_name=SERVICE_NAME,
+                extra_service_names=[KSERVE_SERVICE_NAME],
                 register=register, listen=config.listen, advertise=config.advertise,
                 region=config.region, zone=config.zone, etcd=config.etcd, metrics=config.metrics,
                 lease_ttl=config.lease_ttl, grace_s=config.shutdown_grace_s):

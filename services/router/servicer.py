@@ -7,7 +7,7 @@ from typing import AsyncIterator
 import grpc
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 
-from .dispatch import Dispatcher, RouteError
+from .dispatch import Dispatcher, RouteError, merge_chunks
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -25,20 +25,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
-        answer = inference_pb2.GenerateResponse()
-        texts: list[str] = []
-        async for chunk in self._serve(request, context):
-            texts.append(chunk.text)
-            answer.token_ids.extend(chunk.token_ids)
-            answer.logprobs.extend(chunk.logprobs)
-            answer.served_by.CopyFrom(chunk.served_by)
-            answer.request_id = chunk.request_id
-            if chunk.finish_reason:
-                answer.finish_reason = chunk.finish_reason
-            if chunk.HasField("usage"):
-                answer.usage.CopyFrom(chunk.usage)
-        answer.text = "".join(texts)
-        return answer
+        return merge_chunks([chunk async for chunk in self._serve(request, context)])
 
     async def GenerateStream(self, request: inference_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext
