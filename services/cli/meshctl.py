@@ -10,88 +10,13 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import grpc
-from google.protobuf.json_format import MessageToDict
-from meshserve.v1 import controlplane_pb2, controlplane_pb2_grpc
 
-from .tables import table
+from . import ctl_cluster, ctl_models
+from .ctl_common import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, to_dict
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
-
-
-def _to_dict(msg) -> dict:
-    return MessageToDict(msg, preserving_proto_field_name=True)
-
-
-def _state(s: controlplane_pb2.ServerStatus) -> str:
-    return controlplane_pb2.ServingState.Name(s.state).removeprefix("SERVING_STATE_")
-
-
-def _age(ms: int) -> str:
-    if not ms:
-        return "-"
-    sec = max(0, int(time.time() - ms / 1000))
-    return f"{sec // 3600}h{sec % 3600 // 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
-
-
-def _servers_table(servers) -> str:
-    rows = [(s.info.server_id, s.info.region, s.info.zone, _state(s), s.info.address,
-             ",".join(s.info.models), s.info.backend + (" (simulated)" if s.info.simulated else ""),
-             _age(s.info.started_at_ms)) for s in servers]
-    return table(["SERVER", "REGION", "ZONE", "STATE", "ADDRESS", "MODELS", "BACKEND", "AGE"], rows)
-
-
-def _cp(args) -> controlplane_pb2_grpc.ControlPlaneServiceStub:
-    channel = grpc.insecure_channel(args.controlplane)
-    return controlplane_pb2_grpc.ControlPlaneServiceStub(channel)
-
-
-def cmd_status(args) -> int:
-    resp = _cp(args).GetClusterStatus(controlplane_pb2.GetClusterStatusRequest(), timeout=args.timeout)
-    if args.output == "json":
-        print(json.dumps(_to_dict(resp), indent=2))
-        return EXIT_OK
-    print(f"control plane: {resp.controlplane_id} at {args.controlplane}")
-    print(table(["ETCD", "HEALTHY", "VERSION", "LEADER", "ERROR"],
-                [(m.endpoint, "yes" if m.healthy else "NO", m.version or "-",
-                  "*" if m.is_leader else "", m.error) for m in resp.etcd]))
-    print()
-    print(_servers_table(sorted(resp.servers, key=lambda s: (s.info.region, s.info.zone,
-                                                               s.info.server_id))))
-    print()
-    print(table(["MODEL", "REPLICAS"], sorted(resp.model_replicas.items())))
-    print()
-    print(table(["ROUTER", "REGION", "ADDRESS", "AGE"],
-                [(r.replica_id, r.region, r.address, _age(r.started_at_ms)) for r in resp.routers]))
-    return EXIT_OK
-
-
-def cmd_servers(args) -> int:
-    resp = _cp(args).ListServers(controlplane_pb2.ListServersRequest(region=args.region,
-                                                                     model=args.model),
-                                 timeout=args.timeout)
-    print(json.dumps(_to_dict(resp), indent=2) if args.output == "json"
-          else _servers_table(resp.servers))
-    return EXIT_OK
-
-
-def cmd_drain(args) -> int:
-    resp = _cp(args).DrainServer(controlplane_pb2.DrainServerRequest(
-        server_id=args.server, reason=args.reason), timeout=args.timeout)
-    print(json.dumps(_to_dict(resp), indent=2) if args.output == "json"
-          else f"server {args.server} is draining: new requests go elsewhere")
-    return EXIT_OK
-
-
-def cmd_undrain(args) -> int:
-    resp = _cp(args).UndrainServer(controlplane_pb2.UndrainServerRequest(server_id=args.server),
-                                   timeout=args.timeout)
-    print(json.dumps(_to_dict(resp), indent=2) if args.output == "json"
-          else f"server {args.server} takes new requests again")
-    return EXIT_OK
 
 
 def cmd_generate(args) -> int:
@@ -104,18 +29,18 @@ def cmd_generate(args) -> int:
         last = None
         for chunk in generate_stream(args.endpoint, request, timeout=args.timeout):
             if args.output == "json":
-                print(json.dumps(_to_dict(chunk)))
+                print(json.dumps(to_dict(chunk)))
             else:
                 print(chunk.text, end="", flush=True)
             last = chunk
         if args.output != "json":
-            print()
+            print(flush=True)
             if last is not None:
                 _footer(last)
         return EXIT_OK
     answer = generate(args.endpoint, request, timeout=args.timeout)
     if args.output == "json":
-        print(json.dumps(_to_dict(answer), indent=2))
+        print(json.dumps(to_dict(answer), indent=2))
     else:
         print(answer.text)
         _footer(answer)
@@ -143,19 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per call (default 10, 120 for generate)")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    sub.add_parser("status", help="the whole mesh on one screen").set_defaults(func=cmd_status)
-    p = sub.add_parser("servers", help="list model servers")
-    p.add_argument("--region", default="")
-    p.add_argument("--model", default="")
-    p.set_defaults(func=cmd_servers)
-    p = sub.add_parser("drain", help="stop new traffic to a server")
-    p.add_argument("server")
-    p.add_argument("--reason", default="")
-    p.set_defaults(func=cmd_drain)
-    p = sub.add_parser("undrain", help="let a drained server take traffic again")
-    p.add_argument("server")
-    p.set_defaults(func=cmd_undrain)
+    ctl_cluster.add_parsers(sub)
+    ctl_models.add_parsers(sub)
     p = sub.add_parser("generate", help="send one request through the public endpoint")
     p.add_argument("model")
     p.add_argument("prompt")
@@ -176,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         args.timeout = 120.0 if args.command == "generate" else 10.0
     try:
         return args.func(args)
+    except argparse.ArgumentTypeError as exc:
+        print(f"meshctl: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except grpc.RpcError as exc:
         code = exc.code()
         if code in UNREACHABLE:

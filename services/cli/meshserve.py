@@ -57,11 +57,16 @@ def cmd_router(args: argparse.Namespace) -> int:
 
 
 def cmd_controlplane(args: argparse.Namespace) -> int:
+    from services.controlplane.health import HealthSettings
     from services.controlplane.server import ControlPlaneConfig, run
 
+    health = HealthSettings(interval_s=args.health_interval, probe_interval_s=args.probe_interval,
+                            timeout_s=args.health_timeout, probe_timeout_s=args.probe_timeout,
+                            unhealthy_after=args.unhealthy_after, healthy_after=args.healthy_after)
     config = ControlPlaneConfig(replica_id=args.id or default_id("controlplane"),
                                 listen=args.listen, advertise=args.advertise, region=args.region,
-                                etcd=args.etcd, metrics=args.metrics, lease_ttl=args.lease_ttl)
+                                etcd=args.etcd, metrics=args.metrics, lease_ttl=args.lease_ttl,
+                                election_ttl=args.election_ttl, health=health)
     return _run_service(f"controlplane[{config.replica_id}]", lambda stop: run(config, stop))
 
 
@@ -122,6 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("controlplane", help="run a control-plane replica")
     _common(p, "127.0.0.1:9001")
+    p.add_argument("--election-ttl", type=int, default=5,
+                   help="leader lease TTL in seconds (failover takes about this long)")
+    p.add_argument("--health-interval", type=float, default=1.0, help="seconds between checks")
+    p.add_argument("--probe-interval", type=float, default=5.0,
+                   help="seconds between one-token generation probes per server")
+    p.add_argument("--health-timeout", type=float, default=1.0, help="deadline of a health check")
+    p.add_argument("--probe-timeout", type=float, default=5.0, help="deadline of a probe")
+    p.add_argument("--unhealthy-after", type=int, default=3, help="failed rounds to NOT_SERVING")
+    p.add_argument("--healthy-after", type=int, default=2, help="good rounds back to SERVING")
     p.set_defaults(func=cmd_controlplane)
 
     p = sub.add_parser("envoy-config", help="print the rendered Envoy config")

@@ -20,6 +20,9 @@ import aetcd.rpc
 
 log = logging.getLogger(__name__)
 
+#: etcd refuses transactions with more operations than this (its --max-txn-ops is 128).
+MAX_TXN_OPS = 100
+
 #: Errors that mean "etcd is unreachable or the call failed"; callers retry, never crash.
 EtcdError = (aetcd.exceptions.ClientError, asyncio.TimeoutError, OSError)
 
@@ -328,3 +331,28 @@ class PrefixMirror:
                 self.connected = False
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, 2.0)
+
+
+async def create_if_absent(client: EtcdClient, key: str, value: bytes, lease: int) -> bool:
+    """Atomically create key on lease unless it exists (the election's campaign step)."""
+    raw = client.raw
+    ok, _ = await raw.transaction(
+        compare=[raw.transactions.create(key.encode()) == 0],
+        success=[raw.transactions.put(key.encode(), value, lease=lease)], failure=[])
+    return bool(ok)
+
+
+async def fenced_write(client: EtcdClient, fence_key: str, fence_value: bytes,
+                       puts: dict[str, bytes], deletes: list[str]) -> bool:
+    """Apply puts and deletes only while fence_key still holds fence_value (our leadership term),
+    so a deposed leader can never overwrite its successor's decisions."""
+    raw = client.raw
+    ops = [raw.transactions.put(k.encode(), v) for k, v in puts.items()]
+    ops += [raw.transactions.delete(k.encode()) for k in deletes]
+    for start in range(0, max(len(ops), 1), MAX_TXN_OPS):
+        ok, _ = await raw.transaction(
+            compare=[raw.transactions.value(fence_key.encode()) == fence_value],
+            success=ops[start:start + MAX_TXN_OPS], failure=[])
+        if not ok:
+            return False
+    return True

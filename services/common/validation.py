@@ -20,6 +20,8 @@ DEFAULT_MAX_TOKENS = 128
 MAX_STOP_STRINGS = 16
 MAX_ID_CHARS = 256
 ROLES = ("system", "user", "assistant")
+#: Engine backends a model can run on (services/modelserver/engine knows how to build each).
+BACKENDS = ("sim", "torch", "tensorrt_llm")
 
 
 class _GenerateLike(Protocol):

@@ -1,16 +1,25 @@
-"""A control-plane replica: serves the operator API from etcd state; never on the request path."""
+"""A control-plane replica: answers the operator API from etcd state; while it leads, it also
+checks health, releases drains and places models. Never on the request path."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 from meshserve.v1 import controlplane_pb2, controlplane_pb2_grpc
 
 from services.common import keyspace
 from services.common.replica import run_replica
 
+from . import metrics
+from .election import Election
+from .health import HealthChecker, HealthSettings
+from .probes import ServerProbe
+from .reconciler import Reconciler
 from .servicer import ControlPlaneServicer
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = controlplane_pb2.DESCRIPTOR.services_by_name["ControlPlaneService"].full_name
 
@@ -24,16 +33,42 @@ class ControlPlaneConfig:
     etcd: str = "127.0.0.1:2379"
     metrics: str = "127.0.0.1:0"
     lease_ttl: int = 10
+    election_ttl: int = 5
+    reconcile_interval_s: float = 1.0
+    health: HealthSettings = field(default_factory=HealthSettings)
+
+
+def _on_leadership(leading: bool) -> None:
+    metrics.LEADER_CHANGES.labels("gained" if leading else "lost").inc()
+    metrics.IS_LEADER.set(1 if leading else 0)
 
 
 async def run(config: ControlPlaneConfig, stop: asyncio.Event) -> None:
+    probe = ServerProbe()
+
     def register(server, etcd, view) -> None:
         controlplane_pb2_grpc.add_ControlPlaneServiceServicer_to_server(
-            ControlPlaneServicer(etcd, view, config.replica_id), server)
+            ControlPlaneServicer(etcd, view, config.replica_id, probe), server)
 
     async with run_replica(
             key=keyspace.controlplane_key, replica_id=config.replica_id, service_name=SERVICE_NAME,
             register=register, listen=config.listen, advertise=config.advertise,
             region=config.region, zone="", etcd=config.etcd, metrics=config.metrics,
-            lease_ttl=config.lease_ttl, grace_s=2.0):
-        await stop.wait()
+            lease_ttl=config.lease_ttl, grace_s=2.0) as (etcd, view, info):
+        election = Election(etcd, config.replica_id, info.address, ttl=config.election_ttl,
+                            on_change=_on_leadership)
+        checker = HealthChecker(view, probe, config.replica_id, config.health)
+        reconciler = Reconciler(etcd, view, election, checker, probe,
+                                interval_s=config.reconcile_interval_s)
+        election.start()
+        loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
+        try:
+            await stop.wait()
+        finally:
+            loop_task.cancel()
+            try:
+                await loop_task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+            await election.stop()
+            await probe.close()

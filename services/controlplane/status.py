@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
-from meshserve.v1 import controlplane_pb2
+from meshserve.v1 import controlplane_pb2 as cp
 
 from services.common.membership import MeshView
 
 
-def server_status(view: MeshView, server_id: str) -> controlplane_pb2.ServerStatus | None:
+def server_status(view: MeshView, server_id: str) -> cp.ServerStatus | None:
     info = view.servers.get(server_id)
     if info is None:
         return None
     draining = view.is_draining(server_id)
-    # Until active health checks land, a live lease is the serving verdict.
-    state = (controlplane_pb2.SERVING_STATE_DRAINING if draining
-             else controlplane_pb2.SERVING_STATE_SERVING)
-    return controlplane_pb2.ServerStatus(info=info, state=state, draining=draining)
+    verdict = view.health.get(server_id)
+    state = cp.SERVING_STATE_DRAINING if draining else view.verdict(server_id)
+    out = cp.ServerStatus(info=info, state=state, draining=draining,
+                          health_reason=verdict.reason if verdict is not None else "")
+    out.models.extend(st for (s, _), st in sorted(view.statuses.items()) if s == server_id)
+    return out
 
 
-def list_servers(view: MeshView, region: str = "", model: str = "") -> list[controlplane_pb2.ServerStatus]:
+def list_servers(view: MeshView, region: str = "", model: str = "") -> list[cp.ServerStatus]:
     out = []
     for sid in sorted(view.servers):
         info = view.servers[sid]
         if region and info.region != region:
             continue
-        if model and model not in info.models:
+        if model and (sid, model) not in view.statuses:
             continue
         status = server_status(view, sid)
         if status is not None:
@@ -32,11 +34,28 @@ def list_servers(view: MeshView, region: str = "", model: str = "") -> list[cont
     return out
 
 
-def cluster_status(view: MeshView, replica_id: str) -> controlplane_pb2.GetClusterStatusResponse:
-    resp = controlplane_pb2.GetClusterStatusResponse(controlplane_id=replica_id)
+def placements(view: MeshView, model: str = "") -> list[cp.PlacementStatus]:
+    pairs = set(view.placements) | {p for p, st in view.statuses.items() if not st.managed}
+    out = []
+    for sid, m in sorted(pairs):
+        if model and m != model:
+            continue
+        st = view.statuses.get((sid, m))
+        info = view.servers.get(sid)
+        out.append(cp.PlacementStatus(
+            server_id=sid, model=m, state=st.state if st else cp.MODEL_STATE_UNSPECIFIED,
+            reason=st.reason if st else "", region=info.region if info else "",
+            zone=info.zone if info else "", managed=st.managed if st else True))
+    return out
+
+
+def cluster_status(view: MeshView, replica_id: str) -> cp.GetClusterStatusResponse:
+    resp = cp.GetClusterStatusResponse(controlplane_id=replica_id, degraded=not view.connected)
     resp.servers.extend(list_servers(view))
     resp.routers.extend(view.routers[r] for r in sorted(view.routers))
     resp.controlplanes.extend(view.controlplanes[c] for c in sorted(view.controlplanes))
     for model, servers in view.ready_by_model().items():
         resp.model_replicas[model] = len(servers)
+    if view.leader is not None:
+        resp.leader.CopyFrom(view.leader)
     return resp

@@ -18,7 +18,7 @@ from .processes import StartError
 
 log = logging.getLogger("meshserve.up")
 
-DEFAULT_MODEL = "echo=sim"
+DEFAULT_MODEL = "smollm2=torch:embedded"
 DEMO_QUESTION = "What is the capital of France?"
 
 
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="send a demo request through Envoy once the mesh is up")
 
 
-def _print_endpoints(mesh: LocalMesh) -> None:
+def _print_endpoints(mesh: LocalMesh, model: str) -> None:
     lines = [
         "MeshServe local mesh is up.",
         f"  public API (gRPC + JSON) via Envoy  {mesh.envoy}",
@@ -48,14 +48,52 @@ def _print_endpoints(mesh: LocalMesh) -> None:
         f"  logs                                {mesh.sup.log_dir}",
         "Try:",
         f"  meshctl --controlplane {mesh.controlplane} status",
-        f"  meshctl --endpoint {mesh.envoy} generate {mesh.plan.servers[0].models[0].split('=')[0]}"
-        f" 'What is the capital of France?'",
+        f"  meshctl --endpoint {mesh.envoy} generate {model} 'What is the capital of France?'",
         f"  curl -s -X POST http://{mesh.envoy}/v1/generate -d "
-        f"'{{\"model\":\"{mesh.plan.servers[0].models[0].split('=')[0]}\","
+        f"'{{\"model\":\"{model}\","
         f"\"messages\":[{{\"role\":\"user\",\"content\":\"Hi!\"}}]}}'",
         "Ctrl-C stops everything.",
     ]
     print("\n".join(lines), flush=True)
+
+
+def _deploy(mesh: LocalMesh, models: list[str], replicas: int, options: list[str],
+            timeout: float) -> None:
+    """Deploy through the control plane, as an operator would, and wait for READY replicas."""
+    import time
+
+    from meshserve.v1 import controlplane_pb2 as cp
+    from meshserve.v1 import controlplane_pb2_grpc
+
+    from services.common.lifecycle import parse_option
+    from services.modelserver.engine import ModelSpec
+
+    with grpc.insecure_channel(mesh.controlplane) as channel:
+        stub = controlplane_pb2_grpc.ControlPlaneServiceStub(channel)
+        for text in models:
+            m = ModelSpec.parse(text)
+            spec = cp.ModelSpec(name=m.name, backend=m.backend, replicas=replicas,
+                                source="" if m.backend == "sim" else m.source)
+            for option in options:
+                key, value = parse_option(option)
+                spec.options[key] = str(value).lower() if isinstance(value, bool) else str(value)
+            try:
+                stub.DeployModel(cp.DeployModelRequest(spec=spec), timeout=10)
+                print(f"deployed {m.name} ({m.backend}) with {replicas} replica(s); loading ...",
+                      flush=True)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                    raise
+        deadline = time.monotonic() + timeout
+        names = {ModelSpec.parse(t).name for t in models}
+        while time.monotonic() < deadline:
+            deps = stub.ListDeployments(cp.ListDeploymentsRequest(), timeout=10).deployments
+            if all(d.ready_replicas >= d.spec.replicas for d in deps if d.spec.name in names):
+                return
+            time.sleep(0.2)
+        raise StartError(f"models {sorted(names)} were not ready within {timeout:.0f}s; "
+                         f"see `meshctl --controlplane {mesh.controlplane} placement` and the "
+                         f"server logs in {mesh.sup.log_dir}")
 
 
 def _demo(mesh: LocalMesh, model: str) -> None:
@@ -82,8 +120,8 @@ def up(args: argparse.Namespace) -> int:
     zones = ["local-a", "local-b"]
     plan = MeshPlan(
         data_dir=Path(args.data_dir), routers=args.routers, base_port=args.base_port,
-        servers=[ServerPlan(f"server-{i}", models, zone=zones[i % len(zones)],
-                            engine_options=args.engine_option) for i in range(args.servers)])
+        servers=[ServerPlan(f"server-{i}", zone=zones[i % len(zones)])
+                 for i in range(args.servers)])
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -95,7 +133,12 @@ def up(args: argparse.Namespace) -> int:
         print(f"meshserve up: {exc}", file=sys.stderr)
         return 1
     try:
-        _print_endpoints(mesh)
+        try:
+            _deploy(mesh, models, args.servers, args.engine_option, plan.load_timeout_s)
+        except (StartError, grpc.RpcError, ValueError) as exc:
+            print(f"meshserve up: deploying {models} failed: {exc}", file=sys.stderr)
+            return 1
+        _print_endpoints(mesh, models[0].split("=")[0])
         if args.demo:
             _demo(mesh, models[0].split("=")[0])
         while not stop.is_set():

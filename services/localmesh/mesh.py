@@ -23,10 +23,12 @@ HOST = "127.0.0.1"
 @dataclass
 class ServerPlan:
     server_id: str
-    models: list[str]  # NAME=BACKEND[:SOURCE]
+    models: list[str] = field(default_factory=list)  # pinned: NAME=BACKEND[:SOURCE]
     region: str = "local"
     zone: str = "local-a"
     engine_options: list[str] = field(default_factory=list)
+    memory_bytes: int = 0
+    extra_args: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -34,6 +36,8 @@ class MeshPlan:
     data_dir: Path
     servers: list[ServerPlan]
     routers: int = 1
+    controlplanes: int = 1
+    controlplane_args: list[str] = field(default_factory=list)
     etcd_members: int = 1
     base_port: int = 0  # 0: free ports picked by the OS
     lease_ttl: int = 10
@@ -72,15 +76,23 @@ class LocalMesh:
                            for i in range(plan.etcd_members)]
         self.envoy = f"{HOST}:{ports.take('envoy', 0)}"
         self.envoy_admin = f"{HOST}:{ports.take('envoy-admin', 1)}"
-        self.controlplane = f"{HOST}:{ports.take('controlplane', 10)}"
+        self.controlplanes = [f"{HOST}:{ports.take(f'controlplane{i}', 10 + i)}"
+                              for i in range(plan.controlplanes)]
         self.routers = [f"{HOST}:{ports.take(f'router{i}', 20 + i)}" for i in range(plan.routers)]
         self.servers = {s.server_id: f"{HOST}:{ports.take(s.server_id, 30 + i)}"
                         for i, s in enumerate(plan.servers)}
         self.metrics = {name: f"{HOST}:{ports.take(f'{name}-metrics', 50 + i)}"
-                        for i, name in enumerate(["controlplane", *self.servers,
+                        for i, name in enumerate([*(f"controlplane{i}"
+                                                    for i in range(plan.controlplanes)),
+                                                  *self.servers,
                                                   *(f"router{i}" for i in range(plan.routers))])}
         self.ports = ports
         self.children: dict[str, Child] = {}
+
+    @property
+    def controlplane(self) -> str:
+        """The first control-plane replica (what meshctl talks to by default)."""
+        return self.controlplanes[0]
 
     @property
     def etcd_endpoints(self) -> str:
@@ -92,7 +104,8 @@ class LocalMesh:
         self.ports.check()
         try:
             self.start_etcd()
-            self.start_controlplane()
+            for i in range(self.plan.controlplanes):
+                self.start_controlplane(i)
             for server in self.plan.servers:
                 self.start_server(server)
             for i in range(self.plan.routers):
@@ -117,12 +130,14 @@ class LocalMesh:
         return ["--id", name, "--listen", listen, "--etcd", self.etcd_endpoints,
                 "--metrics", self.metrics[name], "--lease-ttl", str(self.plan.lease_ttl)]
 
-    def start_controlplane(self) -> None:
-        name = "controlplane"
-        self.children[name] = self.sup.start(name, c.service_argv(
-            "controlplane", *self._common(name, self.controlplane)))
-        self.sup.wait_ready(self.children[name], lambda: c.grpc_serving(self.controlplane), 60,
-                            "serving")
+    def start_controlplane(self, i: int) -> Child:
+        name = f"controlplane{i}"
+        child = self.sup.start(name, c.service_argv(
+            "controlplane", *self._common(name, self.controlplanes[i]),
+            *self.plan.controlplane_args))
+        self.children[name] = child
+        self.sup.wait_ready(child, lambda: c.grpc_serving(self.controlplanes[i]), 60, "serving")
+        return child
 
     def start_server(self, server: ServerPlan, wait: bool = True) -> Child:
         address = self.servers[server.server_id]
@@ -132,6 +147,7 @@ class LocalMesh:
             args += ["--model", m]
         for o in server.engine_options:
             args += ["--engine-option", o]
+        args += ["--memory-bytes", str(server.memory_bytes), *server.extra_args]
         child = self.sup.start(server.server_id, c.service_argv("modelserver", *args))
         self.children[server.server_id] = child
         if wait:

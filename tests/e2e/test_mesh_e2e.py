@@ -15,8 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
-from services.localmesh.mesh import LocalMesh, MeshPlan, ServerPlan
-from tests.conftest import meshctl, wait_for
+from services.localmesh.mesh import MeshPlan, ServerPlan
+from tests.conftest import meshctl, running_mesh, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -31,14 +31,8 @@ def mesh(tmp_path_factory):
                             engine_options=["tokens_per_second=1000"]),
                  ServerPlan("server-1", [f"{MODEL}=sim"], zone="local-b",
                             engine_options=["tokens_per_second=1000"])])
-    m = LocalMesh(plan)
-    m.start()
-    try:
+    with running_mesh(plan) as m:
         yield m
-    finally:
-        m.stop()
-        for name, child in m.children.items():
-            assert not child.alive(), f"{name} (pid {child.pid}) survived the mesh stop"
 
 
 @pytest.fixture(scope="module")

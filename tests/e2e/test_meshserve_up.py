@@ -58,7 +58,8 @@ class _Output:
 def test_up_answers_then_ctrl_c_leaves_no_orphans(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli.meshserve", "up", "--demo", "--base-port", "0",
-         "--data-dir", str(tmp_path / "mesh"), "--engine-option", "tokens_per_second=1000"],
+         "--data-dir", str(tmp_path / "mesh"), "--model", "echo=sim",
+         "--engine-option", "tokens_per_second=1000"],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = _Output(proc)
     descendants: set[int] = set()

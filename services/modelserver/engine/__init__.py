@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.common.validation import BACKENDS
+
 from .base import Engine
-
-
-BACKENDS = ("sim", "torch", "tensorrt_llm")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import asyncio
 import heapq
 import itertools
 import math
+import os
 import time
 import zlib
 from collections import deque
@@ -35,6 +36,9 @@ class SimConfig:
     block_size: int = 16
     kv_blocks_total: int = 4096
     max_context: int = 2048
+    # Fault injection for failure tests: while this file exists, generation hangs (the process,
+    # its lease and its gRPC health service stay up), like a wedged engine.
+    hang_file: str = ""
 
 
 def _words(request: GenerationRequest) -> list[str]:
@@ -136,6 +140,8 @@ class SimEngine(Engine):
             raise EngineUnavailableError(f"model {self.model_name} is not loaded")
         words = self._validate(request)
         cfg = self.config
+        if cfg.hang_file and os.path.exists(cfg.hang_file):
+            await asyncio.Event().wait()  # until the caller gives up and cancels
         rid = f"{request.request_id}#{next(self._seq)}"
         await self._admit(request, rid, len(words))
         start = len(request.resume_token_ids)

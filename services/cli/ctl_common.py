@@ -1,0 +1,46 @@
+"""What every meshctl command shares: stubs, output formats, exit codes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from meshserve.v1 import controlplane_pb2 as cp
+from meshserve.v1 import controlplane_pb2_grpc
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+
+
+def to_dict(msg) -> dict:
+    return MessageToDict(msg, preserving_proto_field_name=True)
+
+
+def emit(args, msg, text: str) -> int:
+    """Print JSON for scripts (-o json) or the table/text for people."""
+    print(json.dumps(to_dict(msg), indent=2) if args.output == "json" else text)
+    return EXIT_OK
+
+
+def controlplane(args) -> controlplane_pb2_grpc.ControlPlaneServiceStub:
+    return controlplane_pb2_grpc.ControlPlaneServiceStub(grpc.insecure_channel(args.controlplane))
+
+
+def age(ms: int) -> str:
+    if not ms:
+        return "-"
+    sec = max(0, int(time.time() - ms / 1000))
+    return f"{sec // 3600}h{sec % 3600 // 60:02d}m" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
+
+
+def serving_state(state: int) -> str:
+    return cp.ServingState.Name(state).removeprefix("SERVING_STATE_")
+
+
+def model_state(state: int) -> str:
+    return cp.ModelState.Name(state).removeprefix("MODEL_STATE_").replace("UNSPECIFIED", "PLACED")
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.0f}MiB" if n else "-"
