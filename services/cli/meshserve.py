@@ -43,7 +43,8 @@ def cmd_modelserver(args: argparse.Namespace) -> int:
         server_id=args.id or default_id("server"), models=specs, listen=args.listen,
         advertise=args.advertise, region=args.region, zone=args.zone, etcd=args.etcd,
         metrics=args.metrics, lease_ttl=args.lease_ttl, memory_bytes=args.memory_bytes,
-        idle_unload_s=args.idle_unload_s, failure_backoff_s=args.failure_backoff_s)
+        idle_unload_s=args.idle_unload_s, failure_backoff_s=args.failure_backoff_s,
+        engine_options=options)
     return _run_service(f"modelserver[{config.server_id}]", lambda stop: run(config, stop))
 
 
@@ -111,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pin NAME=BACKEND[:SOURCE] on this server, e.g. smollm2=torch:embedded or "
                         "echo=sim (repeatable); placements from the control plane add more")
     p.add_argument("--engine-option", action="append", default=[],
-                   help="engine option key=value for every model (e.g. tokens_per_second=50)")
+                   help="engine option key=value for pinned models, and the default for placed "
+                        "ones (e.g. threads=2, tokens_per_second=50)")
     p.add_argument("--memory-bytes", type=int, default=0,
                    help="memory budget for placed models (0 = unlimited)")
     p.add_argument("--idle-unload-s", type=float, default=300.0,

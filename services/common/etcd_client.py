@@ -356,3 +356,19 @@ async def fenced_write(client: EtcdClient, fence_key: str, fence_value: bytes,
         if not ok:
             return False
     return True
+
+
+async def retrying(call: Callable[[], Awaitable], budget_s: float = 6.0):
+    """Run an etcd call, retrying transient failures (a member down, a raft election) within a
+    time budget, so one etcd member dying is invisible to operators' requests."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget_s
+    delay = 0.1
+    while True:
+        try:
+            return await call()
+        except EtcdError:
+            if loop.time() + delay >= deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)

@@ -11,7 +11,7 @@ from meshserve.v1 import controlplane_pb2 as cp
 from meshserve.v1 import controlplane_pb2_grpc
 
 from services.common import keyspace
-from services.common.etcd_client import EtcdClient, EtcdError
+from services.common.etcd_client import EtcdClient, EtcdError, retrying
 from services.common.lifecycle import now_ms
 from services.common.membership import MeshView
 
@@ -34,14 +34,14 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServiceServicer):
 
     async def _put(self, context, key: str, value: bytes) -> None:
         try:
-            await self._etcd.put(key, value)
+            await retrying(lambda: self._etcd.put(key, value))
         except EtcdError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"etcd is unreachable, nothing changed: {exc}")
 
     async def _delete(self, context, key: str) -> None:
         try:
-            await self._etcd.delete(key)
+            await retrying(lambda: self._etcd.delete(key))
         except EtcdError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 f"etcd is unreachable, nothing changed: {exc}")

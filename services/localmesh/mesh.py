@@ -116,15 +116,25 @@ class LocalMesh:
             raise
 
     def start_etcd(self) -> None:
-        cluster = {f"etcd{i}": peer for i, peer in enumerate(self.etcd_peers)}
-        for i, (client, peer) in enumerate(zip(self.etcd_clients, self.etcd_peers)):
-            name = f"etcd{i}"
-            self.children[name] = self.sup.start(name, c.etcd_argv(
-                name, self.data_dir / name, client, peer, cluster,
-                new_cluster=not (self.data_dir / name / "member").exists()))
+        for i in range(len(self.etcd_clients)):
+            self._spawn_etcd(i)
         for i, client in enumerate(self.etcd_clients):
             self.sup.wait_ready(self.children[f"etcd{i}"], lambda a=client: c.etcd_healthy(a), 30,
                                 "healthy")
+
+    def _spawn_etcd(self, i: int) -> Child:
+        name = f"etcd{i}"
+        cluster = {f"etcd{j}": peer for j, peer in enumerate(self.etcd_peers)}
+        child = self.sup.start(name, c.etcd_argv(
+            name, self.data_dir / name, self.etcd_clients[i], self.etcd_peers[i], cluster,
+            new_cluster=not (self.data_dir / name / "member").exists()))
+        self.children[name] = child
+        return child
+
+    def restart_etcd_member(self, i: int) -> Child:
+        """Start a stopped member again on its data (failure tests); does not wait for quorum."""
+        return self._spawn_etcd(i)
+
 
     def _common(self, name: str, listen: str) -> list[str]:
         return ["--id", name, "--listen", listen, "--etcd", self.etcd_endpoints,

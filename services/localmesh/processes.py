@@ -1,16 +1,17 @@
 """Child processes of the local mesh (and of tests): started, watched and stopped by PID.
 
-Children get PR_SET_PDEATHSIG, so even a SIGKILLed parent leaves no orphan behind; a normal stop
-sends SIGTERM, waits, then SIGKILLs what is left.
+Children start through exec_child, which arms PR_SET_PDEATHSIG before exec'ing the real program,
+so even a SIGKILLed parent leaves no orphan behind; a normal stop sends SIGTERM, waits, then
+SIGKILLs what is left.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,16 +19,7 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
+EXEC_CHILD = [sys.executable, "-m", "services.localmesh.exec_child"]
 
 
 class StartError(RuntimeError):
@@ -66,13 +58,14 @@ class Supervisor:
 
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         child = Child(name, argv, self.log_dir / f"{name}.log", env or {})
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **child.env}
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1",
+                    "MESHSERVE_SUPERVISOR_PID": str(os.getpid()), **child.env}
         with open(child.log_path, "ab") as out:
-            child.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+            # No preexec_fn (unsafe with gRPC threads); own process group so Ctrl-C reaches only
+            # the parent, which then stops children in order.
+            child.proc = subprocess.Popen(EXEC_CHILD + argv, stdout=out, stderr=subprocess.STDOUT,
                                           stdin=subprocess.DEVNULL, env=full_env,
-                                          # Own process group: Ctrl-C reaches only the parent,
-                                          # which then stops children in order.
-                                          process_group=0, preexec_fn=_die_with_parent)
+                                          process_group=0)
         log.debug("started %s pid %d: %s", name, child.proc.pid, " ".join(argv))
         self.children.append(child)
         return child

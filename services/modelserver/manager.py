@@ -46,8 +46,11 @@ class Hosted:
         return self.state == cp.MODEL_STATE_READY and self.released_at is None
 
 
-def spec_from_placement(spec: cp.ModelSpec) -> ModelSpec:
-    options = dict(parse_option(f"{k}={v}") for k, v in spec.options.items())
+def spec_from_placement(spec: cp.ModelSpec, defaults: dict | None = None) -> ModelSpec:
+    """The engine spec for a placement; the server's own engine options are defaults that the
+    deployment's options override (e.g. threads suited to this machine)."""
+    options = dict(defaults or {})
+    options.update(parse_option(f"{k}={v}") for k, v in spec.options.items())
     return ModelSpec(name=spec.name, backend=spec.backend or "sim", source=spec.source or "embedded",
                      options=options)
 
@@ -55,7 +58,7 @@ def spec_from_placement(spec: cp.ModelSpec) -> ModelSpec:
 class ModelManager:
     def __init__(self, server_id: str, pinned: list[ModelSpec], memory_budget: int = 0,
                  on_status: StatusCallback | None = None, idle_unload_s: float = 300.0,
-                 failure_backoff_s: float = 60.0) -> None:
+                 failure_backoff_s: float = 60.0, default_options: dict | None = None) -> None:
         names = [s.name for s in pinned]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate model names in {names}")
@@ -64,6 +67,7 @@ class ModelManager:
         self.idle_unload_s = idle_unload_s
         self.failure_backoff_s = failure_backoff_s
         self._pinned = pinned
+        self._default_options = dict(default_options or {})
         self._on_status = on_status or (lambda name, status: None)
         self.models: dict[str, Hosted] = {}
         self._desired: dict[str, cp.ModelSpec] = {}
@@ -172,7 +176,7 @@ class ModelManager:
                 hosted.released_at = None
                 self._publish(name, hosted)
             return  # loading, ready or failed (the leader moves failed ones elsewhere)
-        engine_spec = spec_from_placement(spec)
+        engine_spec = spec_from_placement(spec, self._default_options)
         hosted = Hosted(engine_spec, spec.memory_bytes, managed=True)
         self.models[name] = hosted
         shortfall = self._make_room(spec.memory_bytes, exclude=name)

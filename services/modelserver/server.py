@@ -50,6 +50,7 @@ class ModelServerConfig:
     shutdown_grace_s: float = 15.0
     idle_unload_s: float = 300.0
     failure_backoff_s: float = 60.0
+    engine_options: dict = field(default_factory=dict)  # defaults for placed models
     labels: dict[str, str] = field(default_factory=dict)
 
 
@@ -112,7 +113,8 @@ async def run(config: ModelServerConfig, stop: asyncio.Event) -> None:
     server, health = new_server([SERVICE_NAME])
     registration = _Registration(info, keeper, health)
     manager = ModelManager(config.server_id, config.models, config.memory_bytes,
-                           registration.on_status, config.idle_unload_s, config.failure_backoff_s)
+                           registration.on_status, config.idle_unload_s, config.failure_backoff_s,
+                           config.engine_options)
     registration.manager = manager
     servicer = ModelServerServicer(manager, lambda: info)
     modelserver_pb2_grpc.add_ModelServerServiceServicer_to_server(servicer, server)
