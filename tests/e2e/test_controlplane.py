@@ -232,6 +232,25 @@ def test_one_etcd_member_down_is_invisible(mesh, ctl, api):
     assert [m.healthy for m in status.etcd].count(False) == 1
 
 
+def test_drain_moves_a_replica_once_in_flight_requests_finish(ctl, api):
+    before = placed(ctl[0], "epsilon")
+    target = sorted(before)[0]
+    ctl[0].DrainServer(cp.DrainServerRequest(server_id=target, reason="test", wait_seconds=20),
+                       timeout=10)
+    # A replacement is placed at once; the drained copy goes once nothing is in flight there.
+    wait_for(lambda: settled(ctl[0], "epsilon", 2) and target not in placed(ctl[0], "epsilon"), 40,
+             "epsilon to move off the drained server")
+    for _ in range(10):
+        assert ask(api, "epsilon").served_by.server_id != target
+    states = {s.info.server_id: s.state
+              for s in ctl[0].ListServers(cp.ListServersRequest(), timeout=5).servers}
+    assert states[target] == cp.SERVING_STATE_DRAINING
+    ctl[0].UndrainServer(cp.UndrainServerRequest(server_id=target), timeout=10)
+    wait_for(lambda: {s.info.server_id: s.state for s in ctl[0].ListServers(
+        cp.ListServersRequest(), timeout=5).servers}[target] != cp.SERVING_STATE_DRAINING, 20,
+        "the server to take traffic again")
+
+
 def test_leader_dies_another_leads_and_a_pending_deploy_completes(mesh, ctl):
     leader = ctl[0].GetLeader(cp.GetLeaderRequest(), timeout=5).leader.replica_id
     follower = [s for s, name in zip(ctl, ("controlplane0", "controlplane1")) if name != leader][0]
