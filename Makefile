@@ -10,7 +10,7 @@ GEN_STAMP := gen/python/.stamp
 DESCRIPTOR := build/meshserve.pb
 AGAINST ?= main
 
-.PHONY: all setup gen lint test test-fast run up clean
+.PHONY: all setup gen lint test test-fast run up clean bench-router
 
 all: setup
 
@@ -65,6 +65,10 @@ test: setup
 # Unit tests only: no etcd, Envoy or model.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not e2e and not model"
+
+# Router benchmarks (overhead, failover, multi-turn on the torch engine): bench/results/router.*
+bench-router: setup
+	$(BIN)/python -m bench.router.run
 
 run: setup
 	$(BIN)/meshserve up --demo

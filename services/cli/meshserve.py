@@ -49,11 +49,21 @@ def cmd_modelserver(args: argparse.Namespace) -> int:
 
 
 def cmd_router(args: argparse.Namespace) -> int:
+    from services.router.config import DispatchSettings
     from services.router.server import RouterConfig, run
 
+    model_policies = tuple((k, str(v)) for k, v in map(parse_option, args.model_policy))
+    dispatch = DispatchSettings(
+        policy=args.policy, model_policies=model_policies, max_attempts=args.max_attempts,
+        max_migrations=args.max_migrations, first_token_timeout_s=args.first_token_timeout,
+        stall_timeout_s=args.stall_timeout, shed_utilization=args.shed_utilization,
+        queue_size=args.queue_size, queue_timeout_s=args.queue_timeout,
+        retry_budget_ratio=args.retry_budget_ratio, retry_budget_floor=args.retry_budget_floor)
+    dispatch.validate()
     config = RouterConfig(router_id=args.id or default_id("router"), listen=args.listen,
                           advertise=args.advertise, region=args.region, zone=args.zone,
-                          etcd=args.etcd, metrics=args.metrics, lease_ttl=args.lease_ttl)
+                          etcd=args.etcd, metrics=args.metrics, lease_ttl=args.lease_ttl,
+                          dispatch=dispatch)
     return _run_service(f"router[{config.router_id}]", lambda stop: run(config, stop))
 
 
@@ -124,7 +134,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("router", help="run a router")
     _common(p, "127.0.0.1:8001")
-    p.add_argument("--zone", default="")
+    p.add_argument("--zone", default="", help="the router's zone (requests prefer servers there)")
+    p.add_argument("--policy", default="meshserve",
+                   choices=["meshserve", "least_load", "round_robin"],
+                   help="how to pick a server: meshserve (locality, session affinity, prefix "
+                        "cache and load), or the baselines least_load / round_robin")
+    p.add_argument("--model-policy", action="append", default=[], metavar="MODEL=POLICY",
+                   help="a different policy for one model (repeatable)")
+    p.add_argument("--max-attempts", type=int, default=3,
+                   help="attempts before the first token, on different servers")
+    p.add_argument("--max-migrations", type=int, default=3,
+                   help="times one stream may move to another server mid-answer")
+    p.add_argument("--first-token-timeout", type=float, default=60.0,
+                   help="seconds an attempt may wait for its first token before another server "
+                        "is tried")
+    p.add_argument("--stall-timeout", type=float, default=30.0,
+                   help="seconds a stream may go silent between tokens before it migrates")
+    p.add_argument("--shed-utilization", type=float, default=1.0,
+                   help="(running + queued) / max_running at which a server counts as saturated "
+                        "for shedding and queueing")
+    p.add_argument("--queue-size", type=int, default=256,
+                   help="STANDARD requests that may wait for room when every server is saturated")
+    p.add_argument("--queue-timeout", type=float, default=30.0,
+                   help="seconds a queued request without a deadline waits")
+    p.add_argument("--retry-budget-ratio", type=float, default=0.2,
+                   help="retries + migrations allowed per request over a 10 s window")
+    p.add_argument("--retry-budget-floor", type=int, default=10,
+                   help="retries allowed per 10 s window regardless of traffic")
     p.set_defaults(func=cmd_router)
 
     p = sub.add_parser("controlplane", help="run a control-plane replica")

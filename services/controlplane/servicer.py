@@ -14,6 +14,7 @@ from services.common import keyspace
 from services.common.etcd_client import EtcdClient, EtcdError, retrying
 from services.common.lifecycle import now_ms
 from services.common.membership import MeshView
+from services.common.routing_defaults import default_policy
 
 from . import desired, specs, status
 from .probes import ServerProbe
@@ -105,7 +106,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServiceServicer):
         return cp.GetLeaderResponse(leader=self._view.leader, answered_by=self._replica_id)
 
     async def GetRoutingPolicy(self, request, context):
-        return cp.GetRoutingPolicyResponse(policy=self._view.routing_policy or cp.RoutingPolicy())
+        return cp.GetRoutingPolicyResponse(policy=self._view.routing_policy or default_policy())
 
     # --- writes ------------------------------------------------------------------------------
 

@@ -42,6 +42,12 @@ class MeshPlan:
     base_port: int = 0  # 0: free ports picked by the OS
     lease_ttl: int = 10
     load_timeout_s: float = 180.0
+    #: Extra `meshserve router` flags for every router (e.g. ["--policy", "round_robin"]).
+    router_args: list[str] = field(default_factory=list)
+    #: Envoy's edge rate limit in requests per second (None = EnvoySettings' generous default).
+    envoy_rate_limit_per_s: int | None = None
+    #: Ring-hash the session header onto routers instead of least-request.
+    envoy_session_ring_hash: bool = False
 
 
 class PortPlan:
@@ -135,7 +141,6 @@ class LocalMesh:
         """Start a stopped member again on its data (failure tests); does not wait for quorum."""
         return self._spawn_etcd(i)
 
-
     def _common(self, name: str, listen: str) -> list[str]:
         return ["--id", name, "--listen", listen, "--etcd", self.etcd_endpoints,
                 "--metrics", self.metrics[name], "--lease-ttl", str(self.plan.lease_ttl)]
@@ -168,15 +173,19 @@ class LocalMesh:
     def start_router(self, i: int) -> None:
         name = f"router{i}"
         self.children[name] = self.sup.start(name, c.service_argv(
-            "router", *self._common(name, self.routers[i])))
+            "router", *self._common(name, self.routers[i]), *self.plan.router_args))
         self.sup.wait_ready(self.children[name], lambda: c.grpc_serving(self.routers[i]), 60,
                             "serving")
 
     def start_envoy(self) -> None:
         config = self.data_dir / "envoy.yaml"
-        config.write_text(render(EnvoySettings(
+        settings = EnvoySettings(
             listen=self.envoy, admin=self.envoy_admin, routers=self.routers,
-            access_log=str(self.sup.log_dir / "envoy-access.log"))))
+            access_log=str(self.sup.log_dir / "envoy-access.log"),
+            session_ring_hash=self.plan.envoy_session_ring_hash)
+        if self.plan.envoy_rate_limit_per_s is not None:
+            settings.rate_limit_per_s = self.plan.envoy_rate_limit_per_s
+        config.write_text(render(settings))
         base_id = int(self.envoy_admin.rpartition(":")[2])
         child = self.sup.start("envoy", c.envoy_argv(config, base_id,
                                                      self.sup.log_dir / "envoy-server.log"))

@@ -1,14 +1,35 @@
 """The router's Prometheus metrics (defined once per process)."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.metrics import LATENCY_BUCKETS
 
+#: Router overhead is sub-millisecond when healthy: finer buckets than the shared latency ones.
+OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                    0.1)
+
 REQUESTS = Counter("meshserve_router_requests_total", "Requests by model, final status and priority",
                    ["model", "code", "priority"])
-PICKS = Counter("meshserve_router_picks_total", "Servers picked, by server and reason",
-                ["server", "reason"])
-RETRIES = Counter("meshserve_router_retries_total", "Attempts retried on another server", ["model"])
+PICKS = Counter("meshserve_router_picks_total",
+                "Servers picked, by server and reason (affinity, prefix, load, spill, least_load, "
+                "round_robin)", ["server", "reason"])
+RETRIES = Counter("meshserve_router_retries_total",
+                  "Attempts retried on another server before the first token", ["model"])
+MIGRATIONS = Counter("meshserve_router_migrations_total",
+                     "Streams continued on another server after tokens were relayed", ["model"])
+RETRY_BUDGET_EXHAUSTED = Counter("meshserve_router_retry_budget_exhausted_total",
+                                 "Retries or migrations refused by the retry budget", ["model"])
+SHED = Counter("meshserve_router_shed_total",
+               "Requests refused or timed out by admission control, by priority and why",
+               ["model", "priority", "reason"])
+QUEUED = Gauge("meshserve_router_queue_depth", "STANDARD requests waiting for a server with room")
+QUEUE_WAIT = Histogram("meshserve_router_queue_wait_seconds",
+                       "Time STANDARD requests waited in the router's queue", ["model"],
+                       buckets=LATENCY_BUCKETS)
+OVERHEAD = Histogram("meshserve_router_overhead_seconds",
+                     "Time the router adds: 'route' = request arrival to the upstream call issued "
+                     "(queueing excluded), 'relay' = per chunk, upstream receipt to hand-off",
+                     ["stage"], buckets=OVERHEAD_BUCKETS)
 TTFT = Histogram("meshserve_router_time_to_first_token_seconds",
                  "Time from request arrival to the first token sent back", ["model"],
                  buckets=LATENCY_BUCKETS)

@@ -7,12 +7,15 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import grpc
 from meshserve.v1 import modelserver_pb2, modelserver_pb2_grpc
 
 from services.common.grpc_util import CHANNEL_OPTIONS
 from services.common.membership import MeshView
+
+from .policy.types import Load
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +32,7 @@ class Backend:
     stub: modelserver_pb2_grpc.ModelServerServiceStub
     outstanding: int = 0
     report: modelserver_pb2.LoadReport | None = None
+    outstanding_at_report: int = 0
     consecutive_failures: int = 0
     ejected_until: float = 0.0
     load_task: asyncio.Task | None = field(default=None, repr=False)
@@ -36,6 +40,31 @@ class Backend:
     @property
     def server_id(self) -> str:
         return self.info.server_id
+
+    @property
+    def region(self) -> str:
+        return self.info.region
+
+    @property
+    def zone(self) -> str:
+        return self.info.zone
+
+    def set_report(self, report: modelserver_pb2.LoadReport | None) -> None:
+        self.report = report
+        self.outstanding_at_report = self.outstanding
+
+    def load(self) -> Load:
+        """The server's report plus what this router sent since (reports lag by up to an
+        interval; a burst must not all land on the server that looked idle), and never less
+        than this router's own outstanding requests."""
+        r = self.report
+        if r is None:
+            return Load(in_flight=self.outstanding)
+        reported = r.running + r.queue_depth
+        since = max(0, self.outstanding - self.outstanding_at_report)
+        return Load(in_flight=max(reported + since, self.outstanding), queue_depth=r.queue_depth,
+                    max_running=r.max_running, kv_blocks_used=r.kv_blocks_used,
+                    kv_blocks_total=r.kv_blocks_total)
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
@@ -55,12 +84,31 @@ class Backend:
 class BackendPool:
     """Keeps one channel per live server; a server whose lease is gone is dropped at once."""
 
-    def __init__(self, view: MeshView, load_interval_ms: int = 200) -> None:
+    def __init__(self, view: MeshView, load_interval_ms: int = 100) -> None:
         self._view = view
         self._load_interval_ms = load_interval_ms
         self.backends: dict[str, Backend] = {}
         self._closing: set[asyncio.Task] = set()
+        self._on_change: list[Callable[[], None]] = []
+        self._on_leave: list[Callable[[str], None]] = []
         view.subscribe(self.sync)
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Called after membership changes and after every load report (admission re-checks)."""
+        self._on_change.append(listener)
+
+    def on_leave(self, listener: Callable[[str], None]) -> None:
+        """Called with the server id when a server leaves (the policy forgets its cache)."""
+        self._on_leave.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._on_change:
+            listener()
+
+    @property
+    def policy_record(self):
+        """The RoutingPolicy record in etcd, or None."""
+        return self._view.routing_policy
 
     def sync(self) -> None:
         """Reconcile channels with membership (called on every etcd change)."""
@@ -79,10 +127,13 @@ class BackendPool:
             backend.load_task = asyncio.get_running_loop().create_task(self._follow_load(backend))
             self.backends[sid] = backend
             log.info("backend %s at %s joined (%s)", sid, info.address, ", ".join(info.models))
+        self._changed()
 
     def _drop(self, sid: str) -> None:
         backend = self.backends.pop(sid)
         log.info("backend %s left", sid)
+        for listener in self._on_leave:
+            listener(sid)
         if backend.load_task:
             backend.load_task.cancel()
         # Requests already streaming on the channel may finish; close it gracefully.
@@ -97,11 +148,12 @@ class BackendPool:
                 call = backend.stub.StreamLoad(
                     modelserver_pb2.StreamLoadRequest(interval_ms=self._load_interval_ms))
                 async for msg in call:
-                    backend.report = msg.report
+                    backend.set_report(msg.report)
+                    self._changed()
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError:
-                backend.report = None
+                backend.set_report(None)
             await asyncio.sleep(0.5)
 
     def known_models(self) -> set[str]:

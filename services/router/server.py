@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from inference import grpc_service_pb2_grpc as kserve_pb2_grpc
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
@@ -11,6 +11,7 @@ from meshserve.v1 import inference_pb2, inference_pb2_grpc
 from services.common import keyspace
 from services.common.replica import run_replica
 
+from .config import DispatchSettings
 from .dispatch import Dispatcher
 from .kserve.servicer import SERVICE_NAME as KSERVE_SERVICE_NAME
 from .kserve.servicer import KServeServicer
@@ -31,15 +32,19 @@ class RouterConfig:
     metrics: str = "127.0.0.1:0"
     lease_ttl: int = 10
     shutdown_grace_s: float = 10.0
+    #: The request path's knobs (policy, retries, shedding); region and zone come from above.
+    dispatch: DispatchSettings = field(default_factory=DispatchSettings)
 
 
 async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     pools: list[BackendPool] = []
+    settings = replace(config.dispatch, region=config.region, zone=config.zone)
+    settings.validate()
 
     def register(server, etcd, view) -> None:
         pool = BackendPool(view)
         pools.append(pool)
-        dispatcher = Dispatcher(pool, config.router_id)
+        dispatcher = Dispatcher(pool, config.router_id, settings)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dispatcher),
                                                                   server)
         kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dispatcher),

@@ -18,10 +18,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                      context: grpc.aio.ServicerContext
                      ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         try:
-            async for chunk in self._dispatcher.stream(request, context.time_remaining()):
+            async for chunk in self._dispatcher.stream(request, context.time_remaining(),
+                                                       context.invocation_metadata()):
                 yield chunk
         except RouteError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, trailing_metadata=exc.trailers)
 
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:

@@ -16,7 +16,7 @@ from meshserve.v1 import controlplane_pb2 as cp
 from meshserve.v1 import controlplane_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 from services.localmesh.mesh import MeshPlan, ServerPlan
-from tests.conftest import running_mesh, wait_for
+from tests.conftest import meshctl, running_mesh, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -128,6 +128,21 @@ def test_unknown_targets_are_not_found(ctl):
         with pytest.raises(grpc.RpcError) as info:
             call()
         assert info.value.code() == grpc.StatusCode.NOT_FOUND and "ghost" in info.value.details()
+
+
+def test_routing_policy_defaults_and_edits_through_meshctl(mesh, ctl):
+    policy = ctl[0].GetRoutingPolicy(cp.GetRoutingPolicyRequest(), timeout=5).policy
+    assert policy.prefer_region and policy.prefer_zone and policy.session_header == "x-session-id"
+    out = meshctl("--controlplane", mesh.controlplane, "policy", "set", "--session-header",
+                  "x-user")
+    assert out.returncode == 0, out.stderr
+    policy = ctl[1].GetRoutingPolicy(cp.GetRoutingPolicyRequest(), timeout=5).policy
+    assert policy.session_header == "x-user" and policy.prefer_region  # other settings kept
+    out = meshctl("--controlplane", mesh.controlplane, "policy", "set", "--spill-utilization", "3")
+    assert out.returncode == 1 and "spill_utilization" in out.stderr
+    out = meshctl("--controlplane", mesh.controlplane, "policy", "set", "--session-header",
+                  "x-session-id")
+    assert out.returncode == 0, out.stderr
 
 
 def test_replicas_spread_over_regions_and_zones(ctl, api):

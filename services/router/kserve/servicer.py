@@ -113,11 +113,11 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
                                  "use ModelStreamInfer (tritonclient: start_stream + "
                                  "async_stream_infer) for one response per token, or set "
                                  "stream=false")
-            chunks = [c async for c in self._dispatcher.stream(call.generate,
-                                                               context.time_remaining())]
+            chunks = [c async for c in self._dispatcher.stream(
+                call.generate, context.time_remaining(), context.invocation_metadata())]
             return mapping.to_infer_response(call, merge_chunks(chunks))
         except RouteError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message, trailing_metadata=exc.trailers)
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[kserve_pb2.ModelInferRequest],
                                context: grpc.aio.ServicerContext

@@ -1,0 +1,1 @@
+"""Router benchmarks: overhead, multi-turn cache/session awareness, failover (`make bench-router`)."""

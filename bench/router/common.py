@@ -1,0 +1,79 @@
+"""Shared bench plumbing: a mesh on free loopback ports, open-loop load, percentiles, results."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from services.localmesh import components as c
+from services.localmesh.mesh import LocalMesh
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def progress(msg: str) -> None:
+    print(f"[bench-router {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+async def open_loop(rate: float, seconds: float, one: Callable[[], Awaitable[None]]
+                    ) -> tuple[list[float], int, float]:
+    """Send at a fixed rate regardless of answers (no coordinated omission): latency counts from
+    the scheduled send time. Returns (latencies of successes, failures, achieved rate)."""
+    lat: list[float] = []
+    failed = 0
+    n = int(rate * seconds)
+    start = time.perf_counter()
+
+    async def run(scheduled: float) -> None:
+        nonlocal failed
+        try:
+            await one()
+            lat.append(time.perf_counter() - scheduled)
+        except Exception:  # noqa: BLE001 - counted, the bench goes on
+            failed += 1
+
+    tasks = []
+    for i in range(n):
+        scheduled = start + i / rate
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(run(scheduled)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - start
+    return lat, failed, len(lat) / elapsed if elapsed else 0.0
+
+
+def start_router(mesh: LocalMesh, name: str, *flags: str) -> str:
+    """An extra router process (e.g. with another --policy) on a free port; returns its address."""
+    address = f"127.0.0.1:{c.free_port()}"
+    child = mesh.sup.start(name, c.service_argv(
+        "router", "--id", name, "--listen", address, "--etcd", mesh.etcd_endpoints,
+        "--metrics", "", "--lease-ttl", str(mesh.plan.lease_ttl), *flags))
+    mesh.children[name] = child
+    mesh.sup.wait_ready(child, lambda: c.grpc_serving(address), 60, "serving")
+    return address
+
+
+def save(section: str, value: object) -> dict:
+    """Merge one section into bench/results/router.json and rewrite router.md."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "router.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[section] = value
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    from .report import markdown
+    (RESULTS / "router.md").write_text(markdown(data))
+    return data
