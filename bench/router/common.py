@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,39 @@ async def open_loop(rate: float, seconds: float, one: Callable[[], Awaitable[Non
     await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - start
     return lat, failed, len(lat) / elapsed if elapsed else 0.0
+
+
+class CpuMeter:
+    """CPU time (user + system, every thread) that named processes spend, from /proc: on shared
+    cores every process on the path competes, so each one's cost per request matters."""
+
+    _TICK = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+
+    @classmethod
+    def seconds(cls, pid: int) -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / cls._TICK
+
+    def snapshot(self) -> dict[str, float]:
+        return {name: self.seconds(pid) for name, pid in self.pids.items()}
+
+    def since(self, before: dict[str, float]) -> dict[str, float]:
+        """CPU seconds each process used since the `before` snapshot."""
+        after = self.snapshot()
+        return {name: after[name] - before[name] for name in self.pids}
+
+    def ms_per_request(self, before: dict[str, float], requests: int) -> dict[str, float]:
+        return {name: round(s * 1e3 / max(1, requests), 3)
+                for name, s in self.since(before).items()}
+
+
+def mesh_cpu_meter(mesh, router: str = "router0", server: str = "server-0") -> CpuMeter:
+    """The load generator (this process), Envoy, one router and one model server."""
+    return CpuMeter({"loadgen": os.getpid(), "envoy": mesh.children["envoy"].pid,
+                     "router": mesh.children[router].pid, "server": mesh.children[server].pid})
 
 
 def start_router(mesh: LocalMesh, name: str, *flags: str) -> str:

@@ -4,21 +4,23 @@ answers, open loop), and the largest request rate one router process sustains.""
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
-from meshserve.v1 import (inference_pb2, inference_pb2_grpc, modelserver_pb2,
-                          modelserver_pb2_grpc)
+from meshserve.v1 import inference_pb2, modelserver_pb2
 
 from services.localmesh.mesh import MeshPlan, ServerPlan
 from tests.conftest import running_mesh
 
-from .common import open_loop, pct, progress
+from .common import mesh_cpu_meter, open_loop, pct, progress
 
 MODEL = "echo"
 RATES = (100, 500, 1000)
-SECONDS = 4.0
+SECONDS = 4.0  # per path and rate, in ROUNDS turns
+ROUNDS = 4
 MAX_RPS_STEPS = (200, 300, 400, 500, 700, 1000, 1500)
 SIM = ["tokens_per_second=20000", "first_token_latency_s=0.0005", "max_running=512",
        "max_waiting=4096"]
@@ -36,44 +38,90 @@ def _internal() -> modelserver_pb2.ModelServerServiceGenerateRequest:
     return r
 
 
-async def _measure(mesh) -> dict:
-    targets = {"direct": mesh.servers["server-0"], "router": mesh.routers[0],
-               "envoy": mesh.envoy}
-    channels = {k: grpc.aio.insecure_channel(a) for k, a in targets.items()}
-    direct = modelserver_pb2_grpc.ModelServerServiceStub(channels["direct"])
-    public = {k: inference_pb2_grpc.InferenceServiceStub(channels[k]) for k in ("router", "envoy")}
-    internal, pub = _internal(), _public()
+def _method(pb2, service: str, rpc: str) -> str:
+    return f"/{pb2.DESCRIPTOR.services_by_name[service].full_name}/{rpc}"
 
-    def caller(path: str):
-        if path == "direct":
-            async def one() -> None:
-                async for _ in direct.Generate(internal, timeout=10):
-                    pass
-        else:
-            stub = public[path]
 
-            async def one() -> None:
-                async for _ in stub.GenerateStream(pub, timeout=10):
-                    pass
+class Clients:
+    """The load generator: one channel per path (model server direct, router, Envoy).
+
+    It shares the cores with what it measures, so it does as little as it can per request:
+    requests are serialized once, and answers are drained as bytes, never parsed (a failure
+    still arrives as a gRPC status)."""
+
+    def __init__(self, mesh) -> None:
+        self.targets = {"direct": mesh.servers["server-0"], "router": mesh.routers[0],
+                        "envoy": mesh.envoy}
+        self._channels = {k: grpc.aio.insecure_channel(a) for k, a in self.targets.items()}
+        public = _method(inference_pb2, "InferenceService", "GenerateStream")
+        self._calls = {
+            "direct": (self._channels["direct"].unary_stream(
+                _method(modelserver_pb2, "ModelServerService", "Generate")),
+                _internal().SerializeToString()),
+            **{k: (self._channels[k].unary_stream(public), _public().SerializeToString())
+               for k in ("router", "envoy")}}
+
+    def caller(self, path: str):
+        call, payload = self._calls[path]
+
+        async def one() -> None:
+            async for _ in call(payload, timeout=10):
+                pass
         return one
 
-    for path in targets:  # warm connections and code paths
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+
+
+async def _paths_at(rate: float, clients: Clients, cpu) -> tuple[dict, dict]:
+    """Each path at `rate` for SECONDS in all, in ROUNDS short turns (direct, router, Envoy,
+    direct, ...) so that a noisy neighbour on the shared cores hits every path alike.
+    Returns (latency row, CPU ms per request) by path."""
+    lat: dict[str, list[float]] = {p: [] for p in clients.targets}
+    failed = dict.fromkeys(clients.targets, 0)
+    busy = dict.fromkeys(clients.targets, 0.0)
+    used = {p: dict.fromkeys(cpu.pids, 0.0) for p in clients.targets}
+    for _ in range(ROUNDS):
+        for path in clients.targets:
+            before = cpu.snapshot()
+            started = time.perf_counter()
+            got, lost, _ = await open_loop(rate, SECONDS / ROUNDS, clients.caller(path))
+            busy[path] += time.perf_counter() - started
+            for name, seconds in cpu.since(before).items():
+                used[path][name] += seconds
+            lat[path] += got
+            failed[path] += lost
+    row, cpu_ms = {}, {}
+    for path in clients.targets:
+        n = len(lat[path]) + failed[path]
+        row[path] = {"p50_ms": pct(lat[path], 50) * 1e3, "p99_ms": pct(lat[path], 99) * 1e3,
+                     "failed": failed[path], "achieved_rps": round(len(lat[path]) / busy[path], 1)}
+        cpu_ms[path] = {name: round(s * 1e3 / max(1, n), 3) for name, s in used[path].items()}
+        progress(f"overhead {rate}/s {path}: p50 {row[path]['p50_ms']:.2f} ms "
+                 f"p99 {row[path]['p99_ms']:.2f} ms failed {failed[path]}; CPU ms per request "
+                 f"{cpu_ms[path]}")
+    return row, cpu_ms
+
+
+async def _measure(mesh) -> dict:
+    # Whatever else runs on the machine shares its cores: say how busy it was.
+    conditions = {"cpus": os.cpu_count(), "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}
+    clients = Clients(mesh)
+    caller = clients.caller
+    cpu = mesh_cpu_meter(mesh)
+    for path in clients.targets:  # warm connections and code paths
         await open_loop(50, 1.0, caller(path))
     out: dict = {}
     for rate in RATES:
-        row: dict = {}
-        for path in targets:
-            lat, failed, achieved = await open_loop(rate, SECONDS, caller(path))
-            row[path] = {"p50_ms": pct(lat, 50) * 1e3, "p99_ms": pct(lat, 99) * 1e3,
-                         "failed": failed, "achieved_rps": round(achieved, 1)}
-            progress(f"overhead {rate}/s {path}: p50 {row[path]['p50_ms']:.2f} ms "
-                     f"p99 {row[path]['p99_ms']:.2f} ms failed {failed}")
+        row, cpu_ms = await _paths_at(rate, clients, cpu)
         out[str(rate)] = {
             "added_p50_ms": round(row["envoy"]["p50_ms"] - row["direct"]["p50_ms"], 3),
             "added_p99_ms": round(row["envoy"]["p99_ms"] - row["direct"]["p99_ms"], 3),
             "router_only_added_p50_ms": round(row["router"]["p50_ms"] - row["direct"]["p50_ms"], 3),
             "router_only_added_p99_ms": round(row["router"]["p99_ms"] - row["direct"]["p99_ms"], 3),
-            "paths": {k: {m: round(v, 3) for m, v in d.items()} for k, d in row.items()}}
+            "paths": {k: {m: round(v, 3) for m, v in d.items()} for k, d in row.items()},
+            "cpu_ms_per_request": cpu_ms}
     best = 0
     steps = {}
     for rate in MAX_RPS_STEPS:
@@ -86,9 +134,9 @@ async def _measure(mesh) -> dict:
         if not ok:
             break
         best = rate
-    for ch in channels.values():
-        await ch.close()
-    return {"overhead": out, "max_rps_one_router": best, "max_rps_steps": steps}
+    await clients.close()
+    return {"overhead": out, "max_rps_one_router": best, "max_rps_steps": steps,
+            "overhead_conditions": conditions}
 
 
 def run() -> dict:

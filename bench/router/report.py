@@ -7,6 +7,24 @@ def _fmt(x: object) -> str:
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
+def _cpu_split(overhead: dict) -> list[str]:
+    """CPU ms per request of each process on the path through Envoy (utime + stime from /proc,
+    background work included), when the run recorded it."""
+    rows = [(rate, r["cpu_ms_per_request"]["envoy"]) for rate, r in
+            sorted(overhead.items(), key=lambda kv: int(kv[0])) if "cpu_ms_per_request" in r]
+    if not rows:
+        return []
+    procs = ("loadgen", "envoy", "router", "server")
+    out = ["CPU ms per request by process, path through Envoy (every process shares the same "
+           "cores: their sum x the rate above the cores available means the machine, not one "
+           "process, is the limit):", "",
+           "| rate (req/s) | " + " | ".join(procs) + " | sum |", "|---" * (len(procs) + 2) + "|"]
+    for rate, cpu in rows:
+        out.append(f"| {rate} | " + " | ".join(_fmt(float(cpu[p])) for p in procs) +
+                   f" | {_fmt(float(sum(cpu[p] for p in procs)))} |")
+    return out + [""]
+
+
 def markdown(d: dict) -> str:
     lines = ["# Router benchmarks", "",
              "Loopback, 2 CPU cores shared by every process (etcd, Envoy, router, servers and the "
@@ -25,6 +43,12 @@ def markdown(d: dict) -> str:
                          f"{_fmt(r.get('router_only_added_p99_ms', ''))} | {target} |")
         lines += ["", f"Largest rate one router sustained (no errors, >= 95% of offered, p99 < "
                       f"250 ms): **{d.get('max_rps_one_router', 'n/a')} req/s**", ""]
+        c = d.get("overhead_conditions")
+        if c:
+            lines += [f"Measured on {c['cpus']} CPUs with a 1-minute load average of "
+                      f"{c['loadavg_1m_at_start']} at the start (anything above the router "
+                      "bench's own processes is other work competing for the same cores).", ""]
+        lines += _cpu_split(d["overhead"])
     if "multiturn" in d:
         m = d["multiturn"]
         w = m.get("workload", {})

@@ -17,6 +17,7 @@ def main(argv: list[str]) -> int:
             save("overhead", r["overhead"])
             save("max_rps_one_router", r["max_rps_one_router"])
             save("max_rps_steps", r["max_rps_steps"])
+            save("overhead_conditions", r["overhead_conditions"])
         elif name == "failover":
             save("failover", failover.run())
         elif name == "multiturn":

@@ -86,26 +86,47 @@ class ModelAvailability:
 
 
 class _Watchdog:
-    """Cancels an upstream call that stays silent too long (the per-attempt deadline)."""
+    """Cancels an upstream call that stays silent too long (the per-attempt deadline): no first
+    chunk within `first_s` of the call, or a gap of `stall_s` between chunks.
 
-    def __init__(self, call: grpc.aio.UnaryStreamCall, seconds: float) -> None:
+    One timer per attempt, never moved by a chunk: a chunk only records when it came, and the
+    timer, when it goes off, fires only if the deadline that applies has passed; otherwise it
+    re-arms for what is left."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall, first_s: float, stall_s: float) -> None:
         self._call = call
         self.fired = False
-        self.seconds = seconds
+        self._first_s = first_s
+        self._stall_s = stall_s
+        self._started = time.monotonic()
+        self._last: float | None = None  # time.monotonic() of the latest chunk
         self._loop = asyncio.get_running_loop()
-        self._handle = self._loop.call_later(seconds, self._fire)
+        self._handle = self._loop.call_later(min(first_s, stall_s), self._check)
 
-    def _fire(self) -> None:
+    @property
+    def seconds(self) -> float:
+        """The silence that applies now: before the first chunk, then between chunks."""
+        return self._first_s if self._last is None else self._stall_s
+
+    def chunk(self, now: float) -> None:
+        """A chunk arrived at `now` (time.monotonic())."""
+        self._last = now
+
+    def _check(self) -> None:
+        due = (self._started if self._last is None else self._last) + self.seconds
+        left = due - time.monotonic()
+        if left > 0:
+            self._handle = self._loop.call_later(left, self._check)
+            return
         self.fired = True
         self._call.cancel()
 
-    def reset(self, seconds: float) -> None:
-        self._handle.cancel()
-        self.seconds = seconds
-        self._handle = self._loop.call_later(seconds, self._fire)
-
     def stop(self) -> None:
         self._handle.cancel()
+
+
+#: Priority number -> name (the metrics label); unknown numbers are "INVALID".
+_PRIORITY_NAMES = {v: common_pb2.Priority.Name(v) for v in common_pb2.Priority.values()}
 
 
 def _metadata_value(metadata: Sequence[tuple[str, object]] | None, key: str) -> str:
@@ -173,8 +194,7 @@ class Dispatcher:
         """Chunks of the answer; `timeout` is the client's remaining deadline in seconds and
         `metadata` the call's invocation metadata (for the session header)."""
         started = time.monotonic()
-        priority = (common_pb2.Priority.Name(request.priority)
-                    if request.priority in common_pb2.Priority.values() else "INVALID")
+        priority = _PRIORITY_NAMES.get(request.priority, "INVALID")
         model = request.model if request.model in self.known_models() else "unknown"
         code = "OK"
         try:
@@ -185,17 +205,19 @@ class Dispatcher:
             deadline = None if timeout is None else started + timeout
             settings = self.routing_settings()
             session = request.session_id or _metadata_value(metadata, settings.session_header)
+            policy = self.policy_for(request.model)
             route = RouteRequest(model=request.model, region=request.region or self.settings.region,
                                  zone=self.settings.zone, session=session,
-                                 text=render(request.prompt, request.messages))
+                                 text=render(request.prompt, request.messages)
+                                 if policy.uses_text else "")
             self._budget.request()
             queued = await self._admit(request, priority, deadline)
             request_id = request.request_id or uuid.uuid4().hex
             first = True
-            async for chunk in self._attempts(request, route, settings, request_id, started,
-                                              queued, deadline):
+            async for chunk in self._attempts(request, policy, route, settings, request_id,
+                                              started, queued, deadline):
                 if first and chunk.token_ids:
-                    metrics.TTFT.labels(model).observe(time.monotonic() - started)
+                    metrics.child(metrics.TTFT, model).observe(time.monotonic() - started)
                     first = False
                 yield chunk
         except RouteError as exc:
@@ -205,8 +227,8 @@ class Dispatcher:
             code = "CANCELLED"
             raise
         finally:
-            metrics.REQUESTS.labels(model, code, priority).inc()
-            metrics.DURATION.labels(model).observe(time.monotonic() - started)
+            metrics.child(metrics.REQUESTS, model, code, priority).inc()
+            metrics.child(metrics.DURATION, model).observe(time.monotonic() - started)
 
     def _no_candidates(self, model: str) -> RouteError:
         if model not in self.known_models():
@@ -269,13 +291,12 @@ class Dispatcher:
         return min(s.backoff_max_s, s.backoff_base_s * 2 ** (failures - 1)) * (
             0.5 + self._rng.random() / 2)
 
-    async def _attempts(self, request: inference_pb2.GenerateRequest, route: RouteRequest,
-                        settings: Settings, request_id: str, started: float, queued: float,
-                        deadline: float | None
+    async def _attempts(self, request: inference_pb2.GenerateRequest, policy: Policy,
+                        route: RouteRequest, settings: Settings, request_id: str, started: float,
+                        queued: float, deadline: float | None
                         ) -> AsyncIterator[inference_pb2.GenerateResponse]:
         s = self.settings
         model = request.model
-        policy = self.policy_for(model)
         base = modelserver_pb2.ModelServerServiceGenerateRequest(
             request_id=request_id, model=model, prompt=request.prompt,
             messages=request.messages, sampling=request.sampling, priority=request.priority)
@@ -295,7 +316,7 @@ class Dispatcher:
                 break
             backend = pick.endpoint
             tried.add(backend.server_id)
-            metrics.PICKS.labels(backend.server_id, pick.reason).inc()
+            metrics.child(metrics.PICKS, backend.server_id, pick.reason).inc()
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise RouteError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed while routing")
@@ -305,18 +326,19 @@ class Dispatcher:
             policy.sent(backend.server_id, route)
             call = backend.stub.Generate(upstream, timeout=remaining)
             if not issued:
-                metrics.OVERHEAD.labels("route").observe(time.monotonic() - started - queued)
+                metrics.OVERHEAD_ROUTE.observe(time.monotonic() - started - queued)
                 issued = True
-            watchdog = _Watchdog(call, s.first_token_timeout_s)
+            watchdog = _Watchdog(call, s.first_token_timeout_s, s.stall_timeout_s)
+            template = self._template(backend, request_id)
             code: grpc.StatusCode | None = None
             details = ""
             try:
                 async for part in call:
                     received = time.monotonic()
-                    watchdog.reset(s.stall_timeout_s)
-                    out = self._wrap(part, backend, request_id, resumed)
+                    watchdog.chunk(received)
+                    out = self._wrap(part, template, backend, resumed)
                     relayed.extend(part.token_ids)
-                    metrics.OVERHEAD.labels("relay").observe(time.monotonic() - received)
+                    metrics.OVERHEAD_RELAY.observe(time.monotonic() - received)
                     streamed = True
                     yield out
                 backend.record_success()
@@ -388,26 +410,34 @@ class Dispatcher:
 
     def _closing_chunk(self, backend: Backend, request_id: str, tokens: int
                        ) -> inference_pb2.GenerateResponse:
-        out = inference_pb2.GenerateResponse(finish_reason=common_pb2.FINISH_REASON_LENGTH,
-                                             request_id=request_id)
+        out = self._template(backend, request_id)
+        out.finish_reason = common_pb2.FINISH_REASON_LENGTH
         out.usage.completion_tokens = tokens
-        self._served_by(out.served_by, backend)
         return out
 
-    def _served_by(self, sb: common_pb2.ServedBy, backend: Backend) -> None:
+    def _template(self, backend: Backend, request_id: str) -> inference_pb2.GenerateResponse:
+        """What every chunk of one attempt shares: the request id and `served_by`."""
+        out = inference_pb2.GenerateResponse(request_id=request_id)
+        sb = out.served_by
         sb.server_id = backend.server_id
         sb.region = backend.info.region
         sb.zone = backend.info.zone
         sb.router_id = self.router_id
         sb.simulated = backend.info.simulated
         sb.backend = backend.info.backend
+        return out
 
-    def _wrap(self, part: modelserver_pb2.ModelServerServiceGenerateResponse, backend: Backend,
-              request_id: str, resumed: int) -> inference_pb2.GenerateResponse:
-        out = inference_pb2.GenerateResponse(
-            text=part.text, token_ids=part.token_ids, logprobs=part.logprobs,
-            finish_reason=part.finish_reason, request_id=request_id)
+    @staticmethod
+    def _wrap(part: modelserver_pb2.ModelServerServiceGenerateResponse,
+              template: inference_pb2.GenerateResponse, backend: Backend, resumed: int
+              ) -> inference_pb2.GenerateResponse:
+        out = inference_pb2.GenerateResponse()
+        out.CopyFrom(template)
+        out.text = part.text
+        out.token_ids.extend(part.token_ids)
+        if part.logprobs:
+            out.logprobs.extend(part.logprobs)
+        out.finish_reason = part.finish_reason
         if part.HasField("usage"):
             out.usage.CopyFrom(client_usage(part.usage, backend.info.backend, resumed))
-        self._served_by(out.served_by, backend)
         return out

@@ -1,5 +1,7 @@
 """The router's Prometheus metrics (defined once per process)."""
 
+from functools import lru_cache
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.common.metrics import LATENCY_BUCKETS
@@ -35,3 +37,15 @@ TTFT = Histogram("meshserve_router_time_to_first_token_seconds",
                  buckets=LATENCY_BUCKETS)
 DURATION = Histogram("meshserve_router_request_duration_seconds", "Whole request duration",
                      ["model"], buckets=LATENCY_BUCKETS)
+
+#: The hot path's fixed children, resolved once.
+OVERHEAD_ROUTE = OVERHEAD.labels("route")
+OVERHEAD_RELAY = OVERHEAD.labels("relay")
+
+
+@lru_cache(maxsize=4096)
+def child(metric, *labels: str):
+    """`metric.labels(*labels)`, memoised: prometheus_client checks and locks on every call, and
+    the request path asks for the same few children each time. Label values here are bounded
+    (models, servers, codes, priorities, reasons); no router metric child is ever removed."""
+    return metric.labels(*labels)

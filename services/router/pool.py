@@ -91,6 +91,9 @@ class BackendPool:
         self._closing: set[asyncio.Task] = set()
         self._on_change: list[Callable[[], None]] = []
         self._on_leave: list[Callable[[str], None]] = []
+        # Per-request lookups, rebuilt only after membership changes (every change calls sync).
+        self._candidates: dict[str, list[Backend]] = {}
+        self._known: frozenset[str] | None = None
         view.subscribe(self.sync)
 
     def on_change(self, listener: Callable[[], None]) -> None:
@@ -110,8 +113,13 @@ class BackendPool:
         """The RoutingPolicy record in etcd, or None."""
         return self._view.routing_policy
 
+    def _invalidate(self) -> None:
+        self._candidates.clear()
+        self._known = None
+
     def sync(self) -> None:
         """Reconcile channels with membership (called on every etcd change)."""
+        self._invalidate()
         live = self._view.servers
         for sid in list(self.backends):
             info = live.get(sid)
@@ -127,10 +135,12 @@ class BackendPool:
             backend.load_task = asyncio.get_running_loop().create_task(self._follow_load(backend))
             self.backends[sid] = backend
             log.info("backend %s at %s joined (%s)", sid, info.address, ", ".join(info.models))
+        self._invalidate()
         self._changed()
 
     def _drop(self, sid: str) -> None:
         backend = self.backends.pop(sid)
+        self._invalidate()
         log.info("backend %s left", sid)
         for listener in self._on_leave:
             listener(sid)
@@ -156,13 +166,20 @@ class BackendPool:
                 backend.set_report(None)
             await asyncio.sleep(0.5)
 
-    def known_models(self) -> set[str]:
-        return self._view.known_models()
+    def known_models(self) -> frozenset[str]:
+        if self._known is None:
+            self._known = frozenset(self._view.known_models())
+        return self._known
 
     def candidates(self, model: str) -> list[Backend]:
-        """Servers with the model READY, verdict SERVING, not draining."""
-        return [self.backends[s.server_id] for s in self._view.servers_for(model)
+        """Servers with the model READY, verdict SERVING, not draining. The list is shared until
+        membership changes: callers must not modify it."""
+        found = self._candidates.get(model)
+        if found is None:
+            found = self._candidates[model] = [
+                self.backends[s.server_id] for s in self._view.servers_for(model)
                 if s.server_id in self.backends]
+        return found
 
     async def close(self) -> None:
         for sid in list(self.backends):

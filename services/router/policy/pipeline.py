@@ -32,6 +32,9 @@ class Policy:
     """Chooses one endpoint per attempt; `sent` tells it where a request went."""
 
     name = ""
+    #: Whether `pick` or `sent` reads RouteRequest.text (the rendered prompt); when not, the
+    #: router skips rendering it.
+    uses_text = False
 
     def pick(self, endpoints: Sequence[E], req: RouteRequest, settings: Settings,
              exclude: set[str] | frozenset[str] = frozenset()) -> Pick[E] | None:
@@ -50,6 +53,7 @@ class MeshServePolicy(Policy):
     weights: scoring.Weights = field(default_factory=scoring.Weights)
     rng: random.Random = field(default_factory=random.Random)
     name = "meshserve"
+    uses_text = True
 
     def pick(self, endpoints, req, settings, exclude=frozenset()):
         usable = candidates.usable(endpoints, exclude)
