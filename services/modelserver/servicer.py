@@ -14,7 +14,7 @@ from services.common.validation import validate_generate
 
 from . import metrics
 from .convert import chunk_to_proto, load_to_proto, request_from_proto
-from .engine.base import CapacityError, EngineUnavailableError, InvalidRequestError
+from .engine.base import CapacityError, EngineUnavailableError, FinishReason, InvalidRequestError
 from .manager import ModelManager
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,8 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
                     if chunk.usage is not None:
                         metrics.PROMPT_TOKENS.labels(model).inc(chunk.usage.prompt_tokens)
                         metrics.CACHED_TOKENS.labels(model).inc(chunk.usage.cached_tokens)
+                    if chunk.finish_reason is FinishReason.CANCELLED:
+                        code = _cancel_code(deadline)  # the engine ended it: deadline or stop
                     yield chunk_to_proto(chunk)
             except InvalidRequestError as exc:
                 code = "INVALID_ARGUMENT"
@@ -82,7 +84,10 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
                 code = "UNAVAILABLE"
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             except asyncio.CancelledError:
-                code = "CANCELLED"
+                code = _cancel_code(deadline)
+                raise
+            except Exception:  # gRPC answers UNKNOWN for anything unexpected; count it as such
+                code = "UNKNOWN"
                 raise
             finally:
                 await stream.aclose()
@@ -122,3 +127,14 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
             metrics.WAITING.labels(name).set(load.queue_depth)
             metrics.KV_USED.labels(name).set(load.kv_blocks_used)
             metrics.KV_TOTAL.labels(name).set(load.kv_blocks_total)
+            metrics.PREFIX_HIT_RATE.labels(name).set(load.prefix_cache_hit_rate)
+            metrics.TOKENS_PER_SECOND.labels(name).set(load.tokens_per_second)
+            metrics.follow_total(metrics.PREEMPTIONS, name, load.preemptions_total)
+            metrics.follow_total(metrics.PREFIX_HIT_TOKENS, name, load.prefix_cache_hit_tokens_total)
+
+
+def _cancel_code(deadline: float | None) -> str:
+    """What the client sees for a request that ended early: its deadline passed, or it went away."""
+    if deadline is not None and time.monotonic() >= deadline:
+        return "DEADLINE_EXCEEDED"
+    return "CANCELLED"

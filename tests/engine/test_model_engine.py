@@ -311,3 +311,23 @@ def test_bfloat16_packed_weights_path(smol):
     batched = _drain(core)
     assert smol.tokenizer.decode(alone) == "The capital of France is Paris."
     assert all(smol.tokenizer.decode(v) == "The capital of France is Paris." for v in batched.values())
+
+
+def test_int8_single_sequence_path_answers_the_same(smol):
+    """Steps of one token use the weight-only int8 copies; batched steps keep bf16. Both answer right."""
+    from services.modelserver.torch_engine.model import LlamaModel
+    from services.modelserver.torch_engine.weights import load_checkpoint
+
+    args, tensors = load_checkpoint("embedded")
+    model = LlamaModel(args, tensors, torch.bfloat16, 2048, int8_max_tokens=1)
+    if not model.layers[0].qkv.int8_max_rows:
+        pytest.skip("this torch build lacks _weight_int8pack_mm")
+    kv = KVCache.allocate(args, num_blocks=64, block_size=16, dtype=torch.bfloat16)
+    core = EngineCore(model, kv, smol.tokenizer.decode, smol.tokenizer.eos_token_ids, max_running=8,
+                      token_budget=256, max_context=2048)
+    ids = smol.tokenizer.encode_chat([("user", FRANCE)])
+    core.add_request(CoreRequest("alone", ids, SamplingParams(max_tokens=16)))
+    assert smol.tokenizer.decode(_drain(core)["alone"]) == "The capital of France is Paris."
+    for i in range(3):
+        core.add_request(CoreRequest(f"b{i}", ids, SamplingParams(max_tokens=16)))
+    assert all(smol.tokenizer.decode(v) == "The capital of France is Paris." for v in _drain(core).values())

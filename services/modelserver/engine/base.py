@@ -127,8 +127,11 @@ class EngineLoad:
     kv_blocks_used: int
     kv_blocks_total: int
     max_running: int
-    prefix_cache_hit_rate: float = 0.0
-    tokens_per_second: float = 0.0
+    prefix_cache_hit_rate: float = 0.0  # cached / looked-up prompt tokens since start
+    tokens_per_second: float = 0.0  # generated tokens per second, recent window
+    # Monotonic totals since start (the server turns their increments into Prometheus counters).
+    preemptions_total: int = 0
+    prefix_cache_hit_tokens_total: int = 0
 
 
 class Engine(abc.ABC):

@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--source", default="embedded")
+    ap.add_argument("--int8-max-tokens", type=int, default=TorchEngineConfig.int8_max_tokens)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     path = resolve_source(a.source)
@@ -32,9 +33,10 @@ def main() -> None:
     tok = Tokenizer(path)
     dtype = resolve_dtype(a.dtype)
     cfg = TorchEngineConfig(max_running=128, step_token_budget=1024)
-    model = LlamaModel(args, tensors, dtype, 4096)
+    model = LlamaModel(args, tensors, dtype, 4096, int8_max_tokens=a.int8_max_tokens)
     kv = KVCache.allocate(args, cfg.num_blocks(KVCache.bytes_per_block(args, 16, dtype)), 16, dtype)
-    print(f"dtype={dtype} threads={torch.get_num_threads()} kv_blocks={kv.num_blocks}")
+    print(f"dtype={dtype} threads={torch.get_num_threads()} kv_blocks={kv.num_blocks} "
+          f"int8_max_tokens={a.int8_max_tokens}")
     for bsz in (int(x) for x in a.batches.split(",")):
         core = EngineCore(model, kv, tok.decode, frozenset(), cfg.max_running, cfg.step_token_budget, 4096)
         for i in range(bsz):

@@ -29,6 +29,9 @@ class TorchEngineConfig:
     max_context: int = 4096
     #: requests allowed to wait for admission before generate() raises CapacityError.
     max_waiting: int = 1024
+    #: steps computing at most this many tokens use weight-only int8 matmuls (bf16 only; 0 = never):
+    #: a lone decoding sequence is bound by weight bytes read, which int8 halves.
+    int8_max_tokens: int = 1
     #: run a short generation in start() so the first real request does not pay for lazy init.
     warmup: bool = True
 
@@ -39,6 +42,8 @@ class TorchEngineConfig:
         for name in ("block_size", "max_running", "step_token_budget", "max_waiting"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.int8_max_tokens < 0:
+            raise ValueError(f"int8_max_tokens must be >= 0, got {self.int8_max_tokens}")
         if self.threads < 0 or self.kv_cache_blocks < 0 or self.kv_cache_bytes < 0 or self.max_context < 0:
             raise ValueError("threads, kv_cache_blocks, kv_cache_bytes and max_context must be >= 0")
         if self.kv_cache_blocks == 0 and self.kv_cache_bytes == 0:

@@ -84,7 +84,7 @@ class TorchEngine(Engine):
         tokenizer = Tokenizer(path)
         dtype = resolve_dtype(cfg.dtype)
         max_context = min(args.max_position, cfg.max_context or args.max_position)
-        model = LlamaModel(args, tensors, dtype, max_context)
+        model = LlamaModel(args, tensors, dtype, max_context, int8_max_tokens=cfg.int8_max_tokens)
         del tensors
         num_blocks = cfg.num_blocks(KVCache.bytes_per_block(args, cfg.block_size, dtype))
         kv = KVCache.allocate(args, num_blocks, cfg.block_size, dtype)
@@ -126,7 +126,8 @@ class TorchEngine(Engine):
             queue_depth=len(s.waiting) + len(self._inbox), running=len(s.running),
             kv_blocks_used=core.blocks.num_used, kv_blocks_total=core.blocks.num_blocks,
             max_running=s.max_running, prefix_cache_hit_rate=core.blocks.hit_rate,
-            tokens_per_second=core.tokens_per_second())
+            tokens_per_second=core.tokens_per_second(), preemptions_total=s.num_preemptions,
+            prefix_cache_hit_tokens_total=core.blocks.hit_tokens)
 
     # ---- requests ------------------------------------------------------------------------------
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:

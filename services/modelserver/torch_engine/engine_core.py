@@ -165,10 +165,26 @@ class EngineCore:
         while self._recent and now - self._recent[0][0] > 10.0:
             self._recent.popleft()
 
-    def tokens_per_second(self) -> float:
-        """Generated tokens per second over the last ~10 s."""
-        recent = list(self._recent)
-        if len(recent) < 2:
+    def tokens_per_second(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last `window` seconds; 0 once idle that long.
+
+        Called from other threads (load reports) while the core thread appends, hence the copy
+        retried on a concurrent mutation and no pruning here.
+        """
+        for _ in range(3):
+            try:
+                recent = list(self._recent)
+                break
+            except RuntimeError:  # deque mutated during iteration
+                continue
+        else:
             return 0.0
-        span = max(self.clock() - recent[0][0], 1e-3)
+        now = self.clock()
+        recent = [(t, n) for t, n in recent if now - t <= window]
+        if not recent:
+            return 0.0
+        # the oldest entry only opens the window: its tokens were produced before it
+        span = now - recent[0][0]
+        if len(recent) < 2 or span < 1e-3:
+            return 0.0
         return sum(n for _, n in recent[1:]) / span

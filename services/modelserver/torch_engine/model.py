@@ -55,15 +55,17 @@ class LlamaModel:
     """Weights plus a forward over ForwardBatch; holds no per-request state."""
 
     def __init__(self, args: ModelArgs, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                 max_positions: int) -> None:
+                 max_positions: int, int8_max_tokens: int = 0) -> None:
+        """`int8_max_tokens` > 0 (bf16): steps of at most that many tokens use int8 weight copies."""
         self.args = args
         self.dtype = dtype
+        q8 = int8_max_tokens
 
         def w(name: str) -> torch.Tensor:
             return tensors[name].to(dtype).contiguous()
 
         self.embed = w("embed")
-        self.lm_head = Linear(self.embed if args.tie_embeddings else w("lm_head"))
+        self.lm_head = Linear(self.embed if args.tie_embeddings else w("lm_head"), int8_max_rows=q8)
         self.final_norm = w("final_norm")
         self.layers: list[_Layer] = []
         for i in range(args.num_layers):
@@ -73,11 +75,11 @@ class LlamaModel:
                 bias = torch.cat([tensors[p + "q_bias"], tensors[p + "k_bias"], tensors[p + "v_bias"]]).to(dtype)
             self.layers.append(_Layer(
                 attn_norm=w(p + "attn_norm"),
-                qkv=Linear(torch.cat([tensors[p + "q"], tensors[p + "k"], tensors[p + "v"]]).to(dtype), bias),
-                o=Linear(w(p + "o")),
+                qkv=Linear(torch.cat([tensors[p + "q"], tensors[p + "k"], tensors[p + "v"]]).to(dtype), bias, q8),
+                o=Linear(w(p + "o"), int8_max_rows=q8),
                 mlp_norm=w(p + "mlp_norm"),
-                gate_up=Linear(torch.cat([tensors[p + "gate"], tensors[p + "up"]]).to(dtype)),
-                down=Linear(w(p + "down")),
+                gate_up=Linear(torch.cat([tensors[p + "gate"], tensors[p + "up"]]).to(dtype), int8_max_rows=q8),
+                down=Linear(w(p + "down"), int8_max_rows=q8),
             ))
         # RoPE tables in the rotate-half layout, computed in float32 like transformers does.
         hd = args.head_dim

@@ -1,0 +1,222 @@
+"""The engine benchmark: one workload against our engine and four peers, side by side, in one run.
+
+    make bench-engine          # or: .venv/bin/python bench/engine/run.py [--systems a,b] [--quick]
+
+Each system runs in its own subprocess (its own virtualenv's python) behind runners/run_*.py and the
+JSON-lines protocol in protocol.py. A peer that is not installed, fails to load or crashes is
+recorded with the reason and the run carries on. Writes bench/results/engine.json and engine.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path[:0] = [HERE, ROOT]
+
+import ceiling  # noqa: E402
+import report  # noqa: E402
+import workload as wl  # noqa: E402
+from protocol import MARK  # noqa: E402
+from stats import summarize  # noqa: E402
+
+VENVS = os.path.join(ROOT, "bench", ".venvs")
+HF_FOLDER = os.path.join(ROOT, "bench", ".cache", "smollm2-hf")
+RESULTS = os.path.join(ROOT, "bench", "results")
+PROJECT_PY = os.path.join(ROOT, ".venv", "bin", "python")
+THREADS = 2
+
+
+@dataclass
+class System:
+    name: str
+    python: str
+    script: str
+    config: dict
+    scenarios: list[wl.Scenario]
+    note: str = ""
+    venv: str = ""  # peers' private venv name; missing -> recorded, not fatal
+    env: dict = field(default_factory=dict)
+
+
+def full_plan(quick: bool) -> list[wl.Scenario]:
+    if quick:
+        return [wl.closed_loop(1, max_output=16), wl.closed_loop(4, max_output=16)]
+    return [wl.closed_loop(c) for c in wl.LEVELS] + [wl.poisson()]
+
+
+def systems(quick: bool) -> list[System]:
+    from services.modelserver.torch_engine.weights import embedded_gguf_path
+
+    gguf = embedded_gguf_path()
+    full = full_plan(quick)
+    seq_cap = 16 if quick else 64
+    sequential = [wl.closed_loop(c, max_requests=8, max_output=seq_cap) for c in (wl.LEVELS[:2] if quick
+                                                                                  else wl.LEVELS)]
+    if not quick:
+        sequential.append(wl.poisson(n=8, max_output=seq_cap))
+    static = full if quick else [wl.closed_loop(c, requests_per_client=2 if c < 16 else 1) for c in wl.LEVELS] \
+        + [wl.poisson(n=16)]
+    omp = {"OMP_NUM_THREADS": str(THREADS)}
+    return [
+        System("meshserve", PROJECT_PY, "run_meshserve.py", {"threads": THREADS}, full,
+               "in-process TorchEngine through its asyncio generate() (what the model server calls)"),
+        System("transformers_sequential", PROJECT_PY, "run_hf.py",
+               {"mode": "sequential", "folder": HF_FOLDER, "threads": THREADS}, sequential,
+               f"one request at a time; at most 8 requests per level and outputs capped at {seq_cap} "
+               "tokens to bound the run (throughput does not depend on the level)", env=omp),
+        System("transformers_static", PROJECT_PY, "run_hf.py",
+               {"mode": "static", "folder": HF_FOLDER, "threads": THREADS, "max_wait_s": 2.0}, static,
+               "batch = concurrency (Poisson: 8, flushed after 2 s), run to the longest output; "
+               "one batch per level at 16 and 64", env=omp),
+        System("llama_cpp", os.path.join(VENVS, "llamacpp", "bin", "python"), "run_llamacpp.py",
+               {"gguf": gguf, "threads": THREADS, "max_seqs": 64}, full,
+               "llama-cpp-python low-level API, continuous batching over 64 sequence slots, same GGUF (Q4_1)",
+               venv="llamacpp", env=omp),
+        System("vllm_cpu", os.path.join(VENVS, "vllm", "bin", "python"), "run_vllm.py",
+               {"folder": HF_FOLDER, "threads": THREADS, "max_seqs": 64}, full,
+               "vllm-cpu 0.32.0 LLMEngine stepped in-process, bfloat16, same weights exported to HF format",
+               venv="vllm", env={"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "all",
+                                 "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **omp}),
+    ]
+
+
+class RunnerProcess:
+    """One runner subprocess; replies are read on a thread so every wait has a timeout."""
+
+    def __init__(self, system: System, log_path: str) -> None:
+        env = {**os.environ, **system.env, "PYTHONUNBUFFERED": "1"}
+        self.log = open(log_path, "w", encoding="utf-8")
+        self.proc = subprocess.Popen(
+            [system.python, os.path.join(HERE, "runners", system.script), json.dumps(system.config)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            cwd=ROOT)
+        self.replies: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                self.replies.put(json.loads(line[len(MARK):]))
+            else:
+                self.log.write(line)
+                self.log.flush()
+        self.replies.put(None)  # EOF: the runner exited
+
+    def reply(self, timeout: float) -> dict:
+        try:
+            msg = self.replies.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no reply within {timeout:.0f} s") from None
+        if msg is None:
+            raise RuntimeError(f"runner exited with code {self.proc.wait()} (see {self.log.name})")
+        return msg
+
+    def send(self, msg: dict) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        try:
+            self.send({"cmd": "quit"})
+            self.proc.wait(timeout=30)
+        except Exception:  # noqa: BLE001 - stuck or already gone: stop it by pid
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def run_system(system: System, load_timeout: float, scenario_timeout: float) -> dict:
+    out: dict = {"note": system.note}
+    if system.venv:
+        failed = os.path.join(VENVS, f"{system.venv}.failed")
+        if not os.path.exists(system.python):
+            reason = open(failed).read()[-600:] if os.path.exists(failed) else "venv missing"
+            return {**out, "error": f"not installed ({system.venv} venv): {reason}"}
+    log_path = os.path.join(RESULTS, f"engine-{system.name}.log")
+    t0 = time.monotonic()
+    runner = RunnerProcess(system, log_path)
+    try:
+        ready = runner.reply(load_timeout)
+        if not ready.get("ready"):
+            return {**out, "error": f"failed to load: {ready.get('error', '')[-800:]}"}
+        out["info"] = {**ready.get("info", {}), "load_s": round(time.monotonic() - t0, 1)}
+        print(f"  {system.name}: loaded in {out['info']['load_s']} s", flush=True)
+        for sc in system.scenarios:
+            t1 = time.monotonic()
+            runner.send({"cmd": "run", "scenario": sc.to_json()})
+            reply = runner.reply(scenario_timeout)
+            if not reply.get("ok"):
+                out[sc.name] = {"error": reply.get("error", "")[-800:]}
+                print(f"  {system.name} {sc.name}: FAILED", flush=True)
+                continue
+            out[sc.name] = summarize(reply["records"])
+            s = out[sc.name]
+            print(f"  {system.name} {sc.name:>7}: {s.get('output_tok_s', 0):8.1f} tok/s  "
+                  f"ttft p50 {s.get('ttft_p50_s')} s  itl p50 {s.get('itl_p50_s')} s  "
+                  f"({len(sc.requests)} requests, {time.monotonic() - t1:.0f} s)", flush=True)
+    except (TimeoutError, RuntimeError, OSError) as e:
+        out["error"] = f"{type(e).__name__}: {e}"
+        print(f"  {system.name}: {out['error']}", flush=True)
+    finally:
+        runner.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--systems", default="", help="comma-separated subset (default: all)")
+    ap.add_argument("--quick", action="store_true", help="two tiny levels: a smoke test of the harness")
+    ap.add_argument("--load-timeout", type=float, default=900)
+    ap.add_argument("--scenario-timeout", type=float, default=900)
+    ap.add_argument("--out", default=os.path.join(RESULTS, "engine"))
+    a = ap.parse_args()
+    os.makedirs(RESULTS, exist_ok=True)
+    from export_hf import export, parameter_count
+
+    print("exporting the GGUF weights to a Hugging Face folder (once) ...", flush=True)
+    export(HF_FOLDER)
+    params = parameter_count()
+    rate = ceiling.bf16_matmul_flops(threads=THREADS)
+    ceil = rate / (2 * params)
+    print(f"bf16 matmul 2048^3: {rate / 1e12:.2f} TFLOP/s; {params / 1e6:.1f} M parameters; "
+          f"ceiling {ceil:.0f} tok/s", flush=True)
+    wanted = {s for s in a.systems.split(",") if s}
+    results: dict = {"flop_ceiling_tok_s": round(ceil, 1), "bf16_matmul_tflop_s": round(rate / 1e12, 3),
+                     "parameters": params, "threads": THREADS, "quick": a.quick,
+                     "workload": {"prompt_tokens": wl.PROMPT_RANGE, "output_tokens": wl.OUTPUT_RANGE,
+                                  "levels": wl.LEVELS, "requests_per_level": "2 x concurrency",
+                                  "poisson": {"requests": wl.POISSON_REQUESTS, "rate_per_s": wl.POISSON_RATE}},
+                     "systems": {}}
+    md = ""
+    for system in systems(a.quick):
+        if wanted and system.name not in wanted:
+            continue
+        print(f"{system.name}: {system.note}", flush=True)
+        results["systems"][system.name] = run_system(system, a.load_timeout, a.scenario_timeout)
+        md = write(results, a.out)  # after every system, so an interrupted run keeps what it measured
+    print(md)
+
+
+def write(results: dict, out: str) -> str:
+    with open(out + ".json", "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+    md = report.render(results)
+    with open(out + ".md", "w", encoding="utf-8") as f:
+        f.write(md)
+    return md
+
+
+if __name__ == "__main__":
+    main()
