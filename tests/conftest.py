@@ -10,8 +10,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -84,7 +84,7 @@ def etcd(tmp_path):
         cluster.stop()
 
 
-def meshctl(*args: str, timeout: float = 60) -> "subprocess.CompletedProcess[str]":
+def meshctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run the real meshctl CLI as an operator would."""
     return subprocess.run([sys.executable, "-m", "services.cli.meshctl", *args],
                           capture_output=True, text=True, timeout=timeout, cwd=REPO)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 MARK = "@@BENCH "
 

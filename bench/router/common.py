@@ -8,8 +8,8 @@ import math
 import os
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 from services.localmesh import components as c
 from services.localmesh.mesh import LocalMesh

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc

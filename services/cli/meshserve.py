@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from services.common.lifecycle import default_id, install_stop_signals, parse_option
 from services.common.logging_setup import setup_logging
@@ -24,7 +24,7 @@ def _run_service(component: str, run: Callable[[asyncio.Event], Awaitable[None]]
 
     try:
         asyncio.run(main())
-    except Exception as exc:  # noqa: BLE001 - a clear one-line reason, then a non-zero exit
+    except Exception as exc:
         log.error("%s failed: %s", component, exc, exc_info=log.isEnabledFor(logging.DEBUG))
         return 1
     return 0

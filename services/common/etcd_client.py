@@ -11,8 +11,8 @@ import asyncio
 import ipaddress
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 import aetcd
 import aetcd.exceptions
@@ -239,7 +239,7 @@ class LeaseKeeper:
                 backoff = 0.2
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.ttl / 3)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             except asyncio.CancelledError:
                 raise
@@ -275,7 +275,7 @@ class PrefixMirror:
         self._task = asyncio.create_task(self._run(), name=f"mirror:{self.prefix}")
         try:
             await asyncio.wait_for(self.synced.wait(), wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("no etcd snapshot of %s yet; continuing with an empty view", self.prefix)
 
     async def stop(self) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import Iterable
+from collections.abc import Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from .status_interceptor import StatusInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,9 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def new_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A grpc.aio server with grpc.health.v1 and reflection already registered."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    """A grpc.aio server with grpc.health.v1 and reflection already registered, and the one
+    error-to-status mapping (status_interceptor.py) in front of every servicer."""
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[StatusInterceptor()])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names) + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

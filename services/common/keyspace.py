@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
-
 from meshserve.v1 import controlplane_pb2, modelserver_pb2
 
 ROOT = "/meshserve/"

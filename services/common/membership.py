@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from meshserve.v1 import controlplane_pb2 as cp
 from meshserve.v1 import modelserver_pb2

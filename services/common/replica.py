@@ -4,8 +4,8 @@ register on a lease, and take it all down in order."""
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable, Sequence
 
 import grpc
 from meshserve.v1 import controlplane_pb2

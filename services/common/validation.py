@@ -8,7 +8,8 @@ gRPC layer turns it into INVALID_ARGUMENT.
 from __future__ import annotations
 
 import math
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from meshserve.v1 import common_pb2
 

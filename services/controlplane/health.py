@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from meshserve.v1 import controlplane_pb2 as cp
 
 from services.common import keyspace
-from services.common.membership import MeshView
 from services.common.lifecycle import now_ms
+from services.common.membership import MeshView
 
 from . import metrics
 from .probes import ServerProbe

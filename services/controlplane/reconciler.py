@@ -54,12 +54,12 @@ class Reconciler:
                     raise
                 except EtcdError as exc:
                     log.warning("reconcile step failed (etcd): %s", exc)
-                except Exception:  # noqa: BLE001 - log and keep leading
+                except Exception:
                     log.exception("reconcile step failed")
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self._interval_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _write(self, puts: dict[str, bytes], deletes: list[str]) -> bool:

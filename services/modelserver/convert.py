@@ -8,8 +8,15 @@ from meshserve.v1 import common_pb2, modelserver_pb2
 
 from services.common.validation import DEFAULT_MAX_TOKENS
 
-from .engine.base import (ChatMessage, EngineLoad, FinishReason, GenerationChunk,
-                          GenerationRequest, Priority, SamplingParams)
+from .engine.base import (
+    ChatMessage,
+    EngineLoad,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    Priority,
+    SamplingParams,
+)
 
 _FINISH = {
     FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,

@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from meshserve.v1 import controlplane_pb2 as cp
 

@@ -78,7 +78,7 @@ class _Registration:
             model, status = await self._queue.get()
             try:
                 await self._apply(model, status)
-            except Exception:  # noqa: BLE001 - the keeper retries etcd; never kill the worker
+            except Exception:
                 log.exception("could not publish the status of %s", model)
 
     async def _apply(self, model: str, status: cp.ModelStatus | None) -> None:

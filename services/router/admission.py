@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 
 class QueueFull(Exception):
@@ -62,7 +62,7 @@ class AdmissionQueue:
                 me.clear()
                 try:
                     await asyncio.wait_for(me.wait(), left)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         finally:
             self._waiters.remove(me)

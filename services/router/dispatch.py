@@ -14,8 +14,8 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterable, Sequence
 
 import grpc
 from meshserve.v1 import common_pb2, inference_pb2, modelserver_pb2

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import grpc
 from meshserve.v1 import modelserver_pb2, modelserver_pb2_grpc

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import grpc
 from meshserve.v1 import inference_pb2, inference_pb2_grpc

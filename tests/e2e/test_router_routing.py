@@ -10,13 +10,12 @@ from __future__ import annotations
 import threading
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import grpc
 import pytest
-from meshserve.v1 import (common_pb2, inference_pb2, inference_pb2_grpc, modelserver_pb2,
-                          modelserver_pb2_grpc)
+from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, modelserver_pb2, modelserver_pb2_grpc
 
 from services.localmesh.mesh import MeshPlan, ServerPlan
 from tests.conftest import running_mesh, wait_for

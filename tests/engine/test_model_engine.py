@@ -9,10 +9,16 @@ import time
 
 import pytest
 import torch
-
 from engine_helpers import chat, collect, prompt, text_of, tokens_of, wait_until
-from services.modelserver.engine.base import (ChatMessage, FinishReason, GenerationRequest, InvalidRequestError,
-                                              Priority, SamplingParams)
+
+from services.modelserver.engine.base import (
+    ChatMessage,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequestError,
+    Priority,
+    SamplingParams,
+)
 from services.modelserver.torch_engine.engine_core import CoreRequest, EngineCore
 from services.modelserver.torch_engine.model import KVCache
 from services.modelserver.torch_engine.weights import embedded_gguf_path

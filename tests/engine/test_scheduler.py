@@ -5,7 +5,7 @@ from __future__ import annotations
 from services.modelserver.engine.base import Priority
 from services.modelserver.torch_engine.block_manager import BlockManager
 from services.modelserver.torch_engine.scheduler import Scheduler
-from services.modelserver.torch_engine.sequence import Sequence, SeqStatus
+from services.modelserver.torch_engine.sequence import SeqStatus, Sequence
 
 BS = 4
 

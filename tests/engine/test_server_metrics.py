@@ -7,10 +7,10 @@ import contextlib
 
 import grpc
 import pytest
+from engine_helpers import chat, collect
 from meshserve.v1 import modelserver_pb2
 from prometheus_client import REGISTRY
 
-from engine_helpers import chat, collect
 from services.modelserver.convert import load_to_proto
 from services.modelserver.engine.base import EngineLoad, InvalidRequestError
 from services.modelserver.servicer import ModelServerServicer

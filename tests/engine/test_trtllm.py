@@ -7,11 +7,21 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.modelserver.engine.base import (EngineUnavailableError, FinishReason, GenerationRequest, Priority,
-                                              SamplingParams)
+from services.modelserver.engine.base import (
+    EngineUnavailableError,
+    FinishReason,
+    GenerationRequest,
+    Priority,
+    SamplingParams,
+)
 from services.modelserver.trtllm import TensorRTLLMEngine
-from services.modelserver.trtllm.mapping import (chosen_logprobs, finish_reason, priority_kwargs, sampling_kwargs,
-                                                 stream_delta)
+from services.modelserver.trtllm.mapping import (
+    chosen_logprobs,
+    finish_reason,
+    priority_kwargs,
+    sampling_kwargs,
+    stream_delta,
+)
 
 
 def test_greedy_maps_to_top_k_1():

@@ -6,8 +6,7 @@ import asyncio
 
 import pytest
 
-from services.common.etcd_client import (EtcdClient, LeaseKeeper, PrefixMirror, _grpc_target,
-                                         parse_endpoints)
+from services.common.etcd_client import EtcdClient, LeaseKeeper, PrefixMirror, _grpc_target, parse_endpoints
 from tests.conftest import EtcdCluster
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +24,7 @@ async def retry(call, attempts=50):
     for i in range(attempts):
         try:
             return await call()
-        except Exception:  # noqa: BLE001
+        except Exception:
             if i == attempts - 1:
                 raise
             await asyncio.sleep(0.1)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 import pytest
@@ -65,7 +65,7 @@ class FakeServer:
         self.calls: list[modelserver_pb2.ModelServerServiceGenerateRequest] = []
         self.script: Callable[[list], FakeCall] | None = None
 
-    def Generate(self, request, timeout=None):  # noqa: N802 - gRPC stub method name
+    def Generate(self, request, timeout=None):
         self.calls.append(request)
         words = words_of(request)
         start = len(request.resume_token_ids)

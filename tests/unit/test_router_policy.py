@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 from meshserve.v1 import controlplane_pb2 as cp
 
-from services.router.policy import RouteRequest, Settings, make_policy
-from services.router.policy import affinity, candidates, locality, scoring
+from services.router.policy import RouteRequest, Settings, affinity, candidates, locality, make_policy, scoring
 from services.router.policy.prefix import PrefixIndex, block_hashes, render
 from services.router.policy.types import Load
 

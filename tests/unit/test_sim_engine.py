@@ -4,8 +4,14 @@ import asyncio
 
 import pytest
 
-from services.modelserver.engine.base import (CapacityError, FinishReason, GenerationRequest,
-                                              InvalidRequestError, Priority, SamplingParams)
+from services.modelserver.engine.base import (
+    CapacityError,
+    FinishReason,
+    GenerationRequest,
+    InvalidRequestError,
+    Priority,
+    SamplingParams,
+)
 from services.modelserver.engine.sim import SimConfig, SimEngine
 
 

@@ -12,11 +12,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM  # noqa: E402
-from transformers.generation.streamers import BaseStreamer  # noqa: E402
-
 from loadgen import Arrivals, Clock, Record, wait_until  # noqa: E402
 from protocol import serve  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 
 class _StepTimes(BaseStreamer):

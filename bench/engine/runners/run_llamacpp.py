@@ -13,7 +13,6 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import llama_cpp as L  # noqa: E402
 import numpy as np  # noqa: E402
-
 from loadgen import Arrivals, Clock, Record, wait_until  # noqa: E402
 from protocol import serve  # noqa: E402
 

@@ -20,7 +20,7 @@ class ModelSpec:
     options: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, text: str) -> "ModelSpec":
+    def parse(cls, text: str) -> ModelSpec:
         """NAME[=BACKEND[:SOURCE]], e.g. 'smollm2=torch:embedded' or 'echo=sim'."""
         name, _, rest = text.partition("=")
         backend, _, source = rest.partition(":")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Sequence
 
 
 class Priority(enum.IntEnum):

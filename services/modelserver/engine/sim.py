@@ -16,11 +16,20 @@ import os
 import time
 import zlib
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
-from .base import (CapacityError, Engine, EngineLoad, EngineUnavailableError, FinishReason,
-                   GenerationChunk, GenerationRequest, InvalidRequestError, Usage)
+from .base import (
+    CapacityError,
+    Engine,
+    EngineLoad,
+    EngineUnavailableError,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    InvalidRequestError,
+    Usage,
+)
 
 SIM_EOS = 0
 SIM_VOCAB = 32000

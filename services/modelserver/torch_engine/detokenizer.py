@@ -7,7 +7,7 @@ A matched stop string ends generation and is not returned.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 DecodeFn = Callable[[Sequence[int]], str]
 

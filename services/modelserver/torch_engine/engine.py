@@ -11,13 +11,21 @@ import asyncio
 import itertools
 import logging
 import threading
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import torch
 
-from ..engine.base import (CapacityError, Engine, EngineLoad, EngineUnavailableError, GenerationChunk,
-                           GenerationRequest, InvalidRequestError, SamplingParams)
+from ..engine.base import (
+    CapacityError,
+    Engine,
+    EngineLoad,
+    EngineUnavailableError,
+    GenerationChunk,
+    GenerationRequest,
+    InvalidRequestError,
+    SamplingParams,
+)
 from .config import TorchEngineConfig, resolve_dtype
 from .engine_core import CoreRequest, EngineCore
 from .model import KVCache, LlamaModel

@@ -8,8 +8,9 @@ from __future__ import annotations
 import collections
 import logging
 import time
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Callable, Sequence as Seq
 
 from ..engine.base import FinishReason, GenerationChunk, SamplingParams, Usage
 from .block_manager import BlockManager

@@ -36,7 +36,7 @@ class KVCache:
         return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * elem
 
     @classmethod
-    def allocate(cls, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype) -> "KVCache":
+    def allocate(cls, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype) -> KVCache:
         shape = (args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim)
         return cls(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), block_size)
 

@@ -13,7 +13,7 @@ import bisect
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
-from .sequence import Sequence, SeqStatus
+from .sequence import SeqStatus, Sequence
 
 
 @dataclass

@@ -6,7 +6,7 @@ transformers rebuilds a fast tokenizer (vocab, merges, chat template) from GGUF 
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from .weights import CheckpointError
 

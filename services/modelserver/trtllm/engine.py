@@ -10,10 +10,19 @@ import asyncio
 import collections
 import inspect
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
-from ..engine.base import (Engine, EngineLoad, EngineUnavailableError, FinishReason, GenerationChunk,
-                           GenerationRequest, InvalidRequestError, Usage)
+from ..engine.base import (
+    Engine,
+    EngineLoad,
+    EngineUnavailableError,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    InvalidRequestError,
+    Usage,
+)
 from .mapping import chosen_logprobs, finish_reason, priority_kwargs, sampling_kwargs, stream_delta
 
 MISSING = ("tensorrt_llm is not installed; it needs an NVIDIA GPU with CUDA and the tensorrt-llm "
@@ -23,7 +32,7 @@ MISSING = ("tensorrt_llm is not installed; it needs an NVIDIA GPU with CUDA and 
 def import_tensorrt_llm() -> Any:
     """The tensorrt_llm module, or EngineUnavailableError saying why it cannot run here."""
     try:
-        import tensorrt_llm  # noqa: PLC0415 - deliberately lazy
+        import tensorrt_llm
     except ImportError as e:
         raise EngineUnavailableError(MISSING) from e
     try:
@@ -124,7 +133,7 @@ class TensorRTLLMEngine(Engine):
                     return
                 try:
                     out = await asyncio.wait_for(iterator.__anext__(), timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue  # the deadline check above ends it
                 except StopAsyncIteration:
                     return

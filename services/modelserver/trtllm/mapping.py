@@ -3,7 +3,8 @@ so they are unit tested on machines without a GPU."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from ..engine.base import FinishReason, Priority, SamplingParams
 

@@ -10,8 +10,8 @@ UnknownVersion (-> NOT_FOUND) with a message that names the tensor and says what
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from inference import grpc_service_pb2 as kserve_pb2
 from meshserve.v1 import common_pb2

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from importlib import metadata
-from typing import AsyncIterator
 
 import grpc
 from inference import grpc_service_pb2 as kserve_pb2
@@ -175,7 +175,7 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
                     infer_response=mapping.final_marker(call)))
         except RouteError as exc:
             await out.put(mapping.stream_error(request, exc.code.name, exc.message))
-        except Exception as exc:  # noqa: BLE001 - one request's bug must not end the stream
+        except Exception as exc:
             log.exception("KServe stream request %r failed", request.id)
             await out.put(mapping.stream_error(request, grpc.StatusCode.INTERNAL.name,
                                                f"internal error: {exc!r}"))

@@ -9,7 +9,8 @@ a certain error.
 from __future__ import annotations
 
 import time
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 from .types import Endpoint
 

@@ -9,7 +9,8 @@ admission control (shedding, queueing) deals with it.
 
 from __future__ import annotations
 
-from typing import Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TypeVar
 
 from .types import Endpoint, RouteRequest, Settings
 

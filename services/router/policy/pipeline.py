@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import itertools
 import random
-
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Generic, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 from . import affinity, candidates, locality, scoring
 from .prefix import PrefixIndex
@@ -92,7 +92,7 @@ class LeastLoadPolicy(Policy):
 
 @dataclass
 class RoundRobinPolicy(Policy):
-    counter: "itertools.count[int]" = field(default_factory=itertools.count)
+    counter: itertools.count[int] = field(default_factory=itertools.count)
     name = "round_robin"
 
     def pick(self, endpoints, req, settings, exclude=frozenset()):

@@ -16,7 +16,7 @@ traffic flows.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 DEFAULT_BLOCK_CHARS = 64
 DEFAULT_CAPACITY_BLOCKS = 16_384  # per server: about 256k tokens of prefixes

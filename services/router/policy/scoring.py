@@ -14,8 +14,9 @@ the same momentarily idle server.
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, TypeVar
+from typing import TypeVar
 
 from .prefix import PrefixIndex
 from .types import Endpoint, RouteRequest

@@ -6,8 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from services.common.routing_defaults import (DEFAULT_AFFINITY_LOAD_BOUND,
-                                              DEFAULT_SESSION_HEADER, DEFAULT_SPILL_UTILIZATION)
+from services.common.routing_defaults import (
+    DEFAULT_AFFINITY_LOAD_BOUND,
+    DEFAULT_SESSION_HEADER,
+    DEFAULT_SPILL_UTILIZATION,
+)
 
 from .prefix import block_hashes
 
@@ -60,7 +63,7 @@ class Settings:
     spill_utilization: float = DEFAULT_SPILL_UTILIZATION
 
     @classmethod
-    def from_proto(cls, policy: object | None) -> "Settings":
+    def from_proto(cls, policy: object | None) -> Settings:
         """No record in etcd means every default, locality preferences on. A record is taken as
         written for the two booleans (proto3 cannot tell unset from false)."""
         if policy is None:
