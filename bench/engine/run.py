@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -95,7 +96,7 @@ class RunnerProcess:
 
     def __init__(self, system: System, log_path: str) -> None:
         env = {**os.environ, **system.env, "PYTHONUNBUFFERED": "1"}
-        self.log = open(log_path, "w", encoding="utf-8")
+        self.log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - open for the runner's life; close() closes it
         self.proc = subprocess.Popen(
             [system.python, os.path.join(HERE, "runners", system.script), json.dumps(system.config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -142,7 +143,7 @@ def run_system(system: System, load_timeout: float, scenario_timeout: float) -> 
     if system.venv:
         failed = os.path.join(VENVS, f"{system.venv}.failed")
         if not os.path.exists(system.python):
-            reason = open(failed).read()[-600:] if os.path.exists(failed) else "venv missing"
+            reason = Path(failed).read_text()[-600:] if os.path.exists(failed) else "venv missing"
             return {**out, "error": f"not installed ({system.venv} venv): {reason}"}
     log_path = os.path.join(RESULTS, f"engine-{system.name}.log")
     t0 = time.monotonic()

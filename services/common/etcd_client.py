@@ -8,6 +8,7 @@ in keyspace.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import random
@@ -132,20 +133,16 @@ class EtcdClient:
                 out.append({"endpoint": ep, "healthy": False, "version": "", "is_leader": False,
                             "error": f"{type(exc).__name__}: {exc}".strip()})
             finally:
-                try:
+                with contextlib.suppress(Exception):  # a member that never answered cannot close
                     await single.close()
-                except Exception:  # noqa: BLE001
-                    pass
         return out
 
 
 async def _cancel(task: asyncio.Task | None) -> None:
     if task is not None:
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # it is being stopped
             await task
-        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - it is being stopped
-            pass
 
 
 @dataclass
@@ -172,6 +169,7 @@ class LeaseKeeper:
         self.reregistrations = 0
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self._registered = asyncio.Event()  # set by the first keep-alive that gets through
 
     async def put(self, key: str, value: bytes) -> None:
         """Attach key to the lease (now if possible, otherwise at the next successful renewal)."""
@@ -196,19 +194,16 @@ class LeaseKeeper:
     async def start(self, wait: float = 10.0) -> None:
         """Start keeping alive; waits up to `wait` seconds for the first registration."""
         self._task = asyncio.create_task(self._run(), name="lease-keeper")
-        deadline = asyncio.get_running_loop().time() + wait
-        while not self.healthy and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._registered.wait(), wait)
         if not self.healthy:
             log.warning("etcd not reachable yet; registration continues in the background")
 
     async def stop(self, revoke: bool = True) -> None:
         await _cancel(self._task)
         if revoke and self.lease_id is not None:
-            try:
+            with contextlib.suppress(Exception):  # best effort on the way out
                 await asyncio.wait_for(self._client.revoke_lease(self.lease_id), 2.0)
-            except (EtcdError, Exception):  # noqa: BLE001 - best effort on the way out
-                pass
 
     async def _register(self) -> None:
         self.lease_id = await self._client.grant_lease(self.ttl)
@@ -236,11 +231,10 @@ class LeaseKeeper:
                     self._pending_deletes.discard(key)
                 self._wake.clear()
                 self.healthy = True
+                self._registered.set()
                 backoff = 0.2
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.ttl / 3)
-                except TimeoutError:
-                    pass
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - etcd down must never crash the process

@@ -91,7 +91,7 @@ class MeshView:
     def is_draining(self, server_id: str) -> bool:
         return server_id in self.drains
 
-    def verdict(self, server_id: str) -> int:
+    def verdict(self, server_id: str) -> cp.ServingState:
         """SERVING unless the health checker said otherwise (a live lease is the default)."""
         v = self.health.get(server_id)
         return v.state if v is not None else cp.SERVING_STATE_SERVING

@@ -57,7 +57,7 @@ class HealthChecker:
         servers = dict(self.view.servers)
         results = await asyncio.gather(*(self._check(sid, info) for sid, info in servers.items()))
         puts: dict[str, bytes] = {}
-        for sid, problem in zip(servers, results):
+        for sid, problem in zip(servers, results, strict=True):
             verdict = self._judge(sid, problem)
             if verdict is not None:
                 puts[keyspace.health_key(sid)] = keyspace.encode(verdict)

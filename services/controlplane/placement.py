@@ -15,6 +15,7 @@ Rules, in order:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Set
 from dataclasses import dataclass, field
 
 
@@ -50,7 +51,7 @@ class Plan:
 
 
 def plan(models: list[ModelRequest], servers: list[Server], current: dict[str, set[str]],
-         failed: set[tuple[str, str]] = frozenset()) -> Plan:
+         failed: Set[tuple[str, str]] = frozenset()) -> Plan:
     by_id = {s.server_id: s for s in servers}
     memory = {m.name: m.memory_bytes for m in models}
     result = Plan()
@@ -62,7 +63,7 @@ def plan(models: list[ModelRequest], servers: list[Server], current: dict[str, s
             sid for sid in current.get(m.name, set())
             if sid in by_id and by_id[sid].usable and (sid, m.name) not in failed
             and (allowed is None or by_id[sid].region in allowed)}
-    used = Counter()
+    used: Counter[str] = Counter()
     for name, sids in result.placements.items():
         for sid in sids:
             used[sid] += memory[name]
@@ -97,7 +98,7 @@ def _trim(m: ModelRequest, placed: set[str], by_id: dict[str, Server], used: Cou
 
 
 def _fill(m: ModelRequest, placed: set[str], by_id: dict[str, Server], used: Counter,
-          failed: set[tuple[str, str]]) -> str:
+          failed: Set[tuple[str, str]]) -> str:
     allowed = m.allowed_regions
     minimums = dict(m.region_minimums)
     while True:

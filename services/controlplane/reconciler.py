@@ -7,6 +7,7 @@ writes are refused by etcd. Followers run nothing here; they take over from etcd
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -57,10 +58,8 @@ class Reconciler:
                 except Exception:
                     log.exception("reconcile step failed")
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval_s)
-            except TimeoutError:
-                pass
 
     async def _write(self, puts: dict[str, bytes], deletes: list[str]) -> bool:
         if not puts and not deletes:

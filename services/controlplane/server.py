@@ -4,6 +4,7 @@ checks health, releases drains and places models. Never on the request path."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -66,9 +67,7 @@ async def run(config: ControlPlaneConfig, stop: asyncio.Event) -> None:
             await stop.wait()
         finally:
             loop_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # it is being stopped
                 await loop_task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
             await election.stop()
             await probe.close()

@@ -11,6 +11,7 @@ from meshserve.v1 import controlplane_pb2 as cp
 from meshserve.v1 import controlplane_pb2_grpc
 
 from services.common import keyspace
+from services.common.errors import InvalidArgument, NotFound
 from services.common.etcd_client import EtcdClient, EtcdError, retrying
 from services.common.lifecycle import now_ms
 from services.common.membership import MeshView
@@ -62,12 +63,11 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServiceServicer):
 
     async def _require_model(self, name: str, context) -> cp.ModelSpec:
         if not name:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model name is required")
+            raise InvalidArgument("model name is required")
         spec = self._view.models.get(name)
         if spec is None:
             known = ", ".join(sorted(self._view.models)) or "none"
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"model {name!r} is not deployed (deployed: {known})")
+            raise NotFound(f"model {name!r} is not deployed (deployed: {known})")
         return spec
 
     def _deployment(self, name: str) -> cp.Deployment:
@@ -81,7 +81,7 @@ class ControlPlaneServicer(controlplane_pb2_grpc.ControlPlaneServiceServicer):
         resp.deployments.extend(desired.deployments(self._view))
         loads = await asyncio.gather(*(self._probe.load(s.info.server_id, s.info.address, 1.0)
                                        for s in resp.servers))
-        for server, load in zip(resp.servers, loads):
+        for server, load in zip(resp.servers, loads, strict=True):
             if load is not None:
                 server.load.CopyFrom(load)
         for m in await self._etcd.member_status():

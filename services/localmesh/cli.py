@@ -145,7 +145,7 @@ def up(args: argparse.Namespace) -> int:
             for name, child in mesh.children.items():
                 if not child.alive():
                     log.error("%s exited unexpectedly (code %s); see %s", name,
-                              child.proc.returncode, child.log_path)
+                              child.returncode, child.log_path)
                     stop.set()
                     break
             stop.wait(1.0)

@@ -6,6 +6,7 @@ port, or free ones picked by the OS); every port is checked before anything star
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,8 +126,8 @@ class LocalMesh:
         for i in range(len(self.etcd_clients)):
             self._spawn_etcd(i)
         for i, client in enumerate(self.etcd_clients):
-            self.sup.wait_ready(self.children[f"etcd{i}"], lambda a=client: c.etcd_healthy(a), 30,
-                                "healthy")
+            self.sup.wait_ready(self.children[f"etcd{i}"], functools.partial(c.etcd_healthy, client),
+                                30, "healthy")
 
     def _spawn_etcd(self, i: int) -> Child:
         name = f"etcd{i}"

@@ -38,6 +38,10 @@ class Child:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.returncode if self.proc else None
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
@@ -76,7 +80,7 @@ class Supervisor:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not child.alive():
-                raise StartError(f"{child.name} exited with code {child.proc.returncode} before it "
+                raise StartError(f"{child.name} exited with code {child.returncode} before it "
                                  f"was {what}; last log lines:\n{child.log_tail()}")
             try:
                 if check():
@@ -89,12 +93,12 @@ class Supervisor:
 
     def kill(self, child: Child) -> None:
         """SIGKILL one child (failure tests)."""
-        if child.alive():
+        if child.proc is not None and child.alive():
             child.proc.send_signal(signal.SIGKILL)
             child.proc.wait(timeout=10)
 
     def stop_child(self, child: Child, timeout: float = 15.0) -> None:
-        if not child.alive():
+        if child.proc is None or not child.alive():
             return
         child.proc.send_signal(signal.SIGTERM)
         try:

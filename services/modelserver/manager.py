@@ -33,7 +33,7 @@ class Hosted:
     spec: ModelSpec
     memory_bytes: int
     managed: bool
-    state: int = cp.MODEL_STATE_LOADING
+    state: cp.ModelState = cp.MODEL_STATE_LOADING
     reason: str = ""
     engine: Engine | None = None
     in_flight: int = 0
@@ -148,7 +148,7 @@ class ModelManager:
                                              state=hosted.state, reason=hosted.reason,
                                              since_ms=now_ms(), managed=hosted.managed))
 
-    def _set(self, name: str, hosted: Hosted, state: int, reason: str = "") -> None:
+    def _set(self, name: str, hosted: Hosted, state: cp.ModelState, reason: str = "") -> None:
         hosted.state, hosted.reason = state, reason
         if state == cp.MODEL_STATE_FAILED:
             hosted.failed_at = time.monotonic()

@@ -80,6 +80,8 @@ class _Registration:
                 await self._apply(model, status)
             except Exception:
                 log.exception("could not publish the status of %s", model)
+            finally:
+                self._queue.task_done()
 
     async def _apply(self, model: str, status: cp.ModelStatus | None) -> None:
         key = keyspace.status_key(self.info.server_id, model)
@@ -96,8 +98,8 @@ class _Registration:
         await self._keeper.put(keyspace.server_key(self.info.server_id), keyspace.encode(self.info))
 
     async def flush(self) -> None:
-        while not self._queue.empty():
-            await asyncio.sleep(0.01)
+        """Return once every queued status is applied (not merely taken off the queue)."""
+        await self._queue.join()
 
     async def stop(self) -> None:
         if self._worker is not None:
@@ -139,7 +141,7 @@ async def run(config: ModelServerConfig, stop: asyncio.Event) -> None:
                  ", ".join(manager.ready_models()) or "none")
         while not stop.is_set():
             desired = {}
-            for key, value in placements.items.items():
+            for value in placements.items.values():
                 placement = keyspace.decode(cp.Placement, value)
                 if placement is not None:
                     desired[placement.spec.name] = placement.spec
@@ -162,7 +164,7 @@ async def run(config: ModelServerConfig, stop: asyncio.Event) -> None:
         await registration.stop()
         await keeper.stop(revoke=True)
         deadline = time.monotonic() + config.shutdown_grace_s
-        while manager.in_flight() and time.monotonic() < deadline:
+        while manager.in_flight() and time.monotonic() < deadline:  # noqa: ASYNC110 - a sum over models, no event
             await asyncio.sleep(0.05)
         await server.stop(grace=1.0)
         await manager.stop()

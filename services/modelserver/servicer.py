@@ -45,6 +45,7 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND,
                                 f"model {model!r} is not served by server {self._info().server_id}; "
                                 f"it serves {', '.join(self._manager.ready_models()) or 'nothing'}")
+            return  # not reached: abort raises
         if not self.accepting or not engine.ready:
             metrics.REQUESTS.labels(model, "UNAVAILABLE").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE,

@@ -9,6 +9,7 @@ than at a server keeps the choice of server open until the moment one has room.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable
@@ -60,10 +61,8 @@ class AdmissionQueue:
                     raise QueueTimeout(f"waited {time.monotonic() - started:.1f}s for a server "
                                        "with room")
                 me.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(me.wait(), left)
-                except TimeoutError:
-                    pass
         finally:
             self._waiters.remove(me)
             self.notify()

@@ -175,7 +175,7 @@ class Dispatcher:
             self._settings_cache = cached = (record, Settings.from_proto(record))
         return cached[1]
 
-    def known_models(self) -> set[str]:
+    def known_models(self) -> frozenset[str]:
         return self._pool.known_models()
 
     def models(self) -> list[ModelAvailability]:
@@ -361,11 +361,11 @@ class Dispatcher:
             stalled = code is None
             if stalled or code in SERVER_FAULTS:
                 backend.record_failure()
-            what = "stalled" if stalled else code.name  # type: ignore[union-attr]
+            what = "stalled" if code is None else code.name
             last_error = f"{backend.server_id}: {what}: {details}"
             if streamed:
                 if not stalled and code not in MIGRATABLE:
-                    raise self._final_error(code, details, backend)  # type: ignore[arg-type]
+                    raise self._final_error(code, details, backend)
                 if len(relayed) >= max_tokens:  # everything arrived but the closing chunk
                     yield self._closing_chunk(backend, request_id, len(relayed))
                     return
@@ -382,7 +382,7 @@ class Dispatcher:
                 log.info("migrating %s after %d tokens: %s", request_id, len(relayed), last_error)
                 continue
             if not stalled and code not in RETRYABLE:
-                raise self._final_error(code, details, backend)  # type: ignore[arg-type]
+                raise self._final_error(code, details, backend)
             failures += 1
             if failures >= s.max_attempts:
                 break

@@ -16,7 +16,7 @@ import os
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from .base import (
@@ -51,10 +51,7 @@ class SimConfig:
 
 
 def _words(request: GenerationRequest) -> list[str]:
-    if request.messages:
-        text = " ".join(m.content for m in request.messages)
-    else:
-        text = request.prompt or ""
+    text = " ".join(m.content for m in request.messages) if request.messages else request.prompt or ""
     return text.split() or ["."]
 
 
@@ -144,12 +141,12 @@ class SimEngine(Engine):
                 self._running[rid] = tokens
                 fut.set_result(None)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if not self._ready:
             raise EngineUnavailableError(f"model {self.model_name} is not loaded")
         words = self._validate(request)
         cfg = self.config
-        if cfg.hang_file and os.path.exists(cfg.hang_file):
+        if cfg.hang_file != "" and await asyncio.to_thread(os.path.exists, cfg.hang_file):
             await asyncio.Event().wait()  # until the caller gives up and cancels
         rid = f"{request.request_id}#{next(self._seq)}"
         await self._admit(request, rid, len(words))

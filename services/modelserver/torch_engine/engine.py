@@ -8,10 +8,11 @@ variable, and chunks come back per request via loop.call_soon_threadsafe into an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import torch
@@ -138,7 +139,7 @@ class TorchEngine(Engine):
             prefix_cache_hit_tokens_total=core.blocks.hit_tokens)
 
     # ---- requests ------------------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if not self._accepting or self.core is None:
             raise EngineUnavailableError(f"model {self.model_name!r} is not loaded")
         core_req = self._prepare(request)
@@ -207,10 +208,8 @@ class TorchEngine(Engine):
         final = isinstance(item, BaseException) or getattr(item, "finish_reason", None) is not None
         stream = self._streams.pop(rid, None) if final else self._streams.get(rid)
         if stream is not None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the consumer's loop is closed
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-            except RuntimeError:  # the consumer's loop is closed
-                pass
 
     def _run(self) -> None:
         if self.config.threads:

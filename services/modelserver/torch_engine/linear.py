@@ -8,6 +8,9 @@ A step of very few tokens (one sequence decoding) is bound by reading the weight
 so it can use a second, weight-only int8 copy (per-output-channel scales) that halves the bytes
 read; bigger steps keep the bf16 GEMM, which is faster there because the int8 kernel's cost
 grows with the rows.
+
+Both kernels exist only under underscored torch.ops names (oneDNN's packed GEMM and ATen's int8
+weight-only GEMM have no public alias), hence the `noqa: SLF001` on each use.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ def _mkldnn_ok() -> bool:
     try:
         w = torch.randn(32, 16, dtype=torch.bfloat16)
         x = torch.randn(3, 16, dtype=torch.bfloat16)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_BATCH_HINT)
-        got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_BATCH_HINT)  # noqa: SLF001 - torch op
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: SLF001 - torch op
         return bool(torch.allclose(got.float(), F.linear(x, w).float(), atol=0.1, rtol=0.02))
     except (AttributeError, RuntimeError):
         return False
@@ -44,7 +47,7 @@ def _int8_ok() -> bool:
         x = torch.randn(2, 32, dtype=torch.bfloat16)
         w = torch.randint(-127, 128, (8, 32), dtype=torch.int8)
         s = torch.rand(8, dtype=torch.bfloat16)
-        got = torch.ops.aten._weight_int8pack_mm(x, w, s)
+        got = torch.ops.aten._weight_int8pack_mm(x, w, s)  # noqa: SLF001 - torch op
         want = F.linear(x.float(), w.float() * s.float()[:, None])
         return bool(torch.allclose(got.float(), want, atol=0.5, rtol=0.05))
     except (AttributeError, RuntimeError):
@@ -86,14 +89,16 @@ class Linear:
         self.packed = weight.dtype == torch.bfloat16 and packing_available()
         if self.packed:
             with torch.inference_mode():
-                self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), _PACK_BATCH_HINT)
+                reorder = torch.ops.mkldnn._reorder_linear_weight  # noqa: SLF001 - torch op
+                self.weight = reorder(weight.contiguous(), _PACK_BATCH_HINT)
         else:
             self.weight = weight.contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= self.int8_max_rows:
-            y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+            y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)  # noqa: SLF001 - torch op
             return y if self.bias is None else y + self.bias
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+            linear = torch.ops.mkldnn._linear_pointwise  # noqa: SLF001 - torch op
+            return linear(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)

@@ -57,7 +57,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
     if want:
         idx = torch.tensor(want, dtype=torch.long)
         lp = torch.log_softmax(logits[idx], dim=-1).gather(1, tokens[idx].unsqueeze(1)).squeeze(1)
-        for i, v in zip(want, lp.tolist()):
+        for i, v in zip(want, lp.tolist(), strict=True):
             logprobs[i] = v
     return SampleResult(token_list, logprobs)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import cast
 
 from .weights import CheckpointError
 
@@ -55,7 +56,7 @@ class Tokenizer:
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+        return cast(str, self._tok.decode(list(ids), skip_special_tokens=True))  # one sequence: one str
 
     def save(self, folder: str) -> None:
         """Write tokenizer files in Hugging Face format (tests export GGUF models to folders)."""

@@ -10,7 +10,7 @@ import asyncio
 import collections
 import inspect
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from ..engine.base import (
@@ -105,7 +105,7 @@ class TensorRTLLMEngine(Engine):
             return list(tok.encode(text, add_special_tokens=False))
         return list(tok.encode(request.prompt))
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if self._llm is None:
             raise EngineUnavailableError(f"model {self.model_name!r} is not loaded")
         request.validate_shape()

@@ -58,12 +58,12 @@ def chosen_logprobs(entries: Sequence[Any], token_ids: Sequence[int]) -> list[fl
     Versions return either floats or {token_id: Logprob(logprob=..., rank=...)} per position.
     """
     out: list[float] = []
-    for entry, tok in zip(entries, token_ids):
+    # Some versions return fewer entries than tokens: score what is there.
+    for entry, tok in zip(entries, token_ids, strict=False):
         if isinstance(entry, Mapping):
             lp = entry.get(tok)
-            if lp is None:
-                continue
-            out.append(float(getattr(lp, "logprob", lp)))
+            if lp is not None:
+                out.append(float(lp.logprob if hasattr(lp, "logprob") else lp))
         else:
             out.append(float(entry))
     return out

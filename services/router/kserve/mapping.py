@@ -130,7 +130,7 @@ def _utf8(name: str, value: bytes) -> str:
 def read_inputs(req: kserve_pb2.ModelInferRequest) -> dict[str, tuple[list[Value], int]]:
     """Each input's elements and rank, checked against INPUTS."""
     out: dict[str, tuple[list[Value], int]] = {}
-    for tensor, raw in zip(req.inputs, _raw_entries(req)):
+    for tensor, raw in zip(req.inputs, _raw_entries(req), strict=True):
         spec = INPUTS.get(tensor.name)
         if spec is None:
             raise InvalidInput(f"unexpected input {tensor.name!r}; this endpoint takes "
@@ -150,8 +150,14 @@ def read_inputs(req: kserve_pb2.ModelInferRequest) -> dict[str, tuple[list[Value
 
 
 def _sampling(values: dict[str, tuple[list[Value], int]], s: common_pb2.SamplingParams) -> None:
-    def one(name: str) -> Value | None:
-        return values[name][0][0] if name in values else None
+    def one(name: str) -> int | float | None:
+        """A numeric input's value (read_inputs checked every datatype against INPUTS)."""
+        if name not in values:
+            return None
+        value = values[name][0][0]
+        if isinstance(value, bytes):
+            raise InvalidInput(f"input {name!r} must be a number")
+        return value
 
     if (v := one("max_tokens")) is not None:
         if v < 0:
@@ -178,8 +184,8 @@ def _sampling(values: dict[str, tuple[list[Value], int]], s: common_pb2.Sampling
         raise InvalidInput("input 'exclude_input_in_output' must be true: text_output never "
                            "repeats the prompt here (or leave the input out)")
     # An empty stop word cannot match anything meaningful: TensorRT-LLM clients send [""] for none.
-    s.stop.extend(w for w in (_utf8("stop_words", b) for b in values.get("stop_words", ([], 0))[0])
-                  if w)
+    words = [b for b in values.get("stop_words", ([], 0))[0] if isinstance(b, bytes)]  # BYTES by INPUTS
+    s.stop.extend(w for w in (_utf8("stop_words", b) for b in words) if w)
     s.logprobs = bool(one("return_log_probs"))
 
 

@@ -17,6 +17,8 @@ import grpc
 from inference import grpc_service_pb2 as kserve_pb2
 from inference import grpc_service_pb2_grpc as kserve_pb2_grpc
 
+from services.common.errors import NotFound, ServiceError
+
 from ..dispatch import Dispatcher, RouteError, merge_chunks
 from . import mapping
 
@@ -87,9 +89,9 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
             mapping.check_version(request.name, request.version)
             return mapping.model_metadata(request.name)
         except RouteError as exc:
-            await context.abort(exc.code, exc.message)
+            raise ServiceError.of(exc.code, exc.message) from None
         except mapping.UnknownVersion as exc:
-            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+            raise NotFound(str(exc)) from None
 
     # --- inference ---------------------------------------------------------------------------
 
@@ -117,7 +119,7 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
                 call.generate, context.time_remaining(), context.invocation_metadata())]
             return mapping.to_infer_response(call, merge_chunks(chunks))
         except RouteError as exc:
-            await context.abort(exc.code, exc.message, trailing_metadata=exc.trailers)
+            raise ServiceError.of(exc.code, exc.message, exc.trailers) from None
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[kserve_pb2.ModelInferRequest],
                                context: grpc.aio.ServicerContext
