@@ -49,8 +49,9 @@ $(GEN_STAMP): $(PROTOS) build/proto-deps/.stamp
 		gen/python/inference/__init__.py
 	touch $@
 
-# buf lint (STANDARD) and buf breaking (FILE) against $(AGAINST), compared offline through git archive.
-lint: build/proto-deps/.stamp
+# buf lint (STANDARD), buf breaking (FILE) against $(AGAINST) (compared offline through git archive),
+# then ruff and mypy over services/, bench/ and tests/ (pyproject.toml; mypy reads the stubs in gen/).
+lint: setup build/proto-deps/.stamp
 	$(BIN)/buf lint
 	rm -rf build/against && mkdir -p build/against/build
 	if git cat-file -e $(AGAINST):buf.yaml 2>/dev/null; then \
@@ -58,6 +59,8 @@ lint: build/proto-deps/.stamp
 		cp -r build/proto-deps build/against/build/ && \
 		$(BIN)/buf breaking --against build/against && echo "buf breaking: no breaking change against $(AGAINST)"; \
 	else echo "buf breaking: $(AGAINST) has no buf.yaml yet, nothing to compare"; fi
+	$(BIN)/ruff check
+	$(BIN)/mypy
 
 test: setup
 	$(BIN)/python -m pytest -q
