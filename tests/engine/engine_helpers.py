@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 from services.modelserver.engine.base import ChatMessage, GenerationChunk, GenerationRequest, SamplingParams
 
 _counter = iter(range(1_000_000))
@@ -29,13 +26,3 @@ def text_of(chunks: list[GenerationChunk]) -> str:
 
 def tokens_of(chunks: list[GenerationChunk]) -> list[int]:
     return [t for c in chunks for t in c.token_ids]
-
-
-async def wait_until(predicate, timeout: float = 30.0) -> bool:
-    """Poll a condition; returns whether it became true (tests assert on the result, not on time)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        await asyncio.sleep(0.01)
-    return predicate()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from engine_helpers import chat, collect, prompt, text_of, tokens_of, wait_until
+from engine_helpers import chat, collect, prompt, text_of, tokens_of
 
 from services.modelserver.engine.base import (
     ChatMessage,
@@ -22,6 +22,7 @@ from services.modelserver.engine.base import (
 from services.modelserver.torch_engine.engine_core import CoreRequest, EngineCore
 from services.modelserver.torch_engine.model import KVCache
 from services.modelserver.torch_engine.weights import embedded_gguf_path
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.model
 
@@ -49,7 +50,7 @@ def test_greedy_matches_transformers(smol, run, hf_model):
 
     results = run(all_at_once())
     tok = smol.tokenizer
-    for req, chunks in zip(cases, results):
+    for req, chunks in zip(cases, results, strict=True):
         ids = (tok.encode_chat([(m.role, m.content) for m in req.messages]) if req.messages
                else tok.encode(req.prompt))
         with torch.inference_mode():
@@ -77,7 +78,7 @@ def test_repeated_system_prompt_hits_prefix_cache(smol, run):
     tok = smol.tokenizer
     a = tok.encode_chat([("system", system), ("user", "Say hello.")])
     b = tok.encode_chat([("system", system), ("user", "Say goodbye.")])
-    common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    common = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)  # first difference
     assert common >= 32
     # every full 16-token block of the shared system prompt is reused
     assert other[-1].usage.cached_tokens == common // 16 * 16
@@ -122,7 +123,7 @@ def test_cancellation_frees_blocks(smol, run):
         got = [await gen.__anext__(), await gen.__anext__()]
         assert smol.load().kv_blocks_used > baseline
         await gen.aclose()
-        return got, await wait_until(lambda: smol.load().kv_blocks_used == baseline and smol.load().running == 0)
+        return got, await eventually(lambda: smol.load().kv_blocks_used == baseline and smol.load().running == 0, 30)
 
     got, freed = run(close_early())
     assert len(got) == 2 and freed
@@ -139,7 +140,7 @@ def test_cancellation_frees_blocks(smol, run):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        return await wait_until(lambda: smol.load().kv_blocks_used == baseline and smol.load().running == 0)
+        return await eventually(lambda: smol.load().kv_blocks_used == baseline and smol.load().running == 0, 30)
 
     assert run(cancel_task())
 
@@ -242,7 +243,7 @@ def test_deadline_and_priority_requests(smol, run):
     crit = chat(FRANCE, max_tokens=16)
     crit.priority = Priority.CRITICAL
     assert text_of(run(collect(smol, crit))) == "The capital of France is Paris."
-    assert run(wait_until(lambda: smol.load().kv_blocks_used == 0))
+    assert run(eventually(lambda: smol.load().kv_blocks_used == 0, 30))
 
 
 def test_resume_token_ids_continue_generation(smol, run):

@@ -44,7 +44,7 @@ class _Manager:
 
 
 def _servicer(engines: dict) -> ModelServerServicer:
-    return ModelServerServicer(_Manager(engines),
+    return ModelServerServicer(_Manager(engines),  # type: ignore[arg-type]  # ModelManager's used slice
                                lambda: modelserver_pb2.ServerInfo(server_id="metrics-test"))
 
 

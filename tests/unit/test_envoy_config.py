@@ -1,4 +1,6 @@
+import dataclasses
 import subprocess
+from typing import Any
 
 import pytest
 import yaml
@@ -7,11 +9,10 @@ from services.common.envoy_config import EnvoySettings, render
 from services.localmesh.components import envoy_binary
 
 
-def settings(**kw):
-    base = dict(listen="127.0.0.1:18000", admin="127.0.0.1:18001",
-                routers=["127.0.0.1:18020", "127.0.0.1:18021"])
-    base.update(kw)
-    return EnvoySettings(**base)
+def settings(**kw: Any) -> EnvoySettings:
+    base = EnvoySettings(listen="127.0.0.1:18000", admin="127.0.0.1:18001",
+                         routers=["127.0.0.1:18020", "127.0.0.1:18021"])
+    return dataclasses.replace(base, **kw)
 
 
 def test_render_fills_routers_and_keeps_admin_on_loopback():

@@ -7,27 +7,9 @@ import asyncio
 import pytest
 
 from services.common.etcd_client import EtcdClient, LeaseKeeper, PrefixMirror, _grpc_target, parse_endpoints
-from tests.conftest import EtcdCluster
+from tests.helpers import EtcdCluster, retry, until
 
 pytestmark = pytest.mark.e2e
-
-
-async def until(check, timeout=15.0, what="condition"):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-async def retry(call, attempts=50):
-    for i in range(attempts):
-        try:
-            return await call()
-        except Exception:
-            if i == attempts - 1:
-                raise
-            await asyncio.sleep(0.1)
 
 
 def test_endpoint_parsing():
@@ -40,59 +22,48 @@ def test_endpoint_parsing():
         parse_endpoints("nohostport")
 
 
-def test_lost_lease_means_register_again(etcd):
-    async def go():
-        client = EtcdClient(etcd.endpoints)
-        keeper = LeaseKeeper(client, ttl=2)
-        await keeper.put("/t/server", b"v1")
-        await keeper.start()
-        assert await client.get("/t/server") == b"v1"
-        # Someone (or a long partition) kills the lease: the key vanishes ...
-        await client.revoke_lease(keeper.lease_id)
-        assert await client.get("/t/server") is None
-        # ... and the keeper notices at its next renewal and puts it back on a new lease.
-        await until(lambda: keeper.reregistrations >= 1, what="re-registration")
-        await until(lambda: keeper.healthy, what="healthy keeper")
-        assert await client.get("/t/server") == b"v1"
-        await keeper.stop(revoke=True)
-        assert await client.get("/t/server") is None
-        await client.close()
-    asyncio.run(go())
+async def test_lost_lease_means_register_again(etcd: EtcdCluster):
+    client = EtcdClient(etcd.endpoints)
+    keeper = LeaseKeeper(client, ttl=2)
+    await keeper.put("/t/server", b"v1")
+    await keeper.start()
+    assert await client.get("/t/server") == b"v1"
+    # Someone (or a long partition) kills the lease: the key vanishes ...
+    assert keeper.lease_id is not None
+    await client.revoke_lease(keeper.lease_id)
+    assert await client.get("/t/server") is None
+    # ... and the keeper notices at its next renewal and puts it back on a new lease.
+    await until(lambda: keeper.reregistrations >= 1, what="re-registration")
+    await until(lambda: keeper.healthy, what="healthy keeper")
+    assert await client.get("/t/server") == b"v1"
+    await keeper.stop(revoke=True)
+    assert await client.get("/t/server") is None
+    await client.close()
 
 
-def test_mirror_resumes_from_last_revision_across_an_etcd_restart(etcd):
-    async def go():
-        writer = EtcdClient(etcd.endpoints)
-        await writer.put("/t/m/a", b"1")
-        reader = EtcdClient(etcd.endpoints)
-        seen = []
-        mirror = PrefixMirror(reader, "/t/m/", lambda k, v: seen.append((k, v)))
-        await mirror.start()
-        assert mirror.items == {"/t/m/a": b"1"}
-        await writer.put("/t/m/b", b"2")
-        await until(lambda: "/t/m/b" in mirror.items, what="watch event")
+async def test_mirror_resumes_from_last_revision_across_an_etcd_restart(etcd: EtcdCluster):
+    writer = EtcdClient(etcd.endpoints)
+    await writer.put("/t/m/a", b"1")
+    reader = EtcdClient(etcd.endpoints)
+    seen: list[tuple[str, bytes | None]] = []
+    mirror = PrefixMirror(reader, "/t/m/", lambda k, v: seen.append((k, v)))
+    await mirror.start()
+    assert mirror.items == {"/t/m/a": b"1"}
+    await writer.put("/t/m/b", b"2")
+    await until(lambda: "/t/m/b" in mirror.items, what="watch event")
 
-        # etcd goes away: the mirror keeps its last state (read-only mode).
-        etcd.sup.stop_child(etcd.children["etcd0"])
-        await until(lambda: not mirror.connected, what="mirror to notice")
-        assert mirror.items == {"/t/m/a": b"1", "/t/m/b": b"2"}
+    # etcd goes away: the mirror keeps its last state (read-only mode).
+    etcd.sup.stop_child(etcd.children["etcd0"])
+    await until(lambda: not mirror.connected, what="mirror to notice")
+    assert mirror.items == {"/t/m/a": b"1", "/t/m/b": b"2"}
 
-        # etcd returns; changes made before the mirror reconnects are still delivered.
-        await asyncio.get_running_loop().run_in_executor(None, etcd.start_member, 0)
-        await until(lambda: _healthy(etcd), what="etcd back")
-        await retry(lambda: writer.put("/t/m/c", b"3"))  # its channel may still be backing off
-        await retry(lambda: writer.delete("/t/m/a"))
-        await until(lambda: mirror.items == {"/t/m/b": b"2", "/t/m/c": b"3"}, what="catch up")
-        assert ("/t/m/a", None) in seen and ("/t/m/c", b"3") in seen
-        await mirror.stop()
-        await reader.close()
-        await writer.close()
-    asyncio.run(go())
-
-
-def _healthy(cluster: EtcdCluster) -> bool:
-    from services.localmesh.components import etcd_healthy
-    try:
-        return etcd_healthy(cluster.clients[0])
-    except Exception:  # noqa: BLE001
-        return False
+    # etcd returns; changes made before the mirror reconnects are still delivered.
+    await asyncio.get_running_loop().run_in_executor(None, etcd.start_member, 0)
+    await until(etcd.healthy, what="etcd back")
+    await retry(lambda: writer.put("/t/m/c", b"3"))  # its channel may still be backing off
+    await retry(lambda: writer.delete("/t/m/a"))
+    await until(lambda: mirror.items == {"/t/m/b": b"2", "/t/m/c": b"3"}, what="catch up")
+    assert ("/t/m/a", None) in seen and ("/t/m/c", b"3") in seen
+    await mirror.stop()
+    await reader.close()
+    await writer.close()

@@ -194,7 +194,8 @@ def test_unknown_version_is_not_found():
 
 # --- responses ---------------------------------------------------------------------------------
 
-def chunk(text: str, finish: int = 0, logprobs=(), usage=None) -> meshserve_pb2.GenerateResponse:
+def chunk(text: str, finish: common_pb2.FinishReason = common_pb2.FINISH_REASON_UNSPECIFIED, logprobs=(),
+          usage=None) -> meshserve_pb2.GenerateResponse:
     out = meshserve_pb2.GenerateResponse(text=text, logprobs=logprobs, finish_reason=finish,
                                          request_id="rid")
     out.served_by.server_id, out.served_by.simulated, out.served_by.backend = "s0", True, "sim"

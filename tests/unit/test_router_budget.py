@@ -10,6 +10,7 @@ from meshserve.v1 import common_pb2, modelserver_pb2
 from services.router.admission import AdmissionQueue, QueueFull, QueueTimeout
 from services.router.migration import client_usage, resume_request
 from services.router.retry_budget import RetryBudget
+from tests.helpers import until
 
 
 def test_retry_budget_is_a_ratio_plus_floor_over_a_window():
@@ -25,34 +26,32 @@ def test_retry_budget_is_a_ratio_plus_floor_over_a_window():
         RetryBudget(window_s=0)
 
 
-def test_admission_queue_is_fifo_bounded_and_times_out():
-    async def main():
-        q = AdmissionQueue(limit=2)
-        room = [False]
-        order: list[str] = []
+async def test_admission_queue_is_fifo_bounded_and_times_out():
+    q = AdmissionQueue(limit=2)
+    room = [False]
+    order: list[str] = []
 
-        async def waiter(name: str) -> None:
-            await q.wait(lambda: room[0], 5)
-            order.append(name)
-            room[0] = False  # it took the room
+    async def waiter(name: str) -> None:
+        await q.wait(lambda: room[0], 5)
+        order.append(name)
+        room[0] = False  # it took the room
 
-        first = asyncio.create_task(waiter("first"))
-        await asyncio.sleep(0)
-        second = asyncio.create_task(waiter("second"))
-        await asyncio.sleep(0.01)
-        with pytest.raises(QueueFull):
-            await q.wait(lambda: True, 1)
-        room[0] = True
-        q.notify()
-        await asyncio.wait_for(first, 1)
-        assert order == ["first"] and not second.done()
-        room[0] = True
-        q.notify()
-        await asyncio.wait_for(second, 1)
-        assert order == ["first", "second"] and len(q) == 0
-        with pytest.raises(QueueTimeout):
-            await q.wait(lambda: False, 0.05)
-    asyncio.run(main())
+    first = asyncio.create_task(waiter("first"))
+    await until(lambda: len(q) == 1, 5, "the first waiter to queue")
+    second = asyncio.create_task(waiter("second"))
+    await until(lambda: len(q) == 2, 5, "the second waiter to queue")
+    with pytest.raises(QueueFull):
+        await q.wait(lambda: True, 1)
+    room[0] = True
+    q.notify()
+    await asyncio.wait_for(first, 1)
+    assert order == ["first"] and not second.done()
+    room[0] = True
+    q.notify()
+    await asyncio.wait_for(second, 1)
+    assert order == ["first", "second"] and len(q) == 0
+    with pytest.raises(QueueTimeout):
+        await q.wait(lambda: False, 0.05)
 
 
 def test_client_usage_counts_the_whole_answer_for_every_engine():

@@ -11,6 +11,7 @@ import pytest
 from meshserve.v1 import controlplane_pb2 as cp
 
 from services.router.policy import RouteRequest, Settings, affinity, candidates, locality, make_policy, scoring
+from services.router.policy.pipeline import Pick, Policy
 from services.router.policy.prefix import PrefixIndex, block_hashes, render
 from services.router.policy.types import Load
 
@@ -38,6 +39,20 @@ class FakeEndpoint:
 
 
 E = FakeEndpoint
+
+
+def home_of(es: list[FakeEndpoint], session: str, s: Settings) -> FakeEndpoint:
+    """affinity.choose, which must find a server here."""
+    chosen = affinity.choose(es, session, s)
+    assert chosen is not None, f"no server chosen for {session!r}"
+    return chosen
+
+
+def must_pick(policy: Policy, es: list[FakeEndpoint], r: RouteRequest, s: Settings) -> Pick[FakeEndpoint]:
+    """policy.pick, which must find a server here."""
+    pick = policy.pick(es, r, s)
+    assert pick is not None, f"{policy} picked nothing"
+    return pick
 
 
 def req(**kw) -> RouteRequest:
@@ -97,12 +112,12 @@ def test_locality_unknown_region_and_switched_off():
 def test_rendezvous_is_stable_and_moves_only_the_leavers_sessions():
     es = [E(f"s{i}") for i in range(5)]
     s = Settings()
-    before = {f"sess{i}": affinity.choose(es, f"sess{i}", s).server_id for i in range(400)}
+    before = {f"sess{i}": home_of(es, f"sess{i}", s).server_id for i in range(400)}
     # The same answer from a fresh computation (another router replica) and in any order.
-    assert before == {k: affinity.choose(list(reversed(es)), k, s).server_id for k in before}
+    assert before == {k: home_of(list(reversed(es)), k, s).server_id for k in before}
     assert len(set(before.values())) == 5
     remaining = [e for e in es if e.server_id != "s2"]
-    after = {k: affinity.choose(remaining, k, s).server_id for k in before}
+    after = {k: home_of(remaining, k, s).server_id for k in before}
     moved = {k for k in before if before[k] != after[k]}
     assert moved == {k for k, v in before.items() if v == "s2"}
 
@@ -110,7 +125,7 @@ def test_rendezvous_is_stable_and_moves_only_the_leavers_sessions():
 def test_affinity_yields_to_saturation_and_load_bound():
     es = [E("a"), E("b"), E("c")]
     s = Settings()
-    home = affinity.choose(es, "sess", s)
+    home = home_of(es, "sess", s)
     home.in_flight = 9  # saturated (0.9 >= spill_utilization)
     second = affinity.choose(es, "sess", s)
     assert second is not None and second is not home
@@ -190,25 +205,25 @@ def test_meshserve_policy_reasons():
     p = make_policy("meshserve")
     es = [E("eu-a", "eu"), E("us-a", "us")]
     s = Settings()
-    pick = p.pick(es, req(region="eu", session="u1"), s)
+    pick = must_pick(p, es, req(region="eu", session="u1"), s)
     assert pick.endpoint.server_id == "eu-a" and pick.reason == "affinity"
     es[0].in_flight = 10
-    pick = p.pick(es, req(region="eu", session="u1"), s)
+    pick = must_pick(p, es, req(region="eu", session="u1"), s)
     assert pick.endpoint.server_id == "us-a" and pick.reason == "spill"
     es[0].in_flight = 0
     r = req(region="eu", text="p" * 640)
-    assert p.pick(es, r, s).reason == "load"
+    assert must_pick(p, es, r, s).reason == "load"
     p.sent("eu-a", r)
-    assert p.pick(es, req(region="eu", text="p" * 640), s).reason == "prefix"
+    assert must_pick(p, es, req(region="eu", text="p" * 640), s).reason == "prefix"
     assert p.pick(es, r, s, exclude={"eu-a", "us-a"}) is None
 
 
 def test_baselines():
     es = [E("a", in_flight=2), E("b", in_flight=1), E("c", in_flight=3)]
     ll = make_policy("least_load")
-    assert ll.pick(es, req(), Settings()).endpoint.server_id == "b"
+    assert must_pick(ll, es, req(), Settings()).endpoint.server_id == "b"
     rr = make_policy("round_robin")
-    seq = [rr.pick(es, req(session="x"), Settings()).endpoint.server_id for _ in range(6)]
+    seq = [must_pick(rr, es, req(session="x"), Settings()).endpoint.server_id for _ in range(6)]
     assert seq == ["a", "b", "c", "a", "b", "c"]
     with pytest.raises(ValueError, match="unknown routing policy"):
         make_policy("fastest")

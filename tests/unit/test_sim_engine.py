@@ -7,106 +7,91 @@ import pytest
 from services.modelserver.engine.base import (
     CapacityError,
     FinishReason,
+    GenerationChunk,
     GenerationRequest,
     InvalidRequestError,
     Priority,
     SamplingParams,
 )
 from services.modelserver.engine.sim import SimConfig, SimEngine
+from tests.helpers import until
 
 
-def run(coro):
-    return asyncio.run(coro)
-
-
-async def collect(engine, request):
+async def collect(engine: SimEngine, request: GenerationRequest) -> list[GenerationChunk]:
     return [c async for c in engine.generate(request)]
 
 
-def R(prompt="a b c", max_tokens=4, **kw):
+def R(prompt="a b c", max_tokens=4, **kw) -> GenerationRequest:
     return GenerationRequest(request_id="r", model="echo", prompt=prompt,
                              sampling=SamplingParams(max_tokens=max_tokens, **kw.pop("s", {})), **kw)
 
 
-def test_echo_is_deterministic_and_reports_usage():
-    async def go():
-        e = SimEngine("echo", SimConfig(tokens_per_second=10_000))
-        await e.start()
-        chunks = await collect(e, R())
-        assert "".join(c.text for c in chunks) == "a b c a"
-        assert chunks[-1].finish_reason is FinishReason.LENGTH
-        assert chunks[-1].usage.prompt_tokens == 3 and chunks[-1].usage.completion_tokens == 4
-        again = await collect(e, R())
-        assert [c.token_ids for c in again] == [c.token_ids for c in chunks]
-    run(go())
+async def started(config: SimConfig) -> SimEngine:
+    engine = SimEngine("echo", config)
+    await engine.start()
+    return engine
 
 
-def test_resume_continues_where_another_replica_stopped():
-    async def go():
-        e = SimEngine("echo", SimConfig(tokens_per_second=10_000))
-        await e.start()
-        full = await collect(e, R(max_tokens=6))
-        ids = [t for c in full for t in c.token_ids]
-        rest = await collect(e, R(max_tokens=6, resume_token_ids=ids[:2]))
-        assert [t for c in rest for t in c.token_ids] == ids[2:]
-    run(go())
+async def test_echo_is_deterministic_and_reports_usage():
+    e = await started(SimConfig(tokens_per_second=10_000))
+    chunks = await collect(e, R())
+    assert "".join(c.text for c in chunks) == "a b c a"
+    assert chunks[-1].finish_reason is FinishReason.LENGTH
+    usage = chunks[-1].usage
+    assert usage is not None and usage.prompt_tokens == 3 and usage.completion_tokens == 4
+    again = await collect(e, R())
+    assert [c.token_ids for c in again] == [c.token_ids for c in chunks]
 
 
-def test_stop_string_is_not_returned():
-    async def go():
-        e = SimEngine("echo", SimConfig(tokens_per_second=10_000))
-        await e.start()
-        chunks = await collect(e, R("x y z", max_tokens=10, s={"stop": ("z",)}))
-        assert "".join(c.text for c in chunks) == "x y "
-        assert chunks[-1].finish_reason is FinishReason.STOP
-    run(go())
+async def test_resume_continues_where_another_replica_stopped():
+    e = await started(SimConfig(tokens_per_second=10_000))
+    full = await collect(e, R(max_tokens=6))
+    ids = [t for c in full for t in c.token_ids]
+    rest = await collect(e, R(max_tokens=6, resume_token_ids=ids[:2]))
+    assert [t for c in rest for t in c.token_ids] == ids[2:]
 
 
-def test_invalid_requests_are_refused_before_any_chunk():
-    async def go():
-        e = SimEngine("echo", SimConfig(max_context=8))
-        await e.start()
-        with pytest.raises(InvalidRequestError, match="context"):
-            await collect(e, R("a b c", max_tokens=10))
-        with pytest.raises(InvalidRequestError, match="exactly one"):
-            await collect(e, R(""))
-    run(go())
+async def test_stop_string_is_not_returned():
+    e = await started(SimConfig(tokens_per_second=10_000))
+    chunks = await collect(e, R("x y z", max_tokens=10, s={"stop": ("z",)}))
+    assert "".join(c.text for c in chunks) == "x y "
+    assert chunks[-1].finish_reason is FinishReason.STOP
 
 
-def test_running_set_is_bounded_and_priority_orders_the_queue():
-    async def go():
-        e = SimEngine("echo", SimConfig(tokens_per_second=200, max_running=1, max_waiting=2))
-        await e.start()
-        order = []
-
-        async def job(name, prio):
-            req = R(max_tokens=2, priority=prio)
-            async for c in e.generate(req):
-                if c.finish_reason:
-                    order.append(name)
-
-        first = asyncio.create_task(job("first", Priority.STANDARD))
-        await asyncio.sleep(0.001)
-        low = asyncio.create_task(job("low", Priority.SHEDDABLE))
-        high = asyncio.create_task(job("high", Priority.CRITICAL))
-        while e.load().queue_depth < 2:
-            await asyncio.sleep(0.001)
-        assert e.load().running == 1
-        with pytest.raises(CapacityError):
-            await collect(e, R())
-        await asyncio.gather(first, low, high)
-        assert order == ["first", "high", "low"]
-        assert e.load().running == 0 and e.load().queue_depth == 0
-    run(go())
+async def test_invalid_requests_are_refused_before_any_chunk():
+    e = await started(SimConfig(max_context=8))
+    with pytest.raises(InvalidRequestError, match="context"):
+        await collect(e, R("a b c", max_tokens=10))
+    with pytest.raises(InvalidRequestError, match="exactly one"):
+        await collect(e, R(""))
 
 
-def test_cancellation_frees_the_slot():
-    async def go():
-        e = SimEngine("echo", SimConfig(tokens_per_second=50, max_running=1))
-        await e.start()
-        gen = e.generate(R(max_tokens=100))
-        await gen.__anext__()
-        assert e.load().running == 1 and e.load().kv_blocks_used >= 1
-        await gen.aclose()
-        assert e.load().running == 0 and e.load().kv_blocks_used == 0
-    run(go())
+async def test_running_set_is_bounded_and_priority_orders_the_queue():
+    e = await started(SimConfig(tokens_per_second=200, max_running=1, max_waiting=2))
+    order: list[str] = []
+
+    async def job(name: str, prio: Priority) -> None:
+        await collect(e, R(max_tokens=2, priority=prio))
+        order.append(name)
+
+    first = e.generate(R(max_tokens=2))
+    await first.__anext__()  # running: it holds the only slot until it is read to the end
+    low = asyncio.create_task(job("low", Priority.SHEDDABLE))
+    high = asyncio.create_task(job("high", Priority.CRITICAL))
+    await until(lambda: e.load().queue_depth == 2, 5, "two requests to queue")
+    assert e.load().running == 1
+    with pytest.raises(CapacityError):
+        await collect(e, R())
+    assert [c.finish_reason async for c in first][-1] is FinishReason.LENGTH
+    await asyncio.gather(low, high)
+    assert order == ["high", "low"]
+    assert e.load().running == 0 and e.load().queue_depth == 0
+
+
+async def test_cancellation_frees_the_slot():
+    e = await started(SimConfig(tokens_per_second=50, max_running=1))
+    gen = e.generate(R(max_tokens=100))
+    await gen.__anext__()
+    assert e.load().running == 1 and e.load().kv_blocks_used >= 1
+    await gen.aclose()
+    assert e.load().running == 0 and e.load().kv_blocks_used == 0
