@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 # --- waiting on conditions ---------------------------------------------------------------------
 
-def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+def wait_for(check: Callable[[], T | None], timeout: float, what: str, interval: float = 0.05) -> T:
     """Poll `check` until it returns something truthy and return that; fail naming `what` on
     timeout. An exception from `check` counts as "not yet" (and is shown on timeout)."""
     deadline = time.monotonic() + timeout

@@ -44,5 +44,5 @@ def serve(load: Callable[[dict], Runner]) -> None:
         try:
             records = runner.run(msg["scenario"])
             emit({"ok": True, "records": [r.to_json() for r in records]})
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - reported to the harness, the runner stays up
             emit({"ok": False, "error": traceback.format_exc(limit=4)})

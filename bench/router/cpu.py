@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from services.localmesh.mesh import MeshPlan, ServerPlan
-from tests.conftest import running_mesh
+from tests.helpers import running_mesh
 
 from .common import mesh_cpu_meter, open_loop, pct, progress
 from .overhead import MODEL, SIM, Clients

@@ -15,7 +15,7 @@ import grpc
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 
 from services.localmesh.mesh import MeshPlan, ServerPlan
-from tests.conftest import running_mesh
+from tests.helpers import running_mesh
 
 from .common import pct, progress, start_router
 

@@ -13,7 +13,7 @@ import grpc
 from meshserve.v1 import inference_pb2, modelserver_pb2
 
 from services.localmesh.mesh import MeshPlan, ServerPlan
-from tests.conftest import running_mesh
+from tests.helpers import running_mesh
 
 from .common import mesh_cpu_meter, open_loop, pct, progress
 

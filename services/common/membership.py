@@ -82,11 +82,13 @@ class MeshView:
 
     @property
     def routing_policy(self) -> cp.RoutingPolicy | None:
-        return self._singles.get(keyspace.ROUTING_POLICY)  # type: ignore[return-value]
+        record = self._singles.get(keyspace.ROUTING_POLICY)
+        return record if isinstance(record, cp.RoutingPolicy) else None
 
     @property
     def leader(self) -> cp.LeaderRecord | None:
-        return self._singles.get(keyspace.ELECTION)  # type: ignore[return-value]
+        record = self._singles.get(keyspace.ELECTION)
+        return record if isinstance(record, cp.LeaderRecord) else None
 
     def is_draining(self, server_id: str) -> bool:
         return server_id in self.drains

@@ -101,7 +101,7 @@ class Election:
                 last_ok = time.monotonic()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - retried until the lease runs out
                 log.warning("leader lease renewal failed: %s", exc)
             if time.monotonic() - last_ok > self.ttl * 0.6:
                 break

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.localmesh.mesh import MeshPlan, ServerPlan
-from tests.conftest import running_mesh
+from tests.helpers import running_mesh
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +58,7 @@ def _infer_inputs(inputs: Inputs) -> list:
               "FP32": np.float32, "UINT64": np.uint64}
     out = []
     for name, datatype, value in inputs:
-        data = np.array(value, dtype=dtypes[datatype])
+        data: np.ndarray = np.array(value, dtype=dtypes[datatype])
         if datatype == "BYTES":
             data = np.vectorize(lambda s: s.encode(), otypes=[object])(data)
         tensor = grpcclient.InferInput(name, list(data.shape), datatype)

@@ -1,6 +1,7 @@
 """The whole mesh on real parts: etcd, Envoy, control plane, router and two sim model servers.
 
-Tests run in file order against one mesh; the destructive ones (drain, SIGKILL) come last.
+Tests share one mesh and leave it as they found it (the drain test undrains), so each passes alone
+and in any order; the SIGKILL test gets a mesh of its own.
 """
 
 from __future__ import annotations
@@ -9,42 +10,55 @@ import json
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
-from services.localmesh.mesh import MeshPlan, ServerPlan
-from tests.conftest import meshctl, running_mesh, wait_for
+from services.localmesh.mesh import LocalMesh, MeshPlan, ServerPlan
+from tests.helpers import ask, meshctl, post_json, running_mesh, wait_for
 
 pytestmark = pytest.mark.e2e
 
 MODEL = "echo"
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
-    plan = MeshPlan(
-        data_dir=tmp_path_factory.mktemp("mesh"), base_port=0, lease_ttl=3,
+def plan(data_dir: Path) -> MeshPlan:
+    return MeshPlan(
+        data_dir=data_dir, base_port=0, lease_ttl=3,
         servers=[ServerPlan("server-0", [f"{MODEL}=sim"], zone="local-a",
                             engine_options=["tokens_per_second=1000"]),
                  ServerPlan("server-1", [f"{MODEL}=sim"], zone="local-b",
                             engine_options=["tokens_per_second=1000"])])
-    with running_mesh(plan) as m:
+
+
+def both_ready(stub) -> bool:
+    models = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5).models
+    return [(m.name, m.ready_replicas) for m in models] == [(MODEL, 2)]
+
+
+@contextmanager
+def envoy_stub(mesh: LocalMesh) -> Iterator[inference_pb2_grpc.InferenceServiceStub]:
+    with grpc.insecure_channel(mesh.envoy) as channel:
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        wait_for(lambda: both_ready(stub), 30, "both servers ready behind Envoy")
+        yield stub
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory) -> Iterator[LocalMesh]:
+    with running_mesh(plan(tmp_path_factory.mktemp("mesh"))) as m:
         yield m
 
 
 @pytest.fixture(scope="module")
-def stub(mesh):
-    with grpc.insecure_channel(mesh.envoy) as channel:
-        yield inference_pb2_grpc.InferenceServiceStub(channel)
-
-
-def ask(prompt="hello mesh world", max_tokens=4, **kw) -> inference_pb2.GenerateRequest:
-    req = inference_pb2.GenerateRequest(model=MODEL, prompt=prompt, **kw)
-    req.sampling.max_tokens = max_tokens
-    return req
+def stub(mesh: LocalMesh) -> Iterator[inference_pb2_grpc.InferenceServiceStub]:
+    with envoy_stub(mesh) as s:
+        yield s
 
 
 def test_every_service_reports_grpc_health(mesh):
@@ -81,20 +95,14 @@ def test_streaming_generate_through_envoy(stub):
     assert all(c.finish_reason == common_pb2.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
 
 
-def _post(mesh, path, body):
-    req = urllib.request.Request(f"http://{mesh.envoy}{path}", data=json.dumps(body).encode(),
-                                 headers={"content-type": "application/json"}, method="POST")
-    return urllib.request.urlopen(req, timeout=30)
-
-
-def test_json_over_http_transcoding(mesh):
-    with _post(mesh, "/v1/generate", {"model": MODEL, "messages": [{"role": "user", "content": "hi there"}],
+def test_json_over_http_transcoding(mesh, stub):
+    with post_json(mesh.envoy, "/v1/generate", {"model": MODEL, "messages": [{"role": "user", "content": "hi there"}],
                                       "sampling": {"max_tokens": 3}}) as resp:
         body = json.loads(resp.read())
     assert body["text"] == "hi there hi"
     assert body["usage"]["completion_tokens"] == 3
     assert body["served_by"]["simulated"] is True
-    with _post(mesh, "/v1/generate:stream", {"model": MODEL, "prompt": "a b",
+    with post_json(mesh.envoy, "/v1/generate:stream", {"model": MODEL, "prompt": "a b",
                                              "sampling": {"max_tokens": 3}}) as resp:
         lines = [json.loads(x) for x in resp.read().decode().splitlines() if x.strip()]
     assert [x["text"] for x in lines] == ["a", " b", " a"]
@@ -105,7 +113,7 @@ def test_json_over_http_transcoding(mesh):
 
 def test_json_errors_carry_grpc_status(mesh):
     with pytest.raises(urllib.error.HTTPError) as info:
-        _post(mesh, "/v1/generate", {"model": "no-such-model", "prompt": "x"})
+        post_json(mesh.envoy, "/v1/generate", {"model": "no-such-model", "prompt": "x"})
     assert info.value.code == 404
     body = json.loads(info.value.read())
     assert body["code"] == grpc.StatusCode.NOT_FOUND.value[0]
@@ -134,7 +142,7 @@ def test_bad_input_gets_precise_status(mesh, stub, mutate, code, words):
         assert words in info.value.details()
     # Nothing fell over: every process is alive and a good request still succeeds.
     assert all(ch.alive() for ch in mesh.children.values())
-    assert stub.Generate(ask(), timeout=30).usage.completion_tokens == 4
+    assert stub.Generate(ask(), timeout=30).usage.completion_tokens == 2
 
 
 def test_bad_input_straight_to_a_model_server(mesh):
@@ -186,37 +194,49 @@ def test_meshctl_errors_are_clear(mesh):
     assert "cannot reach 127.0.0.1:1" in out.stderr
 
 
-def _served_by(stub, n: int) -> Counter:
+def _served_by(stub, n: int) -> Counter[str]:
     return Counter(stub.Generate(ask(), timeout=30).served_by.server_id for _ in range(n))
+
+
+def _states(mesh: LocalMesh) -> dict[str, str]:
+    out = meshctl("--controlplane", mesh.controlplane, "-o", "json", "servers")
+    return {s["info"]["server_id"]: s["state"] for s in json.loads(out.stdout)["servers"]}
 
 
 def test_drain_moves_new_traffic_away(mesh, stub):
     out = meshctl("--controlplane", mesh.controlplane, "drain", "server-0", "--reason", "test")
     assert out.returncode == 0, out.stderr
-    # Routers learn the drain through their etcd watch; then no new request goes there.
-    wait_for(lambda: _served_by(stub, 4) == Counter({"server-1": 4}), 15, "traffic to leave server-0")
-    assert _served_by(stub, 20) == Counter({"server-1": 20})
-    status = json.loads(meshctl("--controlplane", mesh.controlplane, "-o", "json", "servers").stdout)
-    states = {s["info"]["server_id"]: s["state"] for s in status["servers"]}
-    assert states == {"server-0": "SERVING_STATE_DRAINING", "server-1": "SERVING_STATE_SERVING"}
-    out = meshctl("--controlplane", mesh.controlplane, "undrain", "server-0")
-    assert out.returncode == 0, out.stderr
+    try:
+        # Routers learn the drain through their etcd watch; then no new request goes there.
+        wait_for(lambda: _served_by(stub, 4) == Counter({"server-1": 4}), 15, "traffic to leave server-0")
+        assert _served_by(stub, 20) == Counter({"server-1": 20})
+        assert _states(mesh) == {"server-0": "SERVING_STATE_DRAINING", "server-1": "SERVING_STATE_SERVING"}
+    finally:
+        out = meshctl("--controlplane", mesh.controlplane, "undrain", "server-0")
+        assert out.returncode == 0, out.stderr
     wait_for(lambda: "server-0" in _served_by(stub, 8), 15, "server-0 to take traffic again")
+    wait_for(lambda: set(_states(mesh).values()) == {"SERVING_STATE_SERVING"}, 15, "both SERVING")
 
 
-def test_sigkilled_server_traffic_keeps_succeeding_and_it_leaves_membership(mesh, stub):
-    mesh.sup.kill(mesh.children["server-1"])
-    # Right after the kill its lease is still alive: the router must retry elsewhere, not fail.
-    served = Counter()
-    for _ in range(30):
-        served[stub.Generate(ask(), timeout=30).served_by.server_id] += 1
-        chunks = list(stub.GenerateStream(ask(), timeout=30))
-        assert chunks[-1].usage.completion_tokens == 4
-    assert served == Counter({"server-0": 30})
+@pytest.fixture
+def own_mesh(tmp_path: Path) -> Iterator[LocalMesh]:
+    """A mesh of the same shape for the test that kills one of its servers."""
+    with running_mesh(plan(tmp_path)) as m:
+        yield m
 
-    def gone() -> bool:
-        out = meshctl("--controlplane", mesh.controlplane, "-o", "json", "servers")
-        return [s["info"]["server_id"] for s in json.loads(out.stdout)["servers"]] == ["server-0"]
-    wait_for(gone, 20, "server-1's lease to expire and it to leave membership", interval=0.5)
-    models = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models
-    assert [(m.name, m.ready_replicas) for m in models] == [(MODEL, 1)]
+
+def test_sigkilled_server_traffic_keeps_succeeding_and_it_leaves_membership(own_mesh):
+    mesh = own_mesh
+    with envoy_stub(mesh) as stub:
+        mesh.sup.kill(mesh.children["server-1"])
+        # Right after the kill its lease is still alive: the router must retry elsewhere, not fail.
+        served: Counter[str] = Counter()
+        for _ in range(30):
+            served[stub.Generate(ask(), timeout=30).served_by.server_id] += 1
+            chunks = list(stub.GenerateStream(ask(), timeout=30))
+            assert chunks[-1].usage.completion_tokens == 2
+        assert served == Counter({"server-0": 30})
+        wait_for(lambda: list(_states(mesh)) == ["server-0"], 20,
+                 "server-1's lease to expire and it to leave membership", interval=0.5)
+        models = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=10).models
+        assert [(m.name, m.ready_replicas) for m in models] == [(MODEL, 1)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, wait_for
+from tests.helpers import REPO, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +28,8 @@ def _children_of(pid: int) -> set[int]:
                 parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
             except (OSError, IndexError, ValueError):
                 continue
-    found, frontier = set(), {pid}
+    found: set[int] = set()
+    frontier = {pid}
     while frontier:
         frontier = {p for p, pp in parents.items() if pp in frontier} - found
         found |= frontier
@@ -51,6 +52,7 @@ class _Output:
         self._thread.start()
 
     def _read(self, proc: subprocess.Popen) -> None:
+        assert proc.stdout is not None  # started with stdout=PIPE
         for line in proc.stdout:
             self.text += line
 

@@ -1,17 +1,18 @@
 """The real model through the whole mesh: Envoy -> router -> one model server running SmolLM2 on the
-torch engine. Checks answers, prefix caching, streaming, a context-overflow error, and /metrics."""
+torch engine. Checks answers, prefix caching, streaming, a context-overflow error, and /metrics.
+Each test sends the requests it checks, so each passes alone and in any order."""
 
 from __future__ import annotations
 
 import re
-import urllib.request
+from collections.abc import Iterator
 
 import grpc
 import pytest
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
-from services.localmesh.mesh import MeshPlan, ServerPlan
-from tests.conftest import running_mesh
+from services.localmesh.mesh import LocalMesh, MeshPlan, ServerPlan
+from tests.helpers import chat, metrics_text, running_mesh
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
@@ -23,7 +24,7 @@ SYSTEM = ("You are a helpful assistant for a company that ships spare parts for 
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory):
+def mesh(tmp_path_factory) -> Iterator[LocalMesh]:
     plan = MeshPlan(
         data_dir=tmp_path_factory.mktemp("model-mesh"), base_port=0, lease_ttl=3,
         servers=[ServerPlan("server-0", [f"{MODEL}=torch:embedded"],
@@ -34,23 +35,17 @@ def mesh(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stub(mesh):
+def stub(mesh: LocalMesh) -> Iterator[inference_pb2_grpc.InferenceServiceStub]:
     with grpc.insecure_channel(mesh.envoy) as channel:
         yield inference_pb2_grpc.InferenceServiceStub(channel)
 
 
-def chat(text: str, system: str | None = None, max_tokens: int = 16) -> inference_pb2.GenerateRequest:
-    req = inference_pb2.GenerateRequest(model=MODEL)
-    if system:
-        req.messages.add(role="system", content=system)
-    req.messages.add(role="user", content=text)
-    req.sampling.max_tokens = max_tokens
-    req.sampling.temperature = 0.0
-    return req
+def greedy(text: str, system: str | None = None, max_tokens: int = 16) -> inference_pb2.GenerateRequest:
+    return chat(text, model=MODEL, system=system, max_tokens=max_tokens, temperature=0.0)
 
 
 def test_capital_of_france_from_the_real_model(stub):
-    resp = stub.Generate(chat("What is the capital of France?"), timeout=60)
+    resp = stub.Generate(greedy("What is the capital of France?"), timeout=60)
     assert "Paris" in resp.text
     assert resp.served_by.backend == "torch" and not resp.served_by.simulated
     assert resp.served_by.server_id == "server-0"
@@ -59,14 +54,14 @@ def test_capital_of_france_from_the_real_model(stub):
 
 
 def test_repeated_system_prompt_is_served_from_the_prefix_cache(stub):
-    first = stub.Generate(chat("Where is my order?", system=SYSTEM, max_tokens=8), timeout=60)
-    second = stub.Generate(chat("Where is my order?", system=SYSTEM, max_tokens=8), timeout=60)
+    first = stub.Generate(greedy("Where is my order?", system=SYSTEM, max_tokens=8), timeout=60)
+    second = stub.Generate(greedy("Where is my order?", system=SYSTEM, max_tokens=8), timeout=60)
     assert second.usage.cached_tokens > 0
     assert second.usage.cached_tokens <= second.usage.prompt_tokens == first.usage.prompt_tokens
 
 
 def test_stream_concatenates_to_the_unary_answer(stub):
-    req = chat("Name a large ocean.", max_tokens=24)
+    req = greedy("Name a large ocean.", max_tokens=24)
     unary = stub.Generate(req, timeout=60)
     chunks = list(stub.GenerateStream(req, timeout=60))
     assert len(chunks) > 1
@@ -78,26 +73,31 @@ def test_stream_concatenates_to_the_unary_answer(stub):
 
 def test_request_beyond_the_context_is_invalid_and_server_keeps_serving(stub):
     with pytest.raises(grpc.RpcError) as info:
-        stub.Generate(chat("Tell me a story. " * 20, max_tokens=MAX_CONTEXT), timeout=60)
+        stub.Generate(greedy("Tell me a story. " * 20, max_tokens=MAX_CONTEXT), timeout=60)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "context" in info.value.details() and str(MAX_CONTEXT) in info.value.details()
-    resp = stub.Generate(chat("What is the capital of France?"), timeout=60)
+    resp = stub.Generate(greedy("What is the capital of France?"), timeout=60)
     assert "Paris" in resp.text
 
 
 def test_metrics_show_the_requests(mesh, stub):
-    stub.Generate(chat("What is the capital of France?", max_tokens=4), timeout=60)
-    with urllib.request.urlopen(f"http://{mesh.metrics['server-0']}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-
-    def value(metric: str, labels: str = f'model="{MODEL}"') -> float:
+    def value(text: str, metric: str, labels: str = f'model="{MODEL}"') -> float:
         m = re.search(rf"^{re.escape(metric)}\{{{re.escape(labels)}\}} (\S+)$", text, re.M)
-        assert m, f"{metric}{{{labels}}} missing from /metrics"
-        return float(m.group(1))
+        return float(m.group(1)) if m else 0.0
 
-    assert value("meshserve_modelserver_time_to_first_token_seconds_count") > 0
-    assert value("meshserve_modelserver_prompt_tokens_total") > 0
-    assert value("meshserve_modelserver_generated_tokens_total") > 0
-    assert value("meshserve_modelserver_cached_prompt_tokens_total") > 0
-    assert value("meshserve_modelserver_requests_total", f'code="INVALID_ARGUMENT",model="{MODEL}"') >= 1
-    assert value("meshserve_modelserver_kv_blocks_total") == 256
+    names = ["meshserve_modelserver_time_to_first_token_seconds_count",
+             "meshserve_modelserver_prompt_tokens_total", "meshserve_modelserver_generated_tokens_total",
+             "meshserve_modelserver_cached_prompt_tokens_total"]
+    invalid = f'code="INVALID_ARGUMENT",model="{MODEL}"'
+    page = metrics_text(mesh.metrics["server-0"])
+    before = {n: value(page, n) for n in names}
+    invalid_before = value(page, "meshserve_modelserver_requests_total", invalid)
+    for _ in range(2):  # the second finds the system prompt's blocks in the prefix cache
+        stub.Generate(greedy("Where is my order?", system=SYSTEM, max_tokens=4), timeout=60)
+    with pytest.raises(grpc.RpcError):
+        stub.Generate(greedy("Tell me a story. " * 20, max_tokens=MAX_CONTEXT), timeout=60)
+    page = metrics_text(mesh.metrics["server-0"])
+    for n in names:
+        assert value(page, n) > before[n], f"{n} did not grow"
+    assert value(page, "meshserve_modelserver_requests_total", invalid) == invalid_before + 1
+    assert value(page, "meshserve_modelserver_kv_blocks_total") == 256

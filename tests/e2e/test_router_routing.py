@@ -3,12 +3,13 @@ saturated server, locality and spill-over between two regions, shedding by prior
 
 One mesh: two routers (region eu) and three sim servers, two in eu (zones a, b) and one in us,
 each running at most 2 sequences so that a test can saturate a server with two long streams.
+A test that saturates servers releases them and waits until they report themselves idle, so each
+test passes alone and in any order.
 """
 
 from __future__ import annotations
 
 import threading
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,8 +18,8 @@ import grpc
 import pytest
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, modelserver_pb2, modelserver_pb2_grpc
 
-from services.localmesh.mesh import MeshPlan, ServerPlan
-from tests.conftest import running_mesh, wait_for
+from services.localmesh.mesh import LocalMesh, MeshPlan, ServerPlan
+from tests.helpers import ask, metrics_text, running_mesh, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -53,15 +54,20 @@ def _ready_everywhere(stub) -> bool:
     return [(m.name, m.ready_replicas) for m in models] == [(MODEL, 3)]
 
 
-def ask(prompt="one two three", max_tokens=2, **kw) -> inference_pb2.GenerateRequest:
-    req = inference_pb2.GenerateRequest(model=MODEL, prompt=prompt, **kw)
-    req.sampling.max_tokens = max_tokens
-    return req
+def _idle(stub: modelserver_pb2_grpc.ModelServerServiceStub) -> bool:
+    """Whether the server's own load report shows nothing running or queued."""
+    call = stub.StreamLoad(modelserver_pb2.StreamLoadRequest(), timeout=5)
+    try:
+        report = next(call).report
+        return report.running == 0 and report.queue_depth == 0
+    finally:
+        call.cancel()
 
 
 @contextmanager
-def hold(mesh, server_id: str, n: int = 2) -> Iterator[None]:
-    """n long streams straight on one model server: its load reports show it saturated."""
+def hold(mesh: LocalMesh, server_id: str, n: int = 2) -> Iterator[None]:
+    """n long streams straight on one model server: its load reports show it saturated. On the way
+    out they are cancelled and the server is idle again before the next test."""
     channel = grpc.insecure_channel(mesh.servers[server_id])
     stub = modelserver_pb2_grpc.ModelServerServiceStub(channel)
     req = modelserver_pb2.ModelServerServiceGenerateRequest(
@@ -75,21 +81,31 @@ def hold(mesh, server_id: str, n: int = 2) -> Iterator[None]:
     finally:
         for c in calls:
             c.cancel()
+        wait_for(lambda: _idle(stub), 10, f"{server_id} to report itself idle")
         channel.close()
 
 
-def _served(stub, n=1, timeout=30.0, **kw) -> Counter:
+def _served(stub, n=1, timeout=30.0, **kw) -> Counter[str]:
     """Where n requests went. Right after a server saturates, a short timeout keeps a request
     that went there before its load report arrived from blocking a wait_for."""
     return Counter(stub.Generate(ask(**kw), timeout=timeout).served_by.server_id
                    for _ in range(n))
 
 
+def _homes(stubs, session: str) -> list[str]:
+    """Where each router sends the session, twice each."""
+    return [s.Generate(ask(session_id=session), timeout=30).served_by.server_id
+            for s in stubs for _ in range(2)]
+
+
 def test_router_replicas_pick_the_same_server_for_a_session(mesh, stubs):
+    # Load reports reach each router on its own stream: right after another test's load ends they
+    # may briefly differ; wait until the replicas agree on a few probe sessions.
+    wait_for(lambda: all(len(set(_homes(stubs, f"probe-{j}"))) == 1 for j in range(4)), 10,
+             "the routers to agree")
     homes = {}
     for i in range(12):
-        picks = [s.Generate(ask(session_id=f"user-{i}"), timeout=30).served_by.server_id
-                 for s in stubs for _ in range(2)]
+        picks = _homes(stubs, f"user-{i}")
         assert len(set(picks)) == 1, (i, picks)
         homes[i] = picks[0]
     # Sessions spread over the local region only (the routers are in eu).
@@ -99,6 +115,7 @@ def test_router_replicas_pick_the_same_server_for_a_session(mesh, stubs):
         for s in stubs:
             resp = s.Generate(ask(), timeout=30, metadata=(("x-session-id", f"user-{i}"),))
             assert resp.served_by.server_id == home
+    assert 'reason="affinity"' in metrics_text(mesh.metrics["router0"])
 
 
 def test_affinity_yields_to_a_saturated_server_and_returns(mesh, stubs):
@@ -124,9 +141,7 @@ def test_locality_prefers_the_requests_region_and_spills_when_it_is_saturated(me
                  "us requests to spill to eu")
         resp = router.Generate(ask(region="us"), timeout=30)
         assert resp.served_by.region == "eu"
-    with urllib.request.urlopen(f"http://{mesh.metrics['router0']}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    assert 'reason="spill"' in text and 'reason="affinity"' in text
+    assert 'reason="spill"' in metrics_text(mesh.metrics["router0"])
 
 
 def _shed(router) -> bool:
@@ -165,8 +180,7 @@ def test_shedding_by_priority_when_everything_is_saturated(mesh, stubs):
 
 
 def _queued(mesh) -> float:
-    with urllib.request.urlopen(f"http://{mesh.metrics['router0']}/metrics", timeout=5) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("meshserve_router_queue_depth "):
-                return float(line.split()[1])
+    for line in metrics_text(mesh.metrics["router0"]).splitlines():
+        if line.startswith("meshserve_router_queue_depth "):
+            return float(line.split()[1])
     return -1.0

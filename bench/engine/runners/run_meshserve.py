@@ -48,7 +48,7 @@ class MeshServeRunner:
     async def _one(self, req: dict, rec: Record, clock: Clock) -> None:
         gr = GenerationRequest(req["id"], "smollm2", prompt="-",
                                sampling=SamplingParams(max_tokens=req["max_tokens"]))
-        gr.prompt_ids = req["prompt_ids"]  # type: ignore[attr-defined]
+        gr.prompt_ids = req["prompt_ids"]  # type: ignore[attr-defined]  # read by _TokenIdEngine
         try:
             async for chunk in self.engine.generate(gr):
                 if chunk.token_ids:

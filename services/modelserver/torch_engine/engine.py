@@ -225,9 +225,9 @@ class TorchEngine(Engine):
                 inbox, self._inbox = self._inbox, []
             for kind, payload in inbox:
                 if kind == "add":
-                    core.add_request(payload)  # type: ignore[arg-type]
+                    core.add_request(payload)  # type: ignore[arg-type]  # "add" carries a CoreRequest
                 else:
-                    core.abort(payload)  # type: ignore[arg-type]
+                    core.abort(payload)  # type: ignore[arg-type]  # "abort" carries a request id
             try:
                 outputs = core.step()
             except Exception as e:  # scheduler/sampler bug: fail everything rather than hang clients

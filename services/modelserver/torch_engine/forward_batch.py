@@ -39,7 +39,8 @@ class ForwardBatch:
     decode_block_tables: torch.Tensor  # [D, max_blocks], padded with block 0 (masked out)
     decode_mask: torch.Tensor  # [D, 1, 1, max_blocks * block_size] bool
     prefills: list[PrefillSpan] = field(default_factory=list)
-    logits_rows: torch.Tensor = None  # type: ignore[assignment]  # [S] rows whose logits we need
+    #: [S] rows whose logits we need (the builder always sets it).
+    logits_rows: torch.Tensor = None  # type: ignore[assignment]  # set by build_forward_batch
     #: index into the input slices for each logits row, in logits order.
     logits_owner: list[int] = field(default_factory=list)
 

@@ -215,7 +215,7 @@ def to_generate(req: kserve_pb2.ModelInferRequest) -> InferCall:
         raise InvalidInput("input 'text_input' (BYTES, shape [1] or [1, 1]) is required: it holds "
                            "the prompt")
     (prompt_bytes,), rank = values["text_input"]
-    prompt = _utf8("text_input", prompt_bytes)  # type: ignore[arg-type]
+    prompt = _utf8("text_input", prompt_bytes)  # type: ignore[arg-type]  # BYTES by INPUTS
     if not prompt:
         raise InvalidInput("input 'text_input' is empty; it holds the prompt")
     generate = meshserve_pb2.GenerateRequest(model=req.model_name, prompt=prompt,

@@ -69,7 +69,7 @@ def encode_bytes_elements(items: Sequence[bytes]) -> bytes:
 def encode_raw(datatype: str, values: Sequence[Value]) -> bytes:
     """Raw little-endian bytes of `values`, as Triton puts them in raw_output_contents."""
     if datatype == "BYTES":
-        return encode_bytes_elements(values)  # type: ignore[arg-type]
+        return encode_bytes_elements(values)  # type: ignore[arg-type]  # BYTES elements are bytes
     fmt, _ = _LAYOUT[datatype]
     return struct.pack(f"<{len(values)}{fmt}", *values)
 

@@ -17,16 +17,27 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Protocol
 
 DEFAULT_BLOCK_CHARS = 64
 DEFAULT_CAPACITY_BLOCKS = 16_384  # per server: about 256k tokens of prefixes
 
 
-def render(prompt: str, messages: Sequence[object]) -> str:
+class ChatMessage(Protocol):
+    """What render reads of a chat message (the proto and the engine type both fit)."""
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def content(self) -> str: ...
+
+
+def render(prompt: str, messages: Sequence[ChatMessage]) -> str:
     """The text whose prefix the engine would share: the prompt, or each message's role+content."""
     if prompt:
         return prompt
-    return "".join(f"\x1e{m.role}\x1f{m.content}" for m in messages)  # type: ignore[attr-defined]
+    return "".join(f"\x1e{m.role}\x1f{m.content}" for m in messages)
 
 
 def block_hashes(text: str, block_chars: int = DEFAULT_BLOCK_CHARS) -> list[int]:
