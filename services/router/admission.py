@@ -11,7 +11,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+from services.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from services.common.validation import Priority
+
+from . import metrics
+from .policy.types import Endpoint
 
 
 class QueueFull(Exception):
@@ -67,3 +73,53 @@ class AdmissionQueue:
         finally:
             self._waiters.remove(me)
             self.notify()
+
+
+class Admission:
+    """Decides, per request, between going ahead, waiting in the queue and being shed.
+
+    `candidates(model)` gives the model's replicas; a replica is saturated at `shed_utilization`
+    of its running capacity. Replicas of one model are judged alone: a busy model never sheds
+    another on the same servers.
+    """
+
+    def __init__(self, candidates: Callable[[str], Sequence[Endpoint]], shed_utilization: float,
+                 queue_size: int, queue_timeout_s: float, retry_after_ms: int) -> None:
+        self._candidates = candidates
+        self.shed_utilization = shed_utilization
+        self.queue = AdmissionQueue(queue_size)
+        self.queue_timeout_s = queue_timeout_s
+        self.retry_after_ms = retry_after_ms
+
+    def saturated(self, model: str) -> bool:
+        replicas = self._candidates(model)
+        return bool(replicas) and all(r.load().utilization >= self.shed_utilization for r in replicas)
+
+    async def admit(self, model: str, priority: Priority, deadline: float | None) -> float:
+        """Seconds spent queued. CRITICAL passes; SHEDDABLE is shed; STANDARD queues."""
+        if priority == Priority.CRITICAL or (not len(self.queue) and not self.saturated(model)):
+            return 0.0
+        label, hint = priority.name, self.retry_after_ms
+        if priority == Priority.SHEDDABLE:
+            metrics.SHED.labels(model, label, "saturated").inc()
+            raise ResourceExhausted(f"every replica of model {model!r} is saturated and the request is "
+                                    f"SHEDDABLE; retry after {hint} ms", retry_after_ms=hint)
+        wait = self.queue_timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
+        metrics.QUEUED.inc()
+        try:
+            waited = await self.queue.wait(lambda: not self.saturated(model), wait)
+        except QueueFull as exc:
+            metrics.SHED.labels(model, label, "queue_full").inc()
+            raise Unavailable(f"every replica of model {model!r} is saturated and {exc}; retry after "
+                              f"{hint} ms", retry_after_ms=hint) from None
+        except QueueTimeout as exc:
+            metrics.SHED.labels(model, label, "queue_timeout").inc()
+            if deadline is not None:
+                raise DeadlineExceeded(f"deadline passed while queued: every replica of model {model!r} "
+                                       f"stayed saturated ({exc})") from None
+            raise Unavailable(f"every replica of model {model!r} stayed saturated ({exc}); retry after "
+                              f"{hint} ms", retry_after_ms=hint) from None
+        finally:
+            metrics.QUEUED.dec()
+        metrics.QUEUE_WAIT.labels(model).observe(waited)
+        return waited

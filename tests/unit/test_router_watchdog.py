@@ -1,16 +1,19 @@
-"""The per-attempt watchdog: silence before the first chunk, then between chunks."""
+"""The per-attempt watchdog: silence before the first chunk, then between chunks, abandons the
+attempt with a cause (so the dispatcher retries or migrates instead of ending silently)."""
 
 import asyncio
 
-from services.router.dispatch import _Watchdog
+from services.router.attempt import Watchdog
+from services.router.replica import AttemptHandle
 
 
 class FakeCall:
     def __init__(self) -> None:
         self.cancelled = False
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
         self.cancelled = True
+        return True
 
 
 async def _until(check, limit=2.0):
@@ -21,34 +24,30 @@ async def _until(check, limit=2.0):
     return check()
 
 
-def test_no_first_chunk_cancels_the_call():
-    async def go():
-        call = FakeCall()
-        dog = _Watchdog(call, first_s=0.05, stall_s=10)
-        assert await _until(lambda: call.cancelled)
-        assert dog.fired
-    asyncio.run(go())
+async def test_no_first_chunk_abandons_the_call_with_a_cause():
+    handle = AttemptHandle(FakeCall())  # type: ignore[arg-type]
+    Watchdog(handle, first_s=0.05, stall_s=10)
+    assert await _until(lambda: handle.call.cancelled)
+    assert "no token within 0.05s" in handle.cause
 
 
-def test_chunks_keep_it_quiet_and_a_later_gap_fires():
-    async def go():
-        loop = asyncio.get_running_loop()
-        call = FakeCall()
-        dog = _Watchdog(call, first_s=0.5, stall_s=0.5)
-        for _ in range(15):  # chunks every ~50 ms for ~750 ms: longer than either limit in total
-            await asyncio.sleep(0.05)
-            dog.chunk(loop.time())
-            assert not call.cancelled
-        assert await _until(lambda: call.cancelled)  # then silence
-        assert dog.fired
-    asyncio.run(go())
+async def test_chunks_keep_it_quiet_and_a_later_gap_fires():
+    loop = asyncio.get_running_loop()
+    handle = AttemptHandle(FakeCall())  # type: ignore[arg-type]
+    dog = Watchdog(handle, first_s=0.5, stall_s=0.5)
+    for _ in range(15):  # chunks every ~50 ms for ~750 ms: longer than either limit in total
+        await asyncio.sleep(0.05)
+        dog.chunk(loop.time())
+        assert not handle.call.cancelled
+    assert await _until(lambda: handle.call.cancelled)  # then silence
+    assert "no further token" in handle.cause
 
 
-def test_stop_disarms():
-    async def go():
-        call = FakeCall()
-        dog = _Watchdog(call, first_s=0.05, stall_s=0.05)
-        dog.stop()
-        assert not await _until(lambda: call.cancelled, limit=0.2)
-        assert not dog.fired
-    asyncio.run(go())
+async def test_stop_disarms_and_the_first_cause_wins():
+    handle = AttemptHandle(FakeCall())  # type: ignore[arg-type]
+    dog = Watchdog(handle, first_s=0.05, stall_s=0.05)
+    dog.stop()
+    assert not await _until(lambda: handle.call.cancelled, limit=0.2)
+    handle.abort("its server left the mesh")
+    handle.abort("stalled")
+    assert handle.cause == "its server left the mesh"

@@ -16,7 +16,7 @@ import os
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from .base import (
@@ -107,7 +107,6 @@ class SimEngine(Engine):
             tokens_per_second=float(len(self._emitted)))
 
     def _validate(self, request: GenerationRequest) -> list[str]:
-        request.validate_shape()
         words = _words(request)
         total = len(words) + request.sampling.max_tokens
         if total > self.config.max_context:
@@ -144,7 +143,7 @@ class SimEngine(Engine):
                 self._running[rid] = tokens
                 fut.set_result(None)
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if not self._ready:
             raise EngineUnavailableError(f"model {self.model_name} is not loaded")
         words = self._validate(request)
@@ -161,7 +160,7 @@ class SimEngine(Engine):
             for i in range(start, request.sampling.max_tokens):
                 if request.deadline is not None and time.monotonic() > request.deadline:
                     yield GenerationChunk("", [], finish_reason=FinishReason.CANCELLED,
-                                          usage=Usage(len(words), completion - start))
+                                          usage=Usage(len(words), completion))
                     return
                 word = words[i % len(words)]
                 piece = word if i == 0 else " " + word
@@ -174,14 +173,14 @@ class SimEngine(Engine):
                     cut = text_so_far.index(stop_hit)
                     keep = piece[: max(0, len(piece) - (len(text_so_far) - cut))]
                     yield GenerationChunk(keep, [], finish_reason=FinishReason.STOP,
-                                          usage=Usage(len(words), completion - start))
+                                          usage=Usage(len(words), completion))
                     return
                 tid = _token_id(word)
                 last = i + 1 == request.sampling.max_tokens
                 yield GenerationChunk(
                     piece, [tid], [-0.0] if request.sampling.logprobs else [],
                     finish_reason=FinishReason.LENGTH if last else None,
-                    usage=Usage(len(words), completion - start) if last else None)
+                    usage=Usage(len(words), completion) if last else None)
                 if not last:
                     await asyncio.sleep(1.0 / cfg.tokens_per_second)
         finally:

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import torch
@@ -138,7 +138,7 @@ class TorchEngine(Engine):
             prefix_cache_hit_tokens_total=core.blocks.hit_tokens)
 
     # ---- requests ------------------------------------------------------------------------------
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if not self._accepting or self.core is None:
             raise EngineUnavailableError(f"model {self.model_name!r} is not loaded")
         core_req = self._prepare(request)
@@ -167,7 +167,6 @@ class TorchEngine(Engine):
 
     def _prepare(self, request: GenerationRequest) -> CoreRequest:
         """All validation that needs the tokenizer; raises InvalidRequestError before any chunk."""
-        request.validate_shape()
         assert self.tokenizer is not None and self.core is not None
         try:
             if request.messages:
