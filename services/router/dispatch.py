@@ -84,7 +84,7 @@ class Dispatcher:
         self._budget = RetryBudget(s.retry_budget_ratio, s.retry_budget_floor, s.retry_budget_window_s)
         self._rng = random.Random()
         self._settings_cache: tuple[cp.RoutingPolicy | None, Settings] | None = None
-        pool.on_change(self._admission.queue.notify)
+        pool.on_change(self._admission.notify)
         pool.on_leave(self._forget)
 
     def _policy_named(self, name: str) -> Policy:
@@ -211,7 +211,7 @@ class Dispatcher:
                         yield chunk
             finally:
                 state.relayed.extend(attempt.token_ids)
-                self._admission.queue.notify()
+                self._admission.notify()
             last = f"{replica.server_id}: {attempt.outcome.describe()}"
             decision = decide(attempt.outcome, self._progress(state), replica.server_id, last)
             if decision.server_fault:

@@ -301,7 +301,7 @@ async def test_priorities_when_every_server_is_saturated():
     await asyncio.sleep(0.05)
     with pytest.raises(ServiceError) as info:
         await collect(d, ask(), timeout=5)
-    assert info.value.code == grpc.StatusCode.UNAVAILABLE and "queue is full" in info.value.message
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE and "queue for it is full" in info.value.message
     assert not waiting.done()
     pool.saturate("b", 1)
     assert merge_chunks(await asyncio.wait_for(waiting, 5)).text == "a b"

@@ -7,8 +7,14 @@ import pytest
 from meshserve.v1 import inference_pb2, modelserver_pb2
 
 from services.common.errors import InvalidArgument
-from services.common.validation import (DEFAULT_MAX_TOKENS, MAX_INPUT_CHARS, Priority, SamplingParams,
-                                        ValidRequest, validate_request)
+from services.common.validation import (
+    DEFAULT_MAX_TOKENS,
+    MAX_INPUT_CHARS,
+    Priority,
+    SamplingParams,
+    ValidRequest,
+    validate_request,
+)
 from services.modelserver.engine.base import GenerationRequest
 
 
