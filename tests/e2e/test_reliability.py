@@ -13,9 +13,8 @@ import threading
 
 import grpc
 import pytest
-from meshserve.v1 import inference_pb2, inference_pb2_grpc
 from meshserve.v1 import controlplane_pb2 as cp
-from meshserve.v1 import controlplane_pb2_grpc
+from meshserve.v1 import controlplane_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 from services.client import resumable
 from services.localmesh.mesh import MeshPlan, ServerPlan

@@ -8,9 +8,8 @@ import threading
 
 import grpc
 import pytest
-from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from meshserve.v1 import common_pb2, controlplane_pb2_grpc, inference_pb2, inference_pb2_grpc
 from meshserve.v1 import controlplane_pb2 as cp
-from meshserve.v1 import controlplane_pb2_grpc
 
 from services.localmesh.mesh import MeshPlan, ServerPlan
 from tests.conftest import running_mesh, wait_for
