@@ -1,14 +1,15 @@
-"""What each server probably has in its prefix cache, from what this router sent it.
+"""What each replica probably has in its prefix cache, from what this router sent it.
 
-The router has no tokenizer, so it approximates the engine's token blocks with fixed-size blocks
+The router has no tokenizer, so it approximates an engine's token blocks with fixed-size blocks
 of the rendered prompt's characters (64 characters, about 16 tokens of English, about one KV
-block of the torch engine) and hashes them as a chain: block i's hash covers blocks 0..i, so a
+block) and hashes them as a chain: block i's hash covers blocks 0..i, so a
 match means the whole prefix up to that block is the same, as in the engine's own cache.
 Chat requests are rendered as role and content per message with separators, so a conversation's
 next turn extends the previous turn's rendering.
 
-Each replica (server, model) keeps an LRU of recently sent block hashes. The record is a guess: the server may
-have evicted blocks, another router may have warmed it, and a restarted router starts empty. A
+Each replica (server, model) keeps an LRU of recently sent block hashes. The record is a guess:
+the server may have evicted blocks, another router may have warmed it, and a restarted router
+starts empty. A
 wrong guess costs only speed (one prefill), never correctness, and the record rebuilds itself as
 traffic flows.
 """
