@@ -41,24 +41,33 @@ class Outcome:
 class Watchdog:
     """Abandons an attempt that stays silent too long (the per-attempt deadline): no first chunk
     within `first_s`, or a gap of `stall_s` between chunks. One timer per attempt, never moved by
-    a chunk: a chunk only records when it came; the timer re-arms for what is left."""
+    a chunk: a chunk only records when it came; the timer re-arms for what is left. Time spent
+    handing a chunk to a client that is slow to read is the client's, not the server's: the
+    relay marks it (`hold` / `chunk` again when the hand-off ends) and the watchdog waits."""
 
     def __init__(self, handle: AttemptHandle, first_s: float, stall_s: float) -> None:
         self._handle = handle
         self._first_s, self._stall_s = first_s, stall_s
         self._started = time.monotonic()
         self._last: float | None = None
+        self._held = False
         self._loop = asyncio.get_running_loop()
         self._timer = self._loop.call_later(min(first_s, stall_s), self._check)
 
     def chunk(self, now: float) -> None:
+        """A chunk arrived (or the client took the last one) at `now`."""
         self._last = now
+        self._held = False
+
+    def hold(self) -> None:
+        """The relay waits for the client, not for the server."""
+        self._held = True
 
     def _check(self) -> None:
         limit = self._first_s if self._last is None else self._stall_s
         left = (self._started if self._last is None else self._last) + limit - time.monotonic()
-        if left > 0:
-            self._timer = self._loop.call_later(left, self._check)
+        if left > 0 or self._held:
+            self._timer = self._loop.call_later(max(left, limit / 4), self._check)
             return
         what = "token" if self._last is None else "further token"
         self._handle.abort(f"no {what} within {limit:g}s (stalled)")
@@ -98,7 +107,9 @@ class Attempt:
                 out.tokens += len(part.token_ids)
                 out.chunks += 1
                 metrics.OVERHEAD_RELAY.observe(time.monotonic() - received)
+                watchdog.hold()
                 yield chunk
+                watchdog.chunk(time.monotonic())
             out.done = True
         except grpc.aio.AioRpcError as exc:
             out.code, out.details = exc.code(), exc.details() or ""

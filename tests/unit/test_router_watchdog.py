@@ -45,3 +45,15 @@ async def test_stop_disarms_and_the_first_cause_wins():
     handle.abort("its server left the mesh")
     handle.abort("stalled")
     assert handle.cause == "its server left the mesh"
+
+
+async def test_time_waiting_for_a_slow_client_is_not_server_silence():
+    loop = asyncio.get_running_loop()
+    handle = AttemptHandle(FakeCall())  # type: ignore[arg-type]
+    dog = Watchdog(handle, first_s=0.1, stall_s=0.1)
+    dog.chunk(loop.time())
+    dog.hold()  # the relay blocks handing the chunk to a client that stopped reading
+    await asyncio.sleep(0.5)  # five stall limits
+    assert not handle.call.cancelled
+    dog.chunk(loop.time())  # the client took it: the server's silence counts from here
+    await wait_for_async(lambda: handle.call.cancelled, 2, "the watchdog after the hand-off")

@@ -28,11 +28,14 @@ from .base import (
     GenerationChunk,
     GenerationRequest,
     InvalidRequestError,
+    Priority,
     Usage,
 )
 
 SIM_EOS = 0
 SIM_VOCAB = 32000
+#: Running slots beyond max_running that only CRITICAL requests may take.
+CRITICAL_RESERVE = 2
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,11 @@ class SimEngine(Engine):
         return words
 
     async def _admit(self, request: GenerationRequest, rid: str, tokens: int) -> None:
-        """Take a running slot now, or wait for one in priority order."""
-        if len(self._running) < self.config.max_running and not self._waiting:
+        """Take a running slot now, or wait for one in priority order. CRITICAL work (the control
+        plane's liveness probe among it) may use CRITICAL_RESERVE slots beyond max_running, so
+        streams whose clients stopped reading cannot starve it."""
+        limit = self.config.max_running + (CRITICAL_RESERVE if request.priority == Priority.CRITICAL else 0)
+        if len(self._running) < limit and (not self._waiting or request.priority == Priority.CRITICAL):
             self._running[rid] = tokens
             return
         if len(self._waiting) >= self.config.max_waiting:
