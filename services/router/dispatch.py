@@ -172,6 +172,9 @@ class Dispatcher:
     def _pick(self, state: _Request, tried: set[str]) -> Replica | None:
         replicas = self._pool.candidates(state.req.model)
         if not replicas:
+            if tried:  # the model was served a moment ago: retryable, never NOT_FOUND mid-request
+                raise Unavailable(f"no replica of model {state.req.model!r} is available now; retry shortly",
+                                  retry_after_ms=self.settings.retry_after_ms)
             raise self._no_candidates(state.req.model)
         pick = state.policy.pick(replicas, state.route, state.settings, exclude=tried)
         if pick is None:

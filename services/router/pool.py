@@ -6,6 +6,11 @@ report at least every second, so a link silent for `hang_timeout_s` is hung - it
 flight are abandoned (they migrate) and its replicas are skipped until it reports again. A server
 that leaves (lease gone) or is marked NOT_SERVING has its attempts abandoned at once as well; a
 draining one keeps them (they finish there).
+
+Lingering: a server whose membership record vanishes while its load stream keeps reporting is
+alive - its lease expired while etcd was unreachable or without quorum, and it is registering
+again. Its link and replicas stay usable for up to `linger_s` (or until it goes silent), so an
+etcd outage longer than a lease never empties the mesh under its clients.
 """
 
 from __future__ import annotations
@@ -28,14 +33,16 @@ from .replica import Replica, ServerLink
 log = logging.getLogger(__name__)
 
 DEFAULT_HANG_TIMEOUT_S = 3.0
+DEFAULT_LINGER_S = 30.0
 
 
 class BackendPool:
     def __init__(self, view: MeshView, load_interval_ms: int = 100,
-                 hang_timeout_s: float = DEFAULT_HANG_TIMEOUT_S) -> None:
+                 hang_timeout_s: float = DEFAULT_HANG_TIMEOUT_S, linger_s: float = DEFAULT_LINGER_S) -> None:
         self._view = view
         self._load_interval_ms = load_interval_ms
         self.hang_timeout_s = hang_timeout_s
+        self.linger_s = linger_s
         self.links: dict[str, ServerLink] = {}
         self._not_serving: set[str] = set()
         self._tasks: set[asyncio.Task] = set()
@@ -77,12 +84,18 @@ class BackendPool:
         if self._watchdog is None:
             self._watchdog = self._spawn(self._watch_hangs(), "hang-watchdog")
         live = self._view.servers
+        now = time.monotonic()
         for sid in list(self.links):
-            info = live.get(sid)
-            if info is None or info.address != self.links[sid].info.address:
-                self._drop(sid, "left the mesh" if info is None else "moved to a new address")
+            info, link = live.get(sid), self.links[sid]
+            if info is None:
+                self._orphan_or_drop(link, now)
+            elif info.address != link.info.address or info.started_at_ms != link.info.started_at_ms:
+                self._drop(sid, "restarted" if info.address == link.info.address else "moved to a new address")
         for sid, info in live.items():
             link = self.links.get(sid) or self._connect(info)
+            if link.orphaned_since is not None:
+                log.info("server %s registered again after %.1fs", sid, now - link.orphaned_since)
+                link.orphaned_since = None
             link.info = info
             self._check_verdict(link)
         self._sync_replicas()
@@ -97,6 +110,17 @@ class BackendPool:
         self.links[info.server_id] = link
         log.info("server %s at %s joined", info.server_id, info.address)
         return link
+
+    def _orphan_or_drop(self, link: ServerLink, now: float) -> None:
+        """Its membership record is gone: drop it, unless it is evidently alive (lingering)."""
+        if link.orphaned_since is not None:
+            return
+        if link.reporting(now, self.hang_timeout_s):
+            link.orphaned_since = now
+            log.warning("server %s left membership but still reports: keeping it for up to %.0fs while it "
+                        "registers again", link.server_id, self.linger_s)
+        else:
+            self._drop(link.server_id, "left the mesh")
 
     def _check_verdict(self, link: ServerLink) -> None:
         sid = link.server_id
@@ -113,6 +137,8 @@ class BackendPool:
             if status.state == cp.MODEL_STATE_READY and sid in self.links:
                 wanted.setdefault(sid, {})[model] = status
         for sid, link in self.links.items():
+            if link.orphaned_since is not None:
+                continue  # its statuses went with its lease: keep the last known replicas
             statuses = wanted.get(sid, {})
             for model in list(link.replicas):
                 if model not in statuses:
@@ -159,6 +185,7 @@ class BackendPool:
             lagged, last = now - last > max(0.5, self.hang_timeout_s / 2), now
             if lagged:
                 continue  # this router's own loop stalled; reports may be queued: judge next time
+            self._expire_orphans(now)
             for link in self.links.values():
                 silent = now - link.last_report_at
                 if not link.hung and silent > self.hang_timeout_s:
@@ -167,12 +194,28 @@ class BackendPool:
                     log.warning("server %s silent for %.1fs: treated as hung%s", link.server_id, silent,
                                 f", moving {n} attempt(s) elsewhere" if n else "")
 
+    def _expire_orphans(self, now: float) -> None:
+        expired = [link for link in self.links.values() if link.orphaned_since is not None
+                   and (now - link.orphaned_since > self.linger_s or not link.reporting(now, self.hang_timeout_s))]
+        for link in expired:
+            self._drop(link.server_id, "left the mesh (not registered again)")
+        if expired:
+            self._candidates.clear()
+            self._known = None
+            self._changed()
+
     # --- lookups (the request path) -----------------------------------------------------------
 
     def known_models(self) -> frozenset[str]:
         if self._known is None:
-            self._known = frozenset(self._view.known_models())
+            lingering = {m for link in self.links.values() if link.orphaned_since is not None for m in link.replicas}
+            self._known = frozenset(self._view.known_models()) | lingering
         return self._known
+
+    def _usable(self, sid: str, link: ServerLink) -> bool:
+        if link.orphaned_since is None:
+            return self._view.serving(sid)
+        return not self._view.is_draining(sid) and self._view.verdict(sid) != cp.SERVING_STATE_NOT_SERVING
 
     def candidates(self, model: str) -> list[Replica]:
         """Replicas of the model READY on servers with verdict SERVING and no drain (hung and
@@ -182,7 +225,7 @@ class BackendPool:
         if found is None:
             found = self._candidates[model] = [
                 link.replicas[model] for sid, link in sorted(self.links.items())
-                if model in link.replicas and self._view.serving(sid)]
+                if model in link.replicas and self._usable(sid, link)]
         return found
 
     async def close(self) -> None:

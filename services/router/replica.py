@@ -50,7 +50,10 @@ class ServerLink:
     #: Latest per-model figures, kept even for models not READY yet (a replica appearing later).
     loads: dict[str, modelserver_pb2.ModelLoad] = field(default_factory=dict)
     last_report_at: float = field(default_factory=time.monotonic)
+    reported: bool = False  # its load stream is up and has delivered a report
     hung: bool = False
+    #: When its membership record vanished while it kept reporting (see BackendPool: lingering).
+    orphaned_since: float | None = None
     attempts: set[AttemptHandle] = field(default_factory=set)
     load_task: asyncio.Task | None = field(default=None, repr=False)
 
@@ -60,6 +63,7 @@ class ServerLink:
 
     def on_report(self, report: modelserver_pb2.LoadReport, now: float) -> None:
         self.last_report_at = now
+        self.reported = True
         self.hung = False
         self.loads = {m.model: m for m in report.models}
         for model, replica in self.replicas.items():
@@ -68,6 +72,7 @@ class ServerLink:
     def lost_reports(self) -> None:
         """The load stream broke: figures are unknown until it is back (silence is judged apart)."""
         self.loads = {}
+        self.reported = False
         for replica in self.replicas.values():
             replica.set_report(None)
 
@@ -76,6 +81,10 @@ class ServerLink:
         for attempt in attempts:
             attempt.abort(cause)
         return len(attempts)
+
+    def reporting(self, now: float, within_s: float) -> bool:
+        """Its load stream is alive: the process is up and answering, whatever etcd says."""
+        return self.reported and not self.hung and now - self.last_report_at <= within_s
 
     def channel_ready(self) -> bool:
         return self.channel.get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY

@@ -33,14 +33,18 @@ class FakeView:
     def verdict(self, sid: str) -> int:
         return self.health.get(sid, cp.SERVING_STATE_SERVING)
 
+    def is_draining(self, sid: str) -> bool:
+        return sid in self.drains
+
     def serving(self, sid: str) -> bool:
         return sid in self.servers and sid not in self.drains and self.verdict(sid) != cp.SERVING_STATE_NOT_SERVING
 
     def known_models(self) -> set[str]:
         return {m for (_, m) in self.statuses}
 
-    def add(self, sid: str, **models: str) -> None:
-        self.servers[sid] = modelserver_pb2.ServerInfo(server_id=sid, address="127.0.0.1:9", region="r")
+    def add(self, sid: str, started: int = 1, **models: str) -> None:
+        self.servers[sid] = modelserver_pb2.ServerInfo(server_id=sid, address="127.0.0.1:9", region="r",
+                                                       started_at_ms=started)
         for model, backend in models.items():
             self.statuses[(sid, model)] = cp.ModelStatus(server_id=sid, model=model, state=cp.MODEL_STATE_READY,
                                                          backend=backend, simulated=backend == "sim")
@@ -128,5 +132,48 @@ async def test_leaving_or_not_serving_moves_attempts_at_once_draining_does_not()
         del view.statuses[("s3", "chat")]  # a released model: its attempts finish, it takes no more
         view.changed()
         assert not handles["s3"].call.cancelled and "s3" not in {r.server_id for r in pool.candidates("chat")}
+    finally:
+        await pool.close()
+
+
+async def test_a_server_whose_lease_expired_but_still_reports_lingers_until_it_registers_again():
+    """An etcd outage longer than a lease: every lease expires at once when quorum returns. The
+    servers are alive (they report) and register again within seconds; meanwhile routers keep
+    their replicas, so no request finds the model gone."""
+    view = FakeView()
+    pool = BackendPool(view, hang_timeout_s=0.5, linger_s=30)  # type: ignore[arg-type]
+    try:
+        view.add("s1", chat="torch")
+        link = pool.links["s1"]
+        link.on_report(report(chat=(0, 4)), now=asyncio.get_running_loop().time())
+        handle = AttemptHandle(FakeCall())  # type: ignore[arg-type]
+        link.attempts.add(handle)
+        del view.servers["s1"], view.statuses[("s1", "chat")]
+        view.changed()
+        assert not handle.call.cancelled and link.orphaned_since is not None
+        assert [r.replica_id for r in pool.candidates("chat")] == ["s1/chat"] and "chat" in pool.known_models()
+        view.add("s1", chat="torch")  # registered again
+        assert link.orphaned_since is None and pool.links["s1"] is link
+        # Gone for real: it left membership and its reports stopped too.
+        del view.servers["s1"], view.statuses[("s1", "chat")]
+        view.changed()
+        await wait_for_async(lambda: "s1" not in pool.links, 5, "the silent orphan dropped")
+        assert handle.call.cancelled and pool.candidates("chat") == []
+    finally:
+        await pool.close()
+
+
+async def test_a_restarted_server_starts_with_a_clean_slate():
+    view = FakeView()
+    pool = BackendPool(view)  # type: ignore[arg-type]
+    try:
+        view.add("s1", chat="torch")
+        old = pool.candidates("chat")[0]
+        for _ in range(3):
+            old.record_failure()
+        assert old.ejected(asyncio.get_running_loop().time())
+        view.add("s1", started=2, chat="torch")  # a new process on the same address
+        new = pool.candidates("chat")[0]
+        assert new is not old and not new.ejected(asyncio.get_running_loop().time())
     finally:
         await pool.close()

@@ -116,3 +116,19 @@ def test_cancellation_frees_the_slot():
         await gen.aclose()
         assert e.load().running == 0 and e.load().kv_blocks_used == 0
     run(go())
+
+
+def test_a_stream_whose_consumer_stopped_pulling_frees_its_compute_slot():
+    """Flow control pauses a stream whose client stopped reading; it keeps its KV but not its
+    running slot, so other requests are not starved behind it."""
+    async def go():
+        e = SimEngine("echo", SimConfig(tokens_per_second=200, max_running=1))
+        await e.start()
+        stalled = e.generate(R("a b c", max_tokens=50))
+        await stalled.__anext__()  # one chunk taken, then the consumer stops pulling
+        other = await asyncio.wait_for(collect(e, R("x y", max_tokens=3)), 5)
+        assert "".join(c.text for c in other) == "x y x"
+        assert e.load().running == 0 and e.load().kv_blocks_used > 0  # paused, still holding KV
+        await stalled.aclose()
+        await e.stop()
+    run(go())
