@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import grpc
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
+from services.client import resumable
+
 
 def build_request(model: str, prompt: str = "", chat: bool = False, max_tokens: int = 0,
                   temperature: float = 0.0, session_id: str = "", region: str = "",
@@ -30,6 +32,6 @@ def generate(target: str, request: inference_pb2.GenerateRequest,
 
 def generate_stream(target: str, request: inference_pb2.GenerateRequest,
                     timeout: float = 120.0) -> Iterator[inference_pb2.GenerateResponse]:
+    """The answer as it is produced; a stream broken by a dying router resumes on another."""
     with grpc.insecure_channel(target) as channel:
-        yield from inference_pb2_grpc.InferenceServiceStub(channel).GenerateStream(
-            request, timeout=timeout)
+        yield from resumable.stream(inference_pb2_grpc.InferenceServiceStub(channel), request, timeout=timeout)

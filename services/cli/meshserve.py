@@ -44,7 +44,7 @@ def cmd_modelserver(args: argparse.Namespace) -> int:
         advertise=args.advertise, region=args.region, zone=args.zone, etcd=args.etcd,
         metrics=args.metrics, lease_ttl=args.lease_ttl, memory_bytes=args.memory_bytes,
         idle_unload_s=args.idle_unload_s, failure_backoff_s=args.failure_backoff_s,
-        engine_options=options)
+        engine_options=options, slow_consumer_s=args.slow_consumer_timeout)
     return _run_service(f"modelserver[{config.server_id}]", lambda stop: run(config, stop))
 
 
@@ -56,7 +56,8 @@ def cmd_router(args: argparse.Namespace) -> int:
     dispatch = DispatchSettings(
         policy=args.policy, model_policies=model_policies, max_attempts=args.max_attempts,
         max_migrations=args.max_migrations, first_token_timeout_s=args.first_token_timeout,
-        stall_timeout_s=args.stall_timeout, shed_utilization=args.shed_utilization,
+        stall_timeout_s=args.stall_timeout, hang_timeout_s=args.hang_timeout,
+        slow_consumer_s=args.slow_consumer_timeout, shed_utilization=args.shed_utilization,
         queue_size=args.queue_size, queue_timeout_s=args.queue_timeout,
         retry_budget_ratio=args.retry_budget_ratio, retry_budget_floor=args.retry_budget_floor)
     dispatch.validate()
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unload a released model after this long idle")
     p.add_argument("--failure-backoff-s", type=float, default=60.0,
                    help="keep a failed load reported this long so it is not retried here at once")
+    p.add_argument("--slow-consumer-timeout", type=float, default=60.0,
+                   help="cancel a generation whose caller read nothing for this many seconds")
     p.set_defaults(func=cmd_modelserver)
 
     p = sub.add_parser("router", help="run a router")
@@ -150,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "is tried")
     p.add_argument("--stall-timeout", type=float, default=30.0,
                    help="seconds a stream may go silent between tokens before it migrates")
+    p.add_argument("--hang-timeout", type=float, default=3.0,
+                   help="seconds without a load report (servers send one at least every second) after "
+                        "which a server counts as hung: its streams move elsewhere at once")
+    p.add_argument("--slow-consumer-timeout", type=float, default=60.0,
+                   help="cancel a stream whose client read nothing for this many seconds")
     p.add_argument("--shed-utilization", type=float, default=1.0,
                    help="(running + queued) / max_running at which a server counts as saturated "
                         "for shedding and queueing")

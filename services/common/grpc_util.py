@@ -46,6 +46,8 @@ def check_port_free(host: str, port: int) -> None:
     """Raise PortInUseError with an actionable message when host:port cannot be bound."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As gRPC binds: connections left in TIME_WAIT by a killed predecessor do not block.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:

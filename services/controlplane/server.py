@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from meshserve.v1 import controlplane_pb2, controlplane_pb2_grpc
 
 from services.common import keyspace
-from services.common.replica import run_replica
+from services.common.lifecycle import now_ms
+from services.common.replica import ReplicaParts, run_replica
 
 from . import metrics
 from .election import Election
@@ -46,17 +47,26 @@ def _on_leadership(leading: bool) -> None:
 
 async def run(config: ControlPlaneConfig, stop: asyncio.Event) -> None:
     probe = ServerProbe()
+    started = now_ms()
 
-    def register(server, etcd, view) -> None:
+    def register(parts: ReplicaParts) -> None:
+        assert parts.view is not None
         controlplane_pb2_grpc.add_ControlPlaneServiceServicer_to_server(
-            ControlPlaneServicer(etcd, view, config.replica_id, probe), server)
+            ControlPlaneServicer(parts.etcd, parts.view, config.replica_id, probe), parts.server)
+
+    def record(parts: ReplicaParts) -> controlplane_pb2.ReplicaInfo:
+        return controlplane_pb2.ReplicaInfo(replica_id=config.replica_id, address=parts.address,
+                                            region=config.region, metrics_address=parts.metrics_address,
+                                            started_at_ms=started)
 
     async with run_replica(
-            key=keyspace.controlplane_key, replica_id=config.replica_id, service_name=SERVICE_NAME,
-            register=register, listen=config.listen, advertise=config.advertise,
-            region=config.region, zone="", etcd=config.etcd, metrics=config.metrics,
-            lease_ttl=config.lease_ttl, grace_s=2.0) as (etcd, view, info):
-        election = Election(etcd, config.replica_id, info.address, ttl=config.election_ttl,
+            key=keyspace.controlplane_key(config.replica_id), replica_id=config.replica_id,
+            service_names=[SERVICE_NAME], register=register, record=record, listen=config.listen,
+            advertise=config.advertise, etcd=config.etcd, metrics=config.metrics,
+            lease_ttl=config.lease_ttl, grace_s=2.0) as parts:
+        etcd, view = parts.etcd, parts.view
+        assert view is not None
+        election = Election(etcd, config.replica_id, parts.address, ttl=config.election_ttl,
                             on_change=_on_leadership)
         checker = HealthChecker(view, probe, config.replica_id, config.health)
         reconciler = Reconciler(etcd, view, election, checker, probe,

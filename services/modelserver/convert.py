@@ -6,17 +6,9 @@ import time
 
 from meshserve.v1 import common_pb2, modelserver_pb2
 
-from services.common.validation import DEFAULT_MAX_TOKENS
+from services.common.validation import validate_request
 
-from .engine.base import (
-    ChatMessage,
-    EngineLoad,
-    FinishReason,
-    GenerationChunk,
-    GenerationRequest,
-    Priority,
-    SamplingParams,
-)
+from .engine.base import EngineLoad, FinishReason, GenerationChunk, GenerationRequest
 
 _FINISH = {
     FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
@@ -26,32 +18,10 @@ _FINISH = {
 }
 
 
-def sampling_from_proto(s: common_pb2.SamplingParams) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=s.max_tokens or DEFAULT_MAX_TOKENS,
-        temperature=s.temperature,
-        top_p=s.top_p or 1.0,
-        top_k=s.top_k,
-        seed=s.seed if s.HasField("seed") else None,
-        stop=tuple(s.stop),
-        stop_token_ids=tuple(s.stop_token_ids),
-        logprobs=s.logprobs,
-    )
-
-
 def request_from_proto(req: modelserver_pb2.ModelServerServiceGenerateRequest,
                        deadline: float | None) -> GenerationRequest:
-    priority = Priority(req.priority) if req.priority else Priority.STANDARD
-    return GenerationRequest(
-        request_id=req.request_id,
-        model=req.model,
-        prompt=req.prompt or None,
-        messages=[ChatMessage(m.role, m.content) for m in req.messages] or None,
-        sampling=sampling_from_proto(req.sampling),
-        priority=priority,
-        resume_token_ids=list(req.resume_token_ids),
-        deadline=deadline,
-    )
+    """Validated (services/common/validation.py), or InvalidArgument."""
+    return GenerationRequest.from_valid(validate_request(req), deadline)
 
 
 def chunk_to_proto(chunk: GenerationChunk) -> modelserver_pb2.ModelServerServiceGenerateResponse:
@@ -66,17 +36,27 @@ def chunk_to_proto(chunk: GenerationChunk) -> modelserver_pb2.ModelServerService
     return out
 
 
-def load_to_proto(server_id: str, loads: list[EngineLoad]) -> modelserver_pb2.LoadReport:
-    """One report for the whole server: the sum over its engines."""
-    n = len(loads) or 1
+def model_load_to_proto(model: str, load: EngineLoad) -> modelserver_pb2.ModelLoad:
+    return modelserver_pb2.ModelLoad(
+        model=model, queue_depth=load.queue_depth, running=load.running, max_running=load.max_running,
+        kv_blocks_used=load.kv_blocks_used, kv_blocks_total=load.kv_blocks_total,
+        prefix_cache_hit_rate=load.prefix_cache_hit_rate, tokens_per_second=load.tokens_per_second,
+        unknown=load.unknown)
+
+
+def load_to_proto(server_id: str, loads: dict[str, EngineLoad]) -> modelserver_pb2.LoadReport:
+    """One report for the server: per model (what routers use), and the sums (operators' view)."""
+    values = list(loads.values())
+    n = len(values) or 1
     return modelserver_pb2.LoadReport(
         server_id=server_id,
-        queue_depth=sum(x.queue_depth for x in loads),
-        running=sum(x.running for x in loads),
-        kv_blocks_used=sum(x.kv_blocks_used for x in loads),
-        kv_blocks_total=sum(x.kv_blocks_total for x in loads),
-        max_running=sum(x.max_running for x in loads),
-        prefix_cache_hit_rate=sum(x.prefix_cache_hit_rate for x in loads) / n,
-        tokens_per_second=sum(x.tokens_per_second for x in loads),
+        queue_depth=sum(x.queue_depth for x in values),
+        running=sum(x.running for x in values),
+        kv_blocks_used=sum(x.kv_blocks_used for x in values),
+        kv_blocks_total=sum(x.kv_blocks_total for x in values),
+        max_running=sum(x.max_running for x in values),
+        prefix_cache_hit_rate=sum(x.prefix_cache_hit_rate for x in values) / n,
+        tokens_per_second=sum(x.tokens_per_second for x in values),
         timestamp_ms=int(time.time() * 1000),
+        models=[model_load_to_proto(m, load) for m, load in sorted(loads.items())],
     )

@@ -72,6 +72,7 @@ class ModelManager:
         self.models: dict[str, Hosted] = {}
         self._desired: dict[str, cp.ModelSpec] = {}
         self._lock = asyncio.Lock()
+        self._idle = asyncio.Event()
 
     # --- queries (the request path) ----------------------------------------------------------
 
@@ -84,10 +85,23 @@ class ModelManager:
     def track(self, model: str) -> Iterator[None]:
         hosted = self.models[model]
         hosted.in_flight += 1
+        self._idle.clear()
         try:
             yield
         finally:
             hosted.in_flight -= 1
+            if not self.in_flight():
+                self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is in flight (a drain); False when `timeout` ran out first."""
+        if not self.in_flight():
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def ready_models(self) -> list[str]:
         return sorted(n for n, h in self.models.items() if h.serving)
@@ -144,9 +158,12 @@ class ModelManager:
         if hosted is None or (hosted.released_at is not None and hosted.state == cp.MODEL_STATE_READY):
             self._on_status(name, None)
             return
+        engine = hosted.engine
         self._on_status(name, cp.ModelStatus(server_id=self.server_id, model=name,
                                              state=hosted.state, reason=hosted.reason,
-                                             since_ms=now_ms(), managed=hosted.managed))
+                                             since_ms=now_ms(), managed=hosted.managed,
+                                             backend=hosted.spec.backend,
+                                             simulated=engine.simulated if engine is not None else False))
 
     def _set(self, name: str, hosted: Hosted, state: cp.ModelState, reason: str = "") -> None:
         hosted.state, hosted.reason = state, reason

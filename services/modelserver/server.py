@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
 
+from grpc_health.v1 import health
 from meshserve.v1 import controlplane_pb2 as cp
 from meshserve.v1 import modelserver_pb2, modelserver_pb2_grpc
 
 from services.common import keyspace
 from services.common.etcd_client import EtcdClient, LeaseKeeper, PrefixMirror
-from services.common.grpc_util import bind, new_server, set_serving
+from services.common.grpc_util import set_serving
 from services.common.lifecycle import now_ms
-from services.common.metrics import serve_metrics
+from services.common.replica import ReplicaParts, run_replica
 
 from .engine import ModelSpec
 from .manager import ModelManager
@@ -52,6 +52,8 @@ class ModelServerConfig:
     failure_backoff_s: float = 60.0
     engine_options: dict = field(default_factory=dict)  # defaults for placed models
     labels: dict[str, str] = field(default_factory=dict)
+    #: A caller that reads nothing for this long has its generation cancelled.
+    slow_consumer_s: float = 60.0
 
 
 class _Registration:
@@ -60,18 +62,18 @@ class _Registration:
     Status changes are applied one at a time, in order, so etcd never ends on a stale state.
     """
 
-    def __init__(self, info: modelserver_pb2.ServerInfo, keeper: LeaseKeeper, health) -> None:
+    def __init__(self, info: modelserver_pb2.ServerInfo) -> None:
         self.info = info
         self.manager: ModelManager | None = None
-        self._keeper = keeper
-        self._health = health
-        self._queue: asyncio.Queue = asyncio.Queue()
+        self.keeper: LeaseKeeper | None = None
+        self.health: health.aio.HealthServicer | None = None
+        self._queue: asyncio.Queue[tuple[str, cp.ModelStatus | None]] = asyncio.Queue()
         self._worker: asyncio.Task | None = None
 
     def on_status(self, model: str, status: cp.ModelStatus | None) -> None:
         self._queue.put_nowait((model, status))
         if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._drain())
+            self._worker = asyncio.get_running_loop().create_task(self._drain(), name="status-publisher")
 
     async def _drain(self) -> None:
         while True:
@@ -84,21 +86,22 @@ class _Registration:
                 self._queue.task_done()
 
     async def _apply(self, model: str, status: cp.ModelStatus | None) -> None:
+        assert self.keeper is not None and self.health is not None
         key = keyspace.status_key(self.info.server_id, model)
         serving = status is not None and status.state == cp.MODEL_STATE_READY
-        await set_serving(self._health, [model_health_name(model)], serving)
+        await set_serving(self.health, [model_health_name(model)], serving)
         if self.manager is not None:
             self.info.models[:] = self.manager.ready_models()
             self.info.backend = self.manager.backend
             self.info.simulated = self.manager.simulated
         if status is None:
-            await self._keeper.delete(key)
+            await self.keeper.delete(key)
         else:
-            await self._keeper.put(key, keyspace.encode(status))
-        await self._keeper.put(keyspace.server_key(self.info.server_id), keyspace.encode(self.info))
+            await self.keeper.put(key, keyspace.encode(status))
+        await self.keeper.put(keyspace.server_key(self.info.server_id), keyspace.encode(self.info))
 
     async def flush(self) -> None:
-        """Return once every queued status is applied (not merely taken off the queue)."""
+        """Returns once every status change so far has been applied (not merely dequeued)."""
         await self._queue.join()
 
     async def stop(self) -> None:
@@ -106,39 +109,14 @@ class _Registration:
             self._worker.cancel()
 
 
-async def run(config: ModelServerConfig, stop: asyncio.Event) -> None:
-    info = modelserver_pb2.ServerInfo(
-        server_id=config.server_id, region=config.region, zone=config.zone,
-        memory_bytes=config.memory_bytes, labels=config.labels, started_at_ms=now_ms())
-    etcd = EtcdClient(config.etcd)
-    keeper = LeaseKeeper(etcd, ttl=config.lease_ttl)
-    server, health = new_server([SERVICE_NAME])
-    registration = _Registration(info, keeper, health)
-    manager = ModelManager(config.server_id, config.models, config.memory_bytes,
-                           registration.on_status, config.idle_unload_s, config.failure_backoff_s,
-                           config.engine_options)
-    registration.manager = manager
-    servicer = ModelServerServicer(manager, lambda: info)
-    modelserver_pb2_grpc.add_ModelServerServiceServicer_to_server(servicer, server)
-    port = bind(server, config.listen)
-    info.address = config.advertise or f"{config.listen.rpartition(':')[0]}:{port}"
-    info.metrics_address = serve_metrics(config.metrics)
-    await set_serving(health, ["", SERVICE_NAME], False)
-    await server.start()
-    log.info("model server %s listening on %s", config.server_id, info.address)
-
+async def _follow_placements(config: ModelServerConfig, etcd: EtcdClient, manager: ModelManager,
+                             servicer: ModelServerServicer, stop: asyncio.Event) -> None:
+    """Load and release models as the leader's placements for this server come and go."""
     wake = asyncio.Event()
     placements = PrefixMirror(etcd, keyspace.placement_prefix(config.server_id),
                               on_change=lambda key, value: wake.set())
+    await placements.start()
     try:
-        await manager.start_pinned()
-        await registration.flush()
-        await keeper.put(keyspace.server_key(config.server_id), keyspace.encode(info))
-        await keeper.start()
-        await placements.start()
-        await set_serving(health, ["", SERVICE_NAME], True)
-        log.info("model server %s serving (pinned: %s)", config.server_id,
-                 ", ".join(manager.ready_models()) or "none")
         while not stop.is_set():
             desired = {}
             for value in placements.items.values():
@@ -151,22 +129,50 @@ async def run(config: ModelServerConfig, stop: asyncio.Event) -> None:
             wake.clear()
             stopped = asyncio.create_task(stop.wait())
             woken = asyncio.create_task(wake.wait())
-            await asyncio.wait({stopped, woken}, timeout=RECONCILE_EVERY_S,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({stopped, woken}, timeout=RECONCILE_EVERY_S, return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
             woken.cancel()
     finally:
-        log.info("model server %s stopping: leaving membership, draining %d request(s)",
-                 config.server_id, manager.in_flight())
-        servicer.accepting = False
-        await set_serving(health, ["", SERVICE_NAME], False)
         await placements.stop()
-        await registration.stop()
-        await keeper.stop(revoke=True)
-        deadline = time.monotonic() + config.shutdown_grace_s
-        while manager.in_flight() and time.monotonic() < deadline:  # noqa: ASYNC110 - a sum over models, no event
-            await asyncio.sleep(0.05)
-        await server.stop(grace=1.0)
+
+
+async def run(config: ModelServerConfig, stop: asyncio.Event) -> None:
+    info = modelserver_pb2.ServerInfo(
+        server_id=config.server_id, region=config.region, zone=config.zone,
+        memory_bytes=config.memory_bytes, labels=config.labels, started_at_ms=now_ms())
+    registration = _Registration(info)
+    manager = ModelManager(config.server_id, config.models, config.memory_bytes, registration.on_status,
+                           config.idle_unload_s, config.failure_backoff_s, config.engine_options)
+    registration.manager = manager
+    servicer = ModelServerServicer(manager, lambda: info, config.slow_consumer_s)
+
+    def register(parts: ReplicaParts) -> None:
+        registration.keeper, registration.health = parts.keeper, parts.health
+        modelserver_pb2_grpc.add_ModelServerServiceServicer_to_server(servicer, parts.server)
+
+    def record(parts: ReplicaParts) -> modelserver_pb2.ServerInfo:
+        info.address, info.metrics_address = parts.address, parts.metrics_address
+        return info
+
+    async def prepare(parts: ReplicaParts) -> None:
+        await manager.start_pinned()
+        await registration.flush()
+
+    async def drain() -> None:
+        servicer.accepting = False
+        log.info("model server %s draining %d request(s)", config.server_id, manager.in_flight())
+        await manager.wait_idle(config.shutdown_grace_s)
+
+    try:
+        async with run_replica(
+                key=keyspace.server_key(config.server_id), replica_id=config.server_id,
+                service_names=[SERVICE_NAME], register=register, record=record, listen=config.listen,
+                advertise=config.advertise, etcd=config.etcd, metrics=config.metrics,
+                lease_ttl=config.lease_ttl, grace_s=1.0, watch_mesh=False, prepare=prepare,
+                drain=drain) as parts:
+            log.info("model server %s serving (pinned: %s)", config.server_id,
+                     ", ".join(manager.ready_models()) or "none")
+            await _follow_placements(config, parts.etcd, manager, servicer, stop)
+            await registration.stop()  # no status writes once the lease is revoked
+    finally:
         await manager.stop()
-        await etcd.close()
-        log.info("model server %s stopped", config.server_id)

@@ -1,8 +1,13 @@
-"""ModelServerService: a thin gRPC layer over the ModelManager. Protobuf stops here."""
+"""ModelServerService: a thin gRPC layer over the ModelManager. Protobuf stops here.
+
+Errors are services/common/errors.py's (the engines' InvalidRequestError, CapacityError and
+EngineUnavailableError are among them); the status interceptor maps them for every call.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -10,108 +15,127 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from meshserve.v1 import modelserver_pb2, modelserver_pb2_grpc
 
-from services.common.validation import validate_generate
+from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
+from services.common.slow_consumer import SlowConsumerGuard
 
 from . import metrics
 from .convert import chunk_to_proto, load_to_proto, request_from_proto
-from .engine.base import CapacityError, EngineUnavailableError, FinishReason, InvalidRequestError
+from .engine.base import Engine, EngineLoad, FinishReason, GenerationChunk, GenerationRequest
 from .manager import ModelManager
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LOAD_INTERVAL_MS = 200
-LOAD_HEARTBEAT_S = 5.0
+#: A report goes out at least this often, so routers read silence as a hung server.
+LOAD_HEARTBEAT_S = 1.0
+#: A caller that reads nothing for this long has its generation cancelled (flow control
+#: already paused it; this frees its engine slot and KV blocks).
+DEFAULT_SLOW_CONSUMER_S = 60.0
 
 
 class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
-    def __init__(self, manager: ModelManager,
-                 info: Callable[[], modelserver_pb2.ServerInfo]) -> None:
+    def __init__(self, manager: ModelManager, info: Callable[[], modelserver_pb2.ServerInfo],
+                 slow_consumer_s: float = DEFAULT_SLOW_CONSUMER_S) -> None:
         self._manager = manager
         self._info = info
+        self._slow_consumer_s = slow_consumer_s
         self.accepting = True
 
-    async def Generate(self, request: modelserver_pb2.ModelServerServiceGenerateRequest,
-                       context: grpc.aio.ServicerContext
-                       ) -> AsyncIterator[modelserver_pb2.ModelServerServiceGenerateResponse]:
-        model = request.model
-        try:
-            validate_generate(request)
-        except ValueError as exc:
-            metrics.REQUESTS.labels(model[:64], "INVALID_ARGUMENT").inc()
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    def _engine(self, model: str) -> Engine:
         engine = self._manager.get(model)
         if engine is None:
-            metrics.REQUESTS.labels("unknown", "NOT_FOUND").inc()
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"model {model!r} is not served by server {self._info().server_id}; "
-                                f"it serves {', '.join(self._manager.ready_models()) or 'nothing'}")
-            return  # not reached: abort raises
+            raise NotFound(f"model {model!r} is not served by server {self._info().server_id}; it serves "
+                           f"{', '.join(self._manager.ready_models()) or 'nothing'}")
         if not self.accepting or not engine.ready:
-            metrics.REQUESTS.labels(model, "UNAVAILABLE").inc()
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"server {self._info().server_id} is not accepting requests "
-                                "(loading or shutting down); retry on another replica")
+            raise Unavailable(f"server {self._info().server_id} is not accepting requests (loading or "
+                              "shutting down); retry on another replica")
+        return engine
+
+    async def Generate(self, request: modelserver_pb2.ModelServerServiceGenerateRequest,
+                       context: grpc.aio.ServicerContext) -> None:
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
-        code = "OK"
+        label, code = "unknown", "OK"
+        try:
+            req = request_from_proto(request, deadline)
+            engine = self._engine(req.model)
+            label = req.model
+            code = await self._relay(engine, req, context)
+        except ServiceError as exc:
+            code = exc.code.name
+            raise
+        except asyncio.CancelledError:
+            code = _cancel_code(deadline)
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            metrics.REQUESTS.labels(label, code).inc()
+
+    async def _relay(self, engine: Engine, req: GenerationRequest, context: grpc.aio.ServicerContext) -> str:
+        """Stream the engine's chunks to the caller, with usage that counts the whole answer.
+        Returns the outcome for metrics: OK, or how the engine ended it early (deadline, stop)."""
+        model, resumed = req.model, len(req.resume_token_ids)
+        outcome = "OK"
         started = last = time.monotonic()
-        first = True
+        produced = 0
+        guard = SlowConsumerGuard(self._slow_consumer_s)
         with self._manager.track(model):
-            stream = engine.generate(request_from_proto(request, deadline))
+            stream = engine.generate(req)
             try:
                 async for chunk in stream:
                     now = time.monotonic()
                     if chunk.token_ids:
-                        if first:
-                            metrics.TTFT.labels(model).observe(now - started)
-                            first = False
-                        else:
-                            metrics.ITL.labels(model).observe((now - last) / len(chunk.token_ids))
+                        _observe_tokens(model, chunk, now - (started if produced == 0 else last), produced == 0)
+                        produced += len(chunk.token_ids)
                         last = now
-                        metrics.GENERATED_TOKENS.labels(model).inc(len(chunk.token_ids))
                     if chunk.usage is not None:
+                        floor = resumed + produced
+                        if chunk.usage.completion_tokens < floor:
+                            chunk.usage = dataclasses.replace(chunk.usage, completion_tokens=floor)
                         metrics.PROMPT_TOKENS.labels(model).inc(chunk.usage.prompt_tokens)
                         metrics.CACHED_TOKENS.labels(model).inc(chunk.usage.cached_tokens)
                     if chunk.finish_reason is FinishReason.CANCELLED:
-                        code = _cancel_code(deadline)  # the engine ended it: deadline or stop
-                    yield chunk_to_proto(chunk)
-            except InvalidRequestError as exc:
-                code = "INVALID_ARGUMENT"
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            except CapacityError as exc:
-                code = "RESOURCE_EXHAUSTED"
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-            except EngineUnavailableError as exc:
-                code = "UNAVAILABLE"
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            except asyncio.CancelledError:
-                code = _cancel_code(deadline)
-                raise
-            except Exception:  # gRPC answers UNKNOWN for anything unexpected; count it as such
-                code = "UNKNOWN"
-                raise
+                        outcome = _cancel_code(req.deadline)
+                    if not await guard.write(context, chunk_to_proto(chunk)):
+                        raise ResourceExhausted(
+                            f"the caller read nothing for {self._slow_consumer_s:g}s; the generation was "
+                            "cancelled to free the engine")
             finally:
+                guard.close()
                 await stream.aclose()
-                metrics.REQUESTS.labels(model, code).inc()
                 metrics.E2E.labels(model).observe(time.monotonic() - started)
+        return outcome
 
-    async def GetServerInfo(self, request, context) -> modelserver_pb2.GetServerInfoResponse:
+    async def GetServerInfo(self, request: modelserver_pb2.GetServerInfoRequest,
+                            context: grpc.aio.ServicerContext) -> modelserver_pb2.GetServerInfoResponse:
         return modelserver_pb2.GetServerInfoResponse(info=self._info())
 
+    def loads(self) -> dict[str, EngineLoad]:
+        """Load of every model that takes traffic here."""
+        out = {}
+        for name in self._manager.ready_models():
+            engine = self._manager.get(name)
+            if engine is not None:
+                out[name] = engine.load()
+        return out
+
     def load_report(self) -> modelserver_pb2.LoadReport:
-        return load_to_proto(self._info().server_id, self._manager.loads())
+        return load_to_proto(self._info().server_id, self.loads())
 
     async def StreamLoad(self, request: modelserver_pb2.StreamLoadRequest,
-                         context: grpc.aio.ServicerContext
-                         ) -> AsyncIterator[modelserver_pb2.StreamLoadResponse]:
+                         context: grpc.aio.ServicerContext) -> AsyncIterator[modelserver_pb2.StreamLoadResponse]:
         if request.interval_ms < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "interval_ms must be >= 0")
-        interval = max(request.interval_ms or DEFAULT_LOAD_INTERVAL_MS, 20) / 1000.0
-        last_key = None
+            raise InvalidArgument(f"interval_ms must be >= 0 (0 = {DEFAULT_LOAD_INTERVAL_MS}), got "
+                                  f"{request.interval_ms}")
+        interval = min(max(request.interval_ms or DEFAULT_LOAD_INTERVAL_MS, 20), 1000) / 1000.0
+        last_key: object = None
         last_sent = 0.0
         while True:
             report = self.load_report()
-            key = (report.queue_depth, report.running, report.kv_blocks_used, report.kv_blocks_total)
+            key = tuple((m.model, m.queue_depth, m.running, m.kv_blocks_used, m.kv_blocks_total)
+                        for m in report.models)
             now = time.monotonic()
             if key != last_key or now - last_sent >= LOAD_HEARTBEAT_S:
                 yield modelserver_pb2.StreamLoadResponse(report=report)
@@ -119,11 +143,7 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
             await asyncio.sleep(interval)
 
     def update_gauges(self) -> None:
-        for name in self._manager.ready_models():
-            engine = self._manager.get(name)
-            if engine is None:
-                continue
-            load = engine.load()
+        for name, load in self.loads().items():
             metrics.RUNNING.labels(name).set(load.running)
             metrics.WAITING.labels(name).set(load.queue_depth)
             metrics.KV_USED.labels(name).set(load.kv_blocks_used)
@@ -134,8 +154,16 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
             metrics.follow_total(metrics.PREFIX_HIT_TOKENS, name, load.prefix_cache_hit_tokens_total)
 
 
+def _observe_tokens(model: str, chunk: GenerationChunk, gap: float, first: bool) -> None:
+    if first:
+        metrics.TTFT.labels(model).observe(gap)
+    else:
+        metrics.ITL.labels(model).observe(gap / len(chunk.token_ids))
+    metrics.GENERATED_TOKENS.labels(model).inc(len(chunk.token_ids))
+
+
 def _cancel_code(deadline: float | None) -> str:
-    """What the client sees for a request that ended early: its deadline passed, or it went away."""
+    """What the caller sees for a request that ended early: its deadline passed, or it went away."""
     if deadline is not None and time.monotonic() >= deadline:
         return "DEADLINE_EXCEEDED"
     return "CANCELLED"

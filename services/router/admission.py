@@ -12,7 +12,13 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+from services.common.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from services.common.validation import Priority
+
+from . import metrics
+from .policy.types import Endpoint
 
 
 class QueueFull(Exception):
@@ -46,7 +52,7 @@ class AdmissionQueue:
     async def wait(self, has_room: Callable[[], bool], timeout: float | None) -> float:
         """Returns the seconds waited; raises QueueFull or QueueTimeout."""
         if len(self._waiters) >= self.limit:
-            raise QueueFull(f"the router's queue is full ({self.limit} waiting)")
+            raise QueueFull(f"the router's queue for it is full ({self.limit} waiting)")
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
         me = asyncio.Event()
@@ -66,3 +72,66 @@ class AdmissionQueue:
         finally:
             self._waiters.remove(me)
             self.notify()
+
+
+class Admission:
+    """Decides, per request, between going ahead, waiting in its model's queue and being shed.
+
+    `candidates(model)` gives the model's replicas; a replica is saturated at `shed_utilization`
+    of its running capacity. Each model is judged alone and queues alone (a FIFO of at most
+    `queue_size` per model): a busy model never sheds or delays another on the same servers.
+    """
+
+    def __init__(self, candidates: Callable[[str], Sequence[Endpoint]], shed_utilization: float,
+                 queue_size: int, queue_timeout_s: float, retry_after_ms: int) -> None:
+        self._candidates = candidates
+        self.shed_utilization = shed_utilization
+        self.queue_size = queue_size
+        self._queues: dict[str, AdmissionQueue] = {}
+        self.queue_timeout_s = queue_timeout_s
+        self.retry_after_ms = retry_after_ms
+
+    def notify(self) -> None:
+        """Load changed or a request ended: the head of every model's queue re-checks."""
+        for queue in self._queues.values():
+            queue.notify()
+
+    def waiting(self, model: str) -> int:
+        queue = self._queues.get(model)
+        return len(queue) if queue is not None else 0
+
+    def saturated(self, model: str) -> bool:
+        replicas = self._candidates(model)
+        return bool(replicas) and all(r.load().utilization >= self.shed_utilization for r in replicas)
+
+    async def admit(self, model: str, priority: Priority, deadline: float | None) -> float:
+        """Seconds spent queued. CRITICAL passes; SHEDDABLE is shed; STANDARD queues."""
+        if priority == Priority.CRITICAL or (not self.waiting(model) and not self.saturated(model)):
+            return 0.0
+        label, hint = priority.name, self.retry_after_ms
+        if priority == Priority.SHEDDABLE:
+            metrics.SHED.labels(model, label, "saturated").inc()
+            raise ResourceExhausted(f"every replica of model {model!r} is saturated and the request is "
+                                    f"SHEDDABLE; retry after {hint} ms", retry_after_ms=hint)
+        wait = self.queue_timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
+        queue = self._queues.get(model)
+        if queue is None:
+            queue = self._queues[model] = AdmissionQueue(self.queue_size)
+        metrics.QUEUED.inc()
+        try:
+            waited = await queue.wait(lambda: not self.saturated(model), wait)
+        except QueueFull as exc:
+            metrics.SHED.labels(model, label, "queue_full").inc()
+            raise Unavailable(f"every replica of model {model!r} is saturated and {exc}; retry after "
+                              f"{hint} ms", retry_after_ms=hint) from None
+        except QueueTimeout as exc:
+            metrics.SHED.labels(model, label, "queue_timeout").inc()
+            if deadline is not None:
+                raise DeadlineExceeded(f"deadline passed while queued: every replica of model {model!r} "
+                                       f"stayed saturated ({exc})") from None
+            raise Unavailable(f"every replica of model {model!r} stayed saturated ({exc}); retry after "
+                              f"{hint} ms", retry_after_ms=hint) from None
+        finally:
+            metrics.QUEUED.dec()
+        metrics.QUEUE_WAIT.labels(model).observe(waited)
+        return waited

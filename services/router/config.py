@@ -20,6 +20,12 @@ class DispatchSettings:
     first_token_timeout_s: float = 60.0
     #: An attempt whose stream went silent this long between tokens is abandoned and migrated.
     stall_timeout_s: float = 30.0
+    #: A server whose load stream (a report at least every second) is silent this long is hung:
+    #: its attempts move elsewhere at once and it is skipped until it reports again.
+    hang_timeout_s: float = 3.0
+    #: A client that reads nothing for this long has its request cancelled (the upstream
+    #: generation with it); bounded HTTP/2 windows pause it long before that.
+    slow_consumer_s: float = 60.0
     #: Backoff before retry k (k >= 1): base * 2^(k-1), capped, with jitter.
     backoff_base_s: float = 0.02
     backoff_max_s: float = 0.25
@@ -43,8 +49,8 @@ class DispatchSettings:
                                  f"{', '.join(POLICIES)}")
         if self.max_attempts < 1 or self.max_migrations < 0:
             raise ValueError("max_attempts must be >= 1 and max_migrations >= 0")
-        for name in ("first_token_timeout_s", "stall_timeout_s", "queue_timeout_s",
-                     "shed_utilization"):
+        for name in ("first_token_timeout_s", "stall_timeout_s", "queue_timeout_s", "shed_utilization",
+                     "hang_timeout_s", "slow_consumer_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if self.queue_size < 0 or self.retry_after_ms < 0:

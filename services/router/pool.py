@@ -1,99 +1,57 @@
-"""Connections to model servers, kept in step with membership, plus what the router knows of
-each server's load (its own outstanding count and the server's streamed load reports)."""
+"""Links to model servers and their replicas, kept in step with membership, plus liveness.
+
+Membership comes from the MeshView (etcd): a server's record makes a link (one channel, one load
+stream); each model READY on it makes a replica. Liveness comes from the load stream: servers
+report at least every second, so a link silent for `hang_timeout_s` is hung - its attempts in
+flight are abandoned (they migrate) and its replicas are skipped until it reports again. A server
+that leaves (lease gone) or is marked NOT_SERVING has its attempts abandoned at once as well; a
+draining one keeps them (they finish there).
+
+Lingering: a server whose membership record vanishes while its load stream keeps reporting is
+alive - its lease expired while etcd was unreachable or without quorum, and it is registering
+again. Its link and replicas stay usable for up to `linger_s` (or until it goes silent), so an
+etcd outage longer than a lease never empties the mesh under its clients.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import grpc
+from meshserve.v1 import controlplane_pb2 as cp
 from meshserve.v1 import modelserver_pb2, modelserver_pb2_grpc
 
 from services.common.grpc_util import CHANNEL_OPTIONS
 from services.common.membership import MeshView
 
-from .policy.types import Load
+from .replica import Replica, ServerLink
 
 log = logging.getLogger(__name__)
 
-EJECT_AFTER_FAILURES = 3
-EJECT_SECONDS = 5.0
-
-
-@dataclass
-class Backend:
-    """One model server as this router sees it."""
-
-    info: modelserver_pb2.ServerInfo
-    channel: grpc.aio.Channel
-    stub: modelserver_pb2_grpc.ModelServerServiceStub
-    outstanding: int = 0
-    report: modelserver_pb2.LoadReport | None = None
-    outstanding_at_report: int = 0
-    consecutive_failures: int = 0
-    ejected_until: float = 0.0
-    load_task: asyncio.Task | None = field(default=None, repr=False)
-
-    @property
-    def server_id(self) -> str:
-        return self.info.server_id
-
-    @property
-    def region(self) -> str:
-        return self.info.region
-
-    @property
-    def zone(self) -> str:
-        return self.info.zone
-
-    def set_report(self, report: modelserver_pb2.LoadReport | None) -> None:
-        self.report = report
-        self.outstanding_at_report = self.outstanding
-
-    def load(self) -> Load:
-        """The server's report plus what this router sent since (reports lag by up to an
-        interval; a burst must not all land on the server that looked idle), and never less
-        than this router's own outstanding requests."""
-        r = self.report
-        if r is None:
-            return Load(in_flight=self.outstanding)
-        reported = r.running + r.queue_depth
-        since = max(0, self.outstanding - self.outstanding_at_report)
-        return Load(in_flight=max(reported + since, self.outstanding), queue_depth=r.queue_depth,
-                    max_running=r.max_running, kv_blocks_used=r.kv_blocks_used,
-                    kv_blocks_total=r.kv_blocks_total)
-
-    def ejected(self, now: float) -> bool:
-        return now < self.ejected_until
-
-    def record_success(self) -> None:
-        self.consecutive_failures = 0
-
-    def record_failure(self) -> None:
-        """Outlier detection: a server that keeps failing is skipped for a while."""
-        self.consecutive_failures += 1
-        if self.consecutive_failures >= EJECT_AFTER_FAILURES:
-            self.ejected_until = time.monotonic() + EJECT_SECONDS
-            log.warning("ejecting %s for %.0fs after %d failures", self.server_id, EJECT_SECONDS,
-                        self.consecutive_failures)
+DEFAULT_HANG_TIMEOUT_S = 3.0
+DEFAULT_LINGER_S = 30.0
 
 
 class BackendPool:
-    """Keeps one channel per live server; a server whose lease is gone is dropped at once."""
-
-    def __init__(self, view: MeshView, load_interval_ms: int = 100) -> None:
+    def __init__(self, view: MeshView, load_interval_ms: int = 100,
+                 hang_timeout_s: float = DEFAULT_HANG_TIMEOUT_S, linger_s: float = DEFAULT_LINGER_S) -> None:
         self._view = view
         self._load_interval_ms = load_interval_ms
-        self.backends: dict[str, Backend] = {}
-        self._closing: set[asyncio.Task] = set()
+        self.hang_timeout_s = hang_timeout_s
+        self.linger_s = linger_s
+        self.links: dict[str, ServerLink] = {}
+        self._not_serving: set[str] = set()
+        self._tasks: set[asyncio.Task] = set()
         self._on_change: list[Callable[[], None]] = []
         self._on_leave: list[Callable[[str], None]] = []
         # Per-request lookups, rebuilt only after membership changes (every change calls sync).
-        self._candidates: dict[str, list[Backend]] = {}
+        self._candidates: dict[str, list[Replica]] = {}
         self._known: frozenset[str] | None = None
+        self._watchdog: asyncio.Task | None = None
         view.subscribe(self.sync)
 
     def on_change(self, listener: Callable[[], None]) -> None:
@@ -101,7 +59,7 @@ class BackendPool:
         self._on_change.append(listener)
 
     def on_leave(self, listener: Callable[[str], None]) -> None:
-        """Called with the server id when a server leaves (the policy forgets its cache)."""
+        """Called with the replica id when a replica leaves (the policy forgets its record)."""
         self._on_leave.append(listener)
 
     def _changed(self) -> None:
@@ -109,80 +67,176 @@ class BackendPool:
             listener()
 
     @property
-    def policy_record(self):
+    def policy_record(self) -> cp.RoutingPolicy | None:
         """The RoutingPolicy record in etcd, or None."""
         return self._view.routing_policy
 
-    def _invalidate(self) -> None:
-        self._candidates.clear()
-        self._known = None
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- membership ---------------------------------------------------------------------------
 
     def sync(self) -> None:
-        """Reconcile channels with membership (called on every etcd change)."""
-        self._invalidate()
+        """Reconcile links and replicas with the view (called on every etcd change)."""
+        if self._watchdog is None:
+            self._watchdog = self._spawn(self._watch_hangs(), "hang-watchdog")
         live = self._view.servers
-        for sid in list(self.backends):
-            info = live.get(sid)
-            if info is None or info.address != self.backends[sid].info.address:
-                self._drop(sid)
+        now = time.monotonic()
+        for sid in list(self.links):
+            info, link = live.get(sid), self.links[sid]
+            if info is None:
+                self._orphan_or_drop(link, now)
+            elif info.address != link.info.address or info.started_at_ms != link.info.started_at_ms:
+                self._drop(sid, "restarted" if info.address == link.info.address else "moved to a new address")
         for sid, info in live.items():
-            if sid in self.backends:
-                self.backends[sid].info = info
-                continue
-            channel = grpc.aio.insecure_channel(info.address, options=CHANNEL_OPTIONS)
-            backend = Backend(info=info, channel=channel,
-                              stub=modelserver_pb2_grpc.ModelServerServiceStub(channel))
-            backend.load_task = asyncio.get_running_loop().create_task(self._follow_load(backend))
-            self.backends[sid] = backend
-            log.info("backend %s at %s joined (%s)", sid, info.address, ", ".join(info.models))
-        self._invalidate()
+            link = self.links.get(sid) or self._connect(info)
+            if link.orphaned_since is not None:
+                log.info("server %s registered again after %.1fs", sid, now - link.orphaned_since)
+                link.orphaned_since = None
+            link.info = info
+            self._check_verdict(link)
+        self._sync_replicas()
+        self._candidates.clear()
+        self._known = None
         self._changed()
 
-    def _drop(self, sid: str) -> None:
-        backend = self.backends.pop(sid)
-        self._invalidate()
-        log.info("backend %s left", sid)
-        for listener in self._on_leave:
-            listener(sid)
-        if backend.load_task:
-            backend.load_task.cancel()
-        # Requests already streaming on the channel may finish; close it gracefully.
-        task = asyncio.get_running_loop().create_task(backend.channel.close(grace=30.0))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+    def _connect(self, info: modelserver_pb2.ServerInfo) -> ServerLink:
+        channel = grpc.aio.insecure_channel(info.address, options=CHANNEL_OPTIONS)
+        link = ServerLink(info=info, channel=channel, stub=modelserver_pb2_grpc.ModelServerServiceStub(channel))
+        link.load_task = self._spawn(self._follow_load(link), f"load:{info.server_id}")
+        self.links[info.server_id] = link
+        log.info("server %s at %s joined", info.server_id, info.address)
+        return link
 
-    async def _follow_load(self, backend: Backend) -> None:
+    def _orphan_or_drop(self, link: ServerLink, now: float) -> None:
+        """Its membership record is gone: drop it, unless it is evidently alive (lingering)."""
+        if link.orphaned_since is not None:
+            return
+        if link.reporting(now, self.hang_timeout_s):
+            link.orphaned_since = now
+            log.warning("server %s left membership but still reports: keeping it for up to %.0fs while it "
+                        "registers again", link.server_id, self.linger_s)
+        else:
+            self._drop(link.server_id, "left the mesh")
+
+    def _check_verdict(self, link: ServerLink) -> None:
+        sid = link.server_id
+        bad = self._view.verdict(sid) == cp.SERVING_STATE_NOT_SERVING
+        if bad and sid not in self._not_serving:
+            n = link.abort_attempts("its server was marked NOT_SERVING")
+            if n:
+                log.warning("server %s marked NOT_SERVING: moving %d attempt(s) elsewhere", sid, n)
+        (self._not_serving.add if bad else self._not_serving.discard)(sid)
+
+    def _sync_replicas(self) -> None:
+        wanted: dict[str, dict[str, cp.ModelStatus]] = {}
+        for (sid, model), status in self._view.statuses.items():
+            if status.state == cp.MODEL_STATE_READY and sid in self.links:
+                wanted.setdefault(sid, {})[model] = status
+        for sid, link in self.links.items():
+            if link.orphaned_since is not None:
+                continue  # its statuses went with its lease: keep the last known replicas
+            statuses = wanted.get(sid, {})
+            for model in list(link.replicas):
+                if model not in statuses:
+                    self._forget(link.replicas.pop(model))
+            for model, status in statuses.items():
+                replica = link.replicas.get(model) or link.replicas.setdefault(model, Replica(link, model))
+                replica.backend, replica.simulated = status.backend, status.simulated
+
+    def _forget(self, replica: Replica) -> None:
+        for listener in self._on_leave:
+            listener(replica.replica_id)
+
+    def _drop(self, sid: str, why: str) -> None:
+        link = self.links.pop(sid)
+        self._not_serving.discard(sid)
+        n = link.abort_attempts(f"its server {why}")
+        log.info("server %s %s%s", sid, why, f"; moving {n} attempt(s) elsewhere" if n else "")
+        for replica in link.replicas.values():
+            self._forget(replica)
+        if link.load_task is not None:
+            link.load_task.cancel()
+        self._spawn(link.channel.close(grace=1.0), f"close:{sid}")
+
+    # --- liveness -----------------------------------------------------------------------------
+
+    async def _follow_load(self, link: ServerLink) -> None:
         """Subscribe to the server's load reports; reconnect while it stays a member."""
         while True:
             try:
-                call = backend.stub.StreamLoad(
-                    modelserver_pb2.StreamLoadRequest(interval_ms=self._load_interval_ms))
+                call = link.stub.StreamLoad(modelserver_pb2.StreamLoadRequest(interval_ms=self._load_interval_ms))
                 async for msg in call:
-                    backend.set_report(msg.report)
+                    link.on_report(msg.report, time.monotonic())
                     self._changed()
-            except asyncio.CancelledError:
-                raise
             except grpc.aio.AioRpcError:
-                backend.set_report(None)
-            await asyncio.sleep(0.5)
+                link.lost_reports()
+            await asyncio.sleep(0.2)
+
+    async def _watch_hangs(self) -> None:
+        tick = max(0.05, self.hang_timeout_s / 6)
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(tick)
+            now = time.monotonic()
+            lagged, last = now - last > max(0.5, self.hang_timeout_s / 2), now
+            if lagged:
+                continue  # this router's own loop stalled; reports may be queued: judge next time
+            self._expire_orphans(now)
+            for link in self.links.values():
+                silent = now - link.last_report_at
+                if not link.hung and silent > self.hang_timeout_s:
+                    link.hung = True
+                    n = link.abort_attempts(f"its server sent no load report for {silent:.1f}s (hung)")
+                    log.warning("server %s silent for %.1fs: treated as hung%s", link.server_id, silent,
+                                f", moving {n} attempt(s) elsewhere" if n else "")
+
+    def _expire_orphans(self, now: float) -> None:
+        expired = [link for link in self.links.values() if link.orphaned_since is not None
+                   and (now - link.orphaned_since > self.linger_s or not link.reporting(now, self.hang_timeout_s))]
+        for link in expired:
+            self._drop(link.server_id, "left the mesh (not registered again)")
+        if expired:
+            self._candidates.clear()
+            self._known = None
+            self._changed()
+
+    # --- lookups (the request path) -----------------------------------------------------------
 
     def known_models(self) -> frozenset[str]:
         if self._known is None:
-            self._known = frozenset(self._view.known_models())
+            lingering = {m for link in self.links.values() if link.orphaned_since is not None for m in link.replicas}
+            self._known = frozenset(self._view.known_models()) | lingering
         return self._known
 
-    def candidates(self, model: str) -> list[Backend]:
-        """Servers with the model READY, verdict SERVING, not draining. The list is shared until
-        membership changes: callers must not modify it."""
+    def _usable(self, sid: str, link: ServerLink) -> bool:
+        if link.orphaned_since is None:
+            return self._view.serving(sid)
+        return not self._view.is_draining(sid) and self._view.verdict(sid) != cp.SERVING_STATE_NOT_SERVING
+
+    def candidates(self, model: str) -> list[Replica]:
+        """Replicas of the model READY on servers with verdict SERVING and no drain (hung and
+        ejected ones included: the policy skips them unless nothing else is left). The list is
+        shared until membership changes: callers must not modify it."""
         found = self._candidates.get(model)
         if found is None:
             found = self._candidates[model] = [
-                self.backends[s.server_id] for s in self._view.servers_for(model)
-                if s.server_id in self.backends]
+                link.replicas[model] for sid, link in sorted(self.links.items())
+                if model in link.replicas and self._usable(sid, link)]
         return found
 
     async def close(self) -> None:
-        for sid in list(self.backends):
-            self._drop(sid)
-        if self._closing:
-            await asyncio.wait(self._closing, timeout=2.0)
+        for sid in list(self.links):
+            self._drop(sid, "closed")
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            for t in pending:
+                if t.get_name().startswith(("load:", "hang-")):
+                    t.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait(pending, timeout=2.0)

@@ -6,10 +6,12 @@ import asyncio
 from dataclasses import dataclass, field, replace
 
 from inference import grpc_service_pb2_grpc as kserve_pb2_grpc
+from meshserve.v1 import controlplane_pb2 as cp
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 
 from services.common import keyspace
-from services.common.replica import run_replica
+from services.common.lifecycle import now_ms
+from services.common.replica import ReplicaParts, run_replica
 
 from .config import DispatchSettings
 from .dispatch import Dispatcher
@@ -40,22 +42,25 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     pools: list[BackendPool] = []
     settings = replace(config.dispatch, region=config.region, zone=config.zone)
     settings.validate()
+    started = now_ms()
 
-    def register(server, etcd, view) -> None:
-        pool = BackendPool(view)
+    def register(parts: ReplicaParts) -> None:
+        assert parts.view is not None
+        pool = BackendPool(parts.view, hang_timeout_s=settings.hang_timeout_s)
         pools.append(pool)
         dispatcher = Dispatcher(pool, config.router_id, settings)
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dispatcher),
-                                                                  server)
-        kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dispatcher),
-                                                                   server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dispatcher), parts.server)
+        kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dispatcher), parts.server)
+
+    def record(parts: ReplicaParts) -> cp.ReplicaInfo:
+        return cp.ReplicaInfo(replica_id=config.router_id, address=parts.address, region=config.region,
+                              zone=config.zone, metrics_address=parts.metrics_address, started_at_ms=started)
 
     try:
         async with run_replica(
-                key=keyspace.router_key, replica_id=config.router_id, service_name=SERVICE_NAME,
-                extra_service_names=[KSERVE_SERVICE_NAME],
-                register=register, listen=config.listen, advertise=config.advertise,
-                region=config.region, zone=config.zone, etcd=config.etcd, metrics=config.metrics,
+                key=keyspace.router_key(config.router_id), replica_id=config.router_id,
+                service_names=[SERVICE_NAME, KSERVE_SERVICE_NAME], register=register, record=record,
+                listen=config.listen, advertise=config.advertise, etcd=config.etcd, metrics=config.metrics,
                 lease_ttl=config.lease_ttl, grace_s=config.shutdown_grace_s):
             await stop.wait()
     finally:

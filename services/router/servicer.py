@@ -1,38 +1,46 @@
-"""InferenceService on the router: a thin gRPC layer over Dispatcher."""
+"""InferenceService on the router: a thin gRPC layer over Dispatcher (validate -> call -> convert)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import grpc
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 
-from .dispatch import Dispatcher, RouteError, merge_chunks
+from services.common.errors import ResourceExhausted
+from services.common.slow_consumer import SlowConsumerGuard
+from services.common.validation import validate_request
+
+from .convert import merge_chunks
+from .dispatch import Dispatcher
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     def __init__(self, dispatcher: Dispatcher) -> None:
         self._dispatcher = dispatcher
 
-    async def _serve(self, request: inference_pb2.GenerateRequest,
-                     context: grpc.aio.ServicerContext
-                     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        try:
-            async for chunk in self._dispatcher.stream(request, context.time_remaining(),
-                                                       context.invocation_metadata()):
-                yield chunk
-        except RouteError as exc:
-            await context.abort(exc.code, exc.message, trailing_metadata=exc.trailers)
-
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
-        return merge_chunks([chunk async for chunk in self._serve(request, context)])
+        req = validate_request(request)
+        async with aclosing(self._dispatcher.stream(req, context.time_remaining(),
+                                                    context.invocation_metadata())) as chunks:
+            return merge_chunks([chunk async for chunk in chunks])
 
     async def GenerateStream(self, request: inference_pb2.GenerateRequest,
-                             context: grpc.aio.ServicerContext
-                             ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        async for chunk in self._serve(request, context):
-            yield chunk
+                             context: grpc.aio.ServicerContext) -> None:
+        """Written with context.write so a client that stops reading can be told apart and let go."""
+        req = validate_request(request)
+        limit = self._dispatcher.settings.slow_consumer_s
+        guard = SlowConsumerGuard(limit)
+        try:
+            async with aclosing(self._dispatcher.stream(req, context.time_remaining(),
+                                                        context.invocation_metadata())) as chunks:
+                async for chunk in chunks:
+                    if not await guard.write(context, chunk):
+                        raise ResourceExhausted(f"the client read nothing for {limit:g}s; the request was "
+                                                "cancelled to free its server")
+        finally:
+            guard.close()
 
     async def ListModels(self, request: inference_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> inference_pb2.ListModelsResponse:

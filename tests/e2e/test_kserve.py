@@ -287,7 +287,7 @@ BAD_INPUTS = [
     pytest.param(MODEL, [("text_input", "BYTES", [["a", "b"]])], "StatusCode.INVALID_ARGUMENT",
                  "shape [1] or [1, 1]", id="bad-shape"),
     pytest.param(MODEL, prompt_inputs("hi", -1), "StatusCode.INVALID_ARGUMENT",
-                 "'max_tokens' must be >= 0", id="negative-max_tokens"),
+                 "max_tokens must be >= 0", id="negative-max_tokens"),
     pytest.param(MODEL, prompt_inputs("hi", 2, unknown=("INT32", [[1]])),
                  "StatusCode.INVALID_ARGUMENT", "unexpected input 'unknown'", id="unknown-input"),
 ]

@@ -186,17 +186,25 @@ def test_logprobs_when_asked(smol, run):
 
 
 def test_bad_input_is_rejected_and_engine_keeps_serving(smol, run):
+    # Checks that need no tokenizer run when a request is built: no unchecked request exists.
+    unbuildable = [
+        lambda: GenerationRequest("b1", "smollm2", prompt=""),
+        lambda: GenerationRequest("b2", "smollm2", prompt="hi", messages=[ChatMessage("user", "hi")]),
+        lambda: GenerationRequest("b3", "smollm2", messages=[ChatMessage("robot", "hi")]),
+        lambda: prompt("hi", temperature=-1.0),
+        lambda: prompt("hi", top_p=0.0),
+        lambda: prompt("hi", max_tokens=0),
+        lambda: GenerationRequest("b5", "smollm2", prompt="hi", resume_token_ids=[1, 2],
+                                  sampling=SamplingParams(max_tokens=2)),
+    ]
+    for build in unbuildable:
+        with pytest.raises(InvalidRequestError.__mro__[1]):  # InvalidArgument, the shared check
+            build()
+    # The engine checks what needs its tokenizer and pool: context length, token id range.
     bad = [
-        GenerationRequest("b1", "smollm2", prompt=""),
-        GenerationRequest("b2", "smollm2", prompt="hi", messages=[ChatMessage("user", "hi")]),
-        GenerationRequest("b3", "smollm2", messages=[ChatMessage("robot", "hi")]),
         prompt("hi", max_tokens=5000),
-        prompt("hi", temperature=-1.0),
-        prompt("hi", top_p=0.0),
-        prompt("hi", max_tokens=0),
         GenerationRequest("b4", "smollm2", prompt="hi", resume_token_ids=[10 ** 9],
                           sampling=SamplingParams(max_tokens=4)),
-        GenerationRequest("b5", "smollm2", prompt="hi", resume_token_ids=[1, 2], sampling=SamplingParams(max_tokens=2)),
     ]
 
     async def try_bad(req):
@@ -207,7 +215,7 @@ def test_bad_input_is_rejected_and_engine_keeps_serving(smol, run):
 
     messages = [run(try_bad(r)) for r in bad]
     assert all(messages)
-    assert "exceeds the context" in messages[3]
+    assert "exceeds the context" in messages[0]
     assert text_of(run(collect(smol, chat(FRANCE, max_tokens=16)))) == "The capital of France is Paris."
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 
-import grpc
 import pytest
 from engine_helpers import chat, collect
 from meshserve.v1 import modelserver_pb2
 from prometheus_client import REGISTRY
 
+from services.common.errors import NotFound
 from services.modelserver.convert import load_to_proto
 from services.modelserver.engine.base import EngineLoad, InvalidRequestError
 from services.modelserver.servicer import ModelServerServicer
@@ -101,51 +101,36 @@ def test_preemptions_counter_follows_engine_total_across_reloads():
     engine.preemptions = 2  # engine reloaded: its total restarted
     servicer.update_gauges()
     assert sample(key, "fake-preempt") - before == 7
-    report = load_to_proto("s", [engine.load()])
+    report = load_to_proto("s", {"fake-preempt": engine.load()})
     assert report.prefix_cache_hit_rate == 0.5 and report.tokens_per_second == 7.0
-
-
-class _Aborted(Exception):
-    pass
+    assert [(m.model, m.kv_blocks_used, m.max_running) for m in report.models] == [("fake-preempt", 3, 4)]
 
 
 class _Context:
-    def __init__(self) -> None:
-        self.code: grpc.StatusCode | None = None
-
     def time_remaining(self):
         return None
 
-    async def abort(self, code, details):
-        self.code = code
-        raise _Aborted(details)
+    async def write(self, message) -> None:
+        pass
 
 
 @pytest.mark.parametrize("error, code", [(InvalidRequestError("bad"), "INVALID_ARGUMENT"),
-                                         (RuntimeError("bug"), "UNKNOWN")])
+                                         (RuntimeError("bug"), "INTERNAL")])
 def test_every_failure_is_counted_by_its_status_code(run, error, code):
+    """Errors propagate to the status interceptor (which answers them); metrics count each by the
+    status the caller gets - a bug is INTERNAL, never UNKNOWN."""
     engine = _FakeEngine()
     engine.error = error
     servicer = _servicer({"fake-codes": engine})
     req = modelserver_pb2.ModelServerServiceGenerateRequest(model="fake-codes", prompt="hi", request_id="r")
     before = sample_code("fake-codes", code)
-
-    async def call():
-        async for _ in servicer.Generate(req, _Context()):
-            pass
-
-    with pytest.raises((_Aborted, RuntimeError)):
-        run(call())
+    with pytest.raises((InvalidRequestError, RuntimeError)):
+        run(servicer.Generate(req, _Context()))  # type: ignore[arg-type]
     assert sample_code("fake-codes", code) == before + 1
     missing = modelserver_pb2.ModelServerServiceGenerateRequest(model="nope", prompt="hi", request_id="r")
     before_nf = sample_code("unknown", "NOT_FOUND")
-
-    async def call_missing():
-        async for _ in servicer.Generate(missing, _Context()):
-            pass
-
-    with pytest.raises(_Aborted):
-        run(call_missing())
+    with pytest.raises(NotFound):
+        run(servicer.Generate(missing, _Context()))  # type: ignore[arg-type]
     assert sample_code("unknown", "NOT_FOUND") == before_nf + 1
 
 

@@ -14,7 +14,9 @@ from inference import grpc_service_pb2 as kserve_pb2
 from meshserve.v1 import common_pb2
 from meshserve.v1 import inference_pb2 as meshserve_pb2
 
-from services.router.dispatch import merge_chunks
+from services.common.errors import InvalidArgument
+from services.common.validation import validate_request
+from services.router.convert import merge_chunks
 from services.router.kserve import mapping, tensors
 from services.router.kserve.mapping import InvalidInput, UnknownVersion
 
@@ -131,22 +133,32 @@ def test_requested_outputs_and_empty_final_parameter():
     (lambda: request(("stop_words", "BYTES", [2, 1], [b"a", b"b"]), text()), "'stop_words'"),
     (lambda: request(text(b"")), "'text_input' is empty"),
     (lambda: request(text(b"\xff\xfe")), "not valid UTF-8"),
-    (lambda: request(text(), one("max_tokens", "INT32", -1)), "'max_tokens' must be >= 0"),
-    (lambda: request(text(), one("temperature", "FP32", -1.0)), "'temperature' must be >= 0"),
-    (lambda: request(text(), one("temperature", "FP32", math.nan)), "'temperature'"),
-    (lambda: request(text(), one("top_p", "FP32", 1.5)), "'top_p' must be in [0, 1]"),
-    (lambda: request(text(), one("top_k", "INT32", -3)), "'top_k' must be >= 0"),
     (lambda: request(text(), one("beam_width", "INT32", 4)), "'beam_width' must be 1"),
     (lambda: request(text(), one("exclude_input_in_output", "BOOL", False)), "must be true"),
     (lambda: request(text(), one("end_id", "INT32", 2)), "unexpected input 'end_id'"),
     (lambda: request(text(), text()), "more than once"),
     (lambda: request(text(), model=""), "model_name is required"),
-    (lambda: request(text(), id="x" * 300), "id is 300 characters"),
     (lambda: _requesting(request(text()), "logits"), "unexpected requested output 'logits'"),
 ])
 def test_bad_requests_are_explained(build, words):
     with pytest.raises(InvalidInput) as info:
         mapping.to_generate(build())
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("build, words", [
+    (lambda: request(text(), one("max_tokens", "INT32", -1)), "max_tokens must be >= 0"),
+    (lambda: request(text(), one("temperature", "FP32", -1.0)), "temperature must be a number in [0, 100]"),
+    (lambda: request(text(), one("temperature", "FP32", math.nan)), "temperature"),
+    (lambda: request(text(), one("temperature", "FP32", math.inf)), "temperature"),
+    (lambda: request(text(), one("top_p", "FP32", 1.5)), "top_p must be in (0, 1]"),
+    (lambda: request(text(), one("top_k", "INT32", -3)), "top_k must be in [0, "),
+    (lambda: request(text(), id="x" * 300), "request_id is 300 characters"),
+])
+def test_value_ranges_are_checked_by_the_one_validation_with_the_tensor_names(build, words):
+    """The servicer validates what mapping translated, with every other API's limits."""
+    with pytest.raises(InvalidArgument) as info:
+        validate_request(mapping.to_generate(build()).generate)
     assert words in str(info.value)
 
 

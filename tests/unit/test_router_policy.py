@@ -29,6 +29,10 @@ class FakeEndpoint:
     ejected_until: float = 0.0
     extra: dict = field(default_factory=dict)
 
+    @property
+    def replica_id(self) -> str:
+        return f"{self.server_id}/m"
+
     def load(self) -> Load:
         return Load(in_flight=self.in_flight, queue_depth=self.queue_depth,
                     max_running=self.max_running, kv_blocks_used=self.kv_used,
@@ -169,7 +173,7 @@ def test_prefix_index_match_record_lru_and_forget():
     idx.record("s1", h[2:])  # capacity 3: the oldest block goes, so the chain breaks at 0
     assert idx.match("s1", h) == 0
     idx.forget("s1")
-    assert idx.servers() == set()
+    assert idx.replicas() == set()
     with pytest.raises(ValueError):
         PrefixIndex(block_chars=0)
 
@@ -180,7 +184,7 @@ def test_scoring_prefers_cached_prefix_until_load_outweighs_it():
     idx = PrefixIndex(block_chars=8)
     r = req(text="z" * 8 * 20)  # 20 blocks
     es = [E("a"), E("b"), E("c")]
-    idx.record("b", r.block_hashes(8))
+    idx.record("b/m", r.block_hashes(8))
     w = scoring.Weights()
     chosen, reason = scoring.choose(es, r, idx, w, random.Random(1))
     assert chosen.server_id == "b" and reason == "prefix"
@@ -213,7 +217,7 @@ def test_meshserve_policy_reasons():
     es[0].in_flight = 0
     r = req(region="eu", text="p" * 640)
     assert must_pick(p, es, r, s).reason == "load"
-    p.sent("eu-a", r)
+    p.sent("eu-a/m", r)
     assert must_pick(p, es, req(region="eu", text="p" * 640), s).reason == "prefix"
     assert p.pick(es, r, s, exclude={"eu-a", "us-a"}) is None
 

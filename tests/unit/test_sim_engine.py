@@ -4,6 +4,7 @@ import asyncio
 
 import pytest
 
+from services.common.errors import InvalidArgument
 from services.modelserver.engine.base import (
     CapacityError,
     FinishReason,
@@ -62,8 +63,8 @@ async def test_invalid_requests_are_refused_before_any_chunk():
     e = await started(SimConfig(max_context=8))
     with pytest.raises(InvalidRequestError, match="context"):
         await collect(e, R("a b c", max_tokens=10))
-    with pytest.raises(InvalidRequestError, match="exactly one"):
-        await collect(e, R(""))
+    with pytest.raises(InvalidArgument, match="empty"):
+        R("")  # a request type that cannot be built unchecked
 
 
 async def test_running_set_is_bounded_and_priority_orders_the_queue():
@@ -74,17 +75,19 @@ async def test_running_set_is_bounded_and_priority_orders_the_queue():
         await collect(e, R(max_tokens=2, priority=prio))
         order.append(name)
 
-    first = e.generate(R(max_tokens=2))
-    await first.__anext__()  # running: it holds the only slot until it is read to the end
+    first = asyncio.create_task(job("first", Priority.STANDARD))
+    await until(lambda: e.load().running == 1, 5, "the first request to run")
     low = asyncio.create_task(job("low", Priority.SHEDDABLE))
-    high = asyncio.create_task(job("high", Priority.CRITICAL))
+    mid = asyncio.create_task(job("mid", Priority.STANDARD))
     await until(lambda: e.load().queue_depth == 2, 5, "two requests to queue")
     assert e.load().running == 1
     with pytest.raises(CapacityError):
         await collect(e, R())
-    assert [c.finish_reason async for c in first][-1] is FinishReason.LENGTH
-    await asyncio.gather(low, high)
-    assert order == ["high", "low"]
+    # CRITICAL work (the control plane's probe) takes a reserved slot at once.
+    high = asyncio.create_task(job("high", Priority.CRITICAL))
+    await asyncio.gather(first, low, mid, high)
+    assert order.index("mid") < order.index("low")  # the queue is in priority order
+    assert order.index("high") < order.index("mid")
     assert e.load().running == 0 and e.load().queue_depth == 0
 
 
@@ -95,3 +98,16 @@ async def test_cancellation_frees_the_slot():
     assert e.load().running == 1 and e.load().kv_blocks_used >= 1
     await gen.aclose()
     assert e.load().running == 0 and e.load().kv_blocks_used == 0
+
+
+async def test_a_stream_whose_consumer_stopped_pulling_frees_its_compute_slot():
+    """Flow control pauses a stream whose client stopped reading; it keeps its KV but not its
+    running slot, so other requests are not starved behind it."""
+    e = await started(SimConfig(tokens_per_second=200, max_running=1))
+    stalled = e.generate(R("a b c", max_tokens=50))
+    await stalled.__anext__()  # one chunk taken, then the consumer stops pulling
+    other = await asyncio.wait_for(collect(e, R("x y", max_tokens=3)), 5)
+    assert "".join(c.text for c in other) == "x y x"
+    assert e.load().running == 0 and e.load().kv_blocks_used > 0  # paused, still holding KV
+    await stalled.aclose()
+    await e.stop()

@@ -1,7 +1,12 @@
 """The engine interface every backend implements (sim, torch, tensorrt_llm).
 
 Plain Python on purpose: the gRPC servicer converts protobuf to these types at the boundary,
-so engines are testable without gRPC and the server never knows which backend it runs.
+so engines are testable without gRPC and the server never knows which backend it runs. The
+request types come from services/common/validation.py and check themselves when built. The
+errors are services/common/errors.py's, so the status interceptor maps them.
+
+Usage contract: `completion_tokens` counts every token of the answer, resumed ones included
+(the model server enforces it, whatever the backend reports).
 """
 
 from __future__ import annotations
@@ -11,13 +16,11 @@ import enum
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
+from services.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from services.common.validation import ChatMessage, Priority, SamplingParams, ValidRequest, check_content, check_resume
 
-class Priority(enum.IntEnum):
-    """Lower value is more important; matches meshserve.v1.Priority numbering."""
-
-    CRITICAL = 1
-    STANDARD = 2
-    SHEDDABLE = 3
+__all__ = ["CapacityError", "ChatMessage", "Engine", "EngineLoad", "EngineUnavailableError", "FinishReason",
+           "GenerationChunk", "GenerationRequest", "InvalidRequestError", "Priority", "SamplingParams", "Usage"]
 
 
 class FinishReason(enum.Enum):
@@ -27,79 +30,47 @@ class FinishReason(enum.Enum):
     ERROR = "error"
 
 
-class InvalidRequestError(ValueError):
-    """The request can never succeed as written (maps to INVALID_ARGUMENT)."""
+class InvalidRequestError(InvalidArgument):
+    """The request can never succeed as written (INVALID_ARGUMENT)."""
 
 
-class CapacityError(RuntimeError):
-    """The engine cannot take the request now (maps to RESOURCE_EXHAUSTED)."""
+class CapacityError(ResourceExhausted):
+    """The engine cannot take the request now (RESOURCE_EXHAUSTED)."""
 
 
-class EngineUnavailableError(RuntimeError):
-    """The engine is not loaded, is stopping, or failed (maps to UNAVAILABLE)."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # 0 = disabled
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    logprobs: bool = False
-
-    def validate(self) -> None:
-        """Range checks shared by every backend; backends add context-length checks."""
-        if self.max_tokens < 1:
-            raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not self.temperature >= 0.0:  # also rejects NaN
-            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
-        if any(s == "" for s in self.stop):
-            raise InvalidRequestError("stop strings must not be empty")
-        if len(self.stop) > 16:
-            raise InvalidRequestError(f"at most 16 stop strings, got {len(self.stop)}")
-
-
-@dataclass(frozen=True)
-class ChatMessage:
-    role: str
-    content: str
+class EngineUnavailableError(Unavailable):
+    """The engine is not loaded, is stopping, or failed (UNAVAILABLE)."""
 
 
 @dataclass
 class GenerationRequest:
+    """What an engine runs: a validated request plus where it stands (deadline).
+
+    Built from a ValidRequest at the model server (`from_valid`), or directly by engine code and
+    tests; either way the shared checks in services/common/validation.py run on construction.
+    """
+
     request_id: str
     model: str
     prompt: str | None = None
     messages: Sequence[ChatMessage] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     priority: Priority = Priority.STANDARD
-    # Tokens already produced elsewhere (mid-stream migration); generation continues after them
-    # and they count against max_tokens.
+    # Tokens already produced elsewhere (mid-stream migration or a client's resume); generation
+    # continues after them, they count against max_tokens and in usage.completion_tokens.
     resume_token_ids: Sequence[int] = ()
     # time.monotonic() value after which the request is cancelled; None = no deadline.
     deadline: float | None = None
 
-    def validate_shape(self) -> None:
-        """Checks that do not need a tokenizer."""
-        has_prompt = bool(self.prompt)
-        has_messages = bool(self.messages)
-        if has_prompt == has_messages:
-            raise InvalidRequestError("give exactly one of prompt or messages (both empty or both set)")
-        if has_messages:
-            for i, m in enumerate(self.messages or ()):
-                if m.role not in ("system", "user", "assistant"):
-                    raise InvalidRequestError(
-                        f"messages[{i}].role must be system, user or assistant, got {m.role!r}")
-        self.sampling.validate()
-        if len(self.resume_token_ids) >= self.sampling.max_tokens:
-            raise InvalidRequestError("resume_token_ids already reach max_tokens")
+    def __post_init__(self) -> None:
+        check_content(self.prompt, self.messages)
+        check_resume(self.resume_token_ids, self.sampling.max_tokens)
+
+    @classmethod
+    def from_valid(cls, req: ValidRequest, deadline: float | None) -> GenerationRequest:
+        return cls(request_id=req.request_id, model=req.model, prompt=req.prompt, messages=req.messages,
+                   sampling=req.sampling, priority=req.priority, resume_token_ids=req.resume_token_ids,
+                   deadline=deadline)
 
 
 @dataclass(frozen=True)
@@ -132,6 +103,8 @@ class EngineLoad:
     # Monotonic totals since start (the server turns their increments into Prometheus counters).
     preemptions_total: int = 0
     prefix_cache_hit_tokens_total: int = 0
+    # The backend cannot report queue and KV use: the zeros are unknown, not idle.
+    unknown: bool = False
 
 
 class Engine(abc.ABC):

@@ -28,11 +28,16 @@ from .base import (
     GenerationChunk,
     GenerationRequest,
     InvalidRequestError,
+    Priority,
     Usage,
 )
 
 SIM_EOS = 0
 SIM_VOCAB = 32000
+#: Running slots beyond max_running that only CRITICAL requests may take.
+CRITICAL_RESERVE = 2
+#: A sequence whose consumer has not pulled its last chunk for this long is paused.
+PAUSED_AFTER_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -72,12 +77,18 @@ class SimEngine(Engine):
         self._waiting: list[tuple[int, int, asyncio.Future, str, int]] = []
         self._seq = itertools.count()
         self._emitted: deque[float] = deque(maxlen=4096)
+        # request id -> when it handed its last chunk over and waits for the consumer to pull.
+        self._handed_over: dict[str, float] = {}
+        self._pump: asyncio.Task | None = None
 
     async def start(self) -> None:
         self._ready = True
+        self._pump = asyncio.get_running_loop().create_task(self._admit_behind_paused(), name="sim-pump")
 
     async def stop(self) -> None:
         self._ready = False
+        if self._pump is not None:
+            self._pump.cancel()
         for _, _, fut, _, _ in self._waiting:
             if not fut.done():
                 fut.set_exception(EngineUnavailableError("engine stopped"))
@@ -98,13 +109,12 @@ class SimEngine(Engine):
         bs = self.config.block_size
         used = sum(math.ceil(n / bs) for n in self._running.values())
         return EngineLoad(
-            queue_depth=len(self._waiting), running=len(self._running),
+            queue_depth=len(self._waiting), running=self._busy(now),
             kv_blocks_used=min(used, self.config.kv_blocks_total),
             kv_blocks_total=self.config.kv_blocks_total, max_running=self.config.max_running,
             tokens_per_second=float(len(self._emitted)))
 
     def _validate(self, request: GenerationRequest) -> list[str]:
-        request.validate_shape()
         words = _words(request)
         total = len(words) + request.sampling.max_tokens
         if total > self.config.max_context:
@@ -114,8 +124,11 @@ class SimEngine(Engine):
         return words
 
     async def _admit(self, request: GenerationRequest, rid: str, tokens: int) -> None:
-        """Take a running slot now, or wait for one in priority order."""
-        if len(self._running) < self.config.max_running and not self._waiting:
+        """Take a running slot now, or wait for one in priority order. CRITICAL work (the control
+        plane's liveness probe among it) may use CRITICAL_RESERVE slots beyond max_running, so
+        streams whose clients stopped reading cannot starve it."""
+        limit = self.config.max_running + (CRITICAL_RESERVE if request.priority == Priority.CRITICAL else 0)
+        if self._busy() < limit and (not self._waiting or request.priority == Priority.CRITICAL):
             self._running[rid] = tokens
             return
         if len(self._waiting) >= self.config.max_waiting:
@@ -133,9 +146,23 @@ class SimEngine(Engine):
                 self._release(rid)  # the slot was handed over just as we were cancelled
             raise
 
+    def _busy(self, now: float | None = None) -> int:
+        """Running sequences that compute: one whose consumer stopped pulling (its client stopped
+        reading and flow control paused it) keeps its KV but frees its compute slot."""
+        now = time.monotonic() if now is None else now
+        paused = sum(1 for t in self._handed_over.values() if now - t > PAUSED_AFTER_S)
+        return len(self._running) - paused
+
+    async def _admit_behind_paused(self) -> None:
+        """Sequences pause without an event; let waiters take the slots they free."""
+        while True:
+            await asyncio.sleep(PAUSED_AFTER_S / 2)
+            if self._waiting:
+                self._release("")
+
     def _release(self, request_id: str) -> None:
         self._running.pop(request_id, None)
-        while self._waiting and len(self._running) < self.config.max_running:
+        while self._waiting and self._busy() < self.config.max_running:
             _, _, fut, rid, tokens = heapq.heappop(self._waiting)
             if not fut.done():
                 self._running[rid] = tokens
@@ -152,34 +179,39 @@ class SimEngine(Engine):
         await self._admit(request, rid, len(words))
         start = len(request.resume_token_ids)
         completion = start
-        text_so_far = ""
+        tail = ""  # enough of the text to find a stop string that ends in the next piece
+        keep_chars = max((len(x) for x in request.sampling.stop), default=1)
         try:
             await asyncio.sleep(cfg.first_token_latency_s + len(words) / cfg.prefill_tokens_per_second)
             for i in range(start, request.sampling.max_tokens):
                 if request.deadline is not None and time.monotonic() > request.deadline:
                     yield GenerationChunk("", [], finish_reason=FinishReason.CANCELLED,
-                                          usage=Usage(len(words), completion - start))
+                                          usage=Usage(len(words), completion))
                     return
                 word = words[i % len(words)]
                 piece = word if i == 0 else " " + word
                 completion += 1
                 self._running[rid] = len(words) + completion
                 self._emitted.append(time.monotonic())
-                text_so_far += piece
-                stop_hit = next((s for s in request.sampling.stop if s in text_so_far), None)
+                tail += piece
+                stop_hit = next((s for s in request.sampling.stop if s in tail), None)
                 if stop_hit is not None:
-                    cut = text_so_far.index(stop_hit)
-                    keep = piece[: max(0, len(piece) - (len(text_so_far) - cut))]
+                    cut = tail.index(stop_hit)
+                    keep = piece[: max(0, len(piece) - (len(tail) - cut))]
                     yield GenerationChunk(keep, [], finish_reason=FinishReason.STOP,
-                                          usage=Usage(len(words), completion - start))
+                                          usage=Usage(len(words), completion))
                     return
+                tail = tail[-(keep_chars - 1):] if keep_chars > 1 else ""
                 tid = _token_id(word)
                 last = i + 1 == request.sampling.max_tokens
+                self._handed_over[rid] = time.monotonic()
                 yield GenerationChunk(
                     piece, [tid], [-0.0] if request.sampling.logprobs else [],
                     finish_reason=FinishReason.LENGTH if last else None,
-                    usage=Usage(len(words), completion - start) if last else None)
+                    usage=Usage(len(words), completion) if last else None)
+                self._handed_over.pop(rid, None)
                 if not last:
                     await asyncio.sleep(1.0 / cfg.tokens_per_second)
         finally:
+            self._handed_over.pop(rid, None)
             self._release(rid)

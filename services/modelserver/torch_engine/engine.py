@@ -168,7 +168,6 @@ class TorchEngine(Engine):
 
     def _prepare(self, request: GenerationRequest) -> CoreRequest:
         """All validation that needs the tokenizer; raises InvalidRequestError before any chunk."""
-        request.validate_shape()
         assert self.tokenizer is not None and self.core is not None
         try:
             if request.messages:

@@ -93,9 +93,10 @@ class TensorRTLLMEngine(Engine):
         while self._recent and now - self._recent[0][0] > 10.0:
             self._recent.popleft()
         tps = sum(n for _, n in self._recent) / 10.0
-        # KV block usage is internal to the TensorRT-LLM executor; reported as 0/0.
+        # Queue and KV use are internal to the TensorRT-LLM executor (not read yet): unknown, so
+        # routers do not take the zeros for an idle server.
         return EngineLoad(queue_depth=0, running=self._running, kv_blocks_used=0, kv_blocks_total=0,
-                          max_running=self._max_running, tokens_per_second=tps)
+                          max_running=self._max_running, tokens_per_second=tps, unknown=True)
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         tok = self._llm.tokenizer
@@ -108,7 +109,6 @@ class TensorRTLLMEngine(Engine):
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationChunk, None]:
         if self._llm is None:
             raise EngineUnavailableError(f"model {self.model_name!r} is not loaded")
-        request.validate_shape()
         ids = self._prompt_ids(request)
         p = request.sampling
         if len(ids) + p.max_tokens > self._max_context:

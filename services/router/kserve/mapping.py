@@ -3,13 +3,13 @@
 Tensor names and datatypes are those of Triton's TensorRT-LLM backend ("ensemble" and
 "tensorrt_llm_bls" models), so clients written for it work unchanged: the prompt goes in
 `text_input`, sampling settings in one-element tensors, the answer comes back in `text_output`.
-Plain functions, no gRPC: each problem raises InvalidInput (-> INVALID_ARGUMENT) or
-UnknownVersion (-> NOT_FOUND) with a message that names the tensor and says what to send instead.
+Plain functions, no gRPC: each problem raises InvalidInput (INVALID_ARGUMENT) or UnknownVersion
+(NOT_FOUND) with a message that names the tensor and says what to send instead; value ranges are
+checked with every other request's by services/common/validation.py.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +17,7 @@ from inference import grpc_service_pb2 as kserve_pb2
 from meshserve.v1 import common_pb2
 from meshserve.v1 import inference_pb2 as meshserve_pb2
 
-from services.common.validation import MAX_ID_CHARS
+from services.common.errors import InvalidArgument, NotFound
 
 from .tensors import TensorError, Value, encode_raw, read_values
 
@@ -31,11 +31,11 @@ EMPTY_FINAL_PARAM = "triton_enable_empty_final_response"
 FINAL_PARAM = "triton_final_response"
 
 
-class InvalidInput(ValueError):
+class InvalidInput(InvalidArgument):
     """The request cannot be served as sent (INVALID_ARGUMENT)."""
 
 
-class UnknownVersion(LookupError):
+class UnknownVersion(NotFound):
     """The model exists but not in the asked-for version (NOT_FOUND)."""
 
 
@@ -150,6 +150,8 @@ def read_inputs(req: kserve_pb2.ModelInferRequest) -> dict[str, tuple[list[Value
 
 
 def _sampling(values: dict[str, tuple[list[Value], int]], s: common_pb2.SamplingParams) -> None:
+    """Copy the settings tensors into the request; their ranges are checked once, with every other
+    request's, by services/common/validation.py (its messages use the same names)."""
     def one(name: str) -> int | float | None:
         """A numeric input's value (read_inputs checked every datatype against INPUTS)."""
         if name not in values:
@@ -160,26 +162,17 @@ def _sampling(values: dict[str, tuple[list[Value], int]], s: common_pb2.Sampling
         return value
 
     if (v := one("max_tokens")) is not None:
-        if v < 0:
-            raise InvalidInput(f"input 'max_tokens' must be >= 0 (0 = the server default), got {v}")
         s.max_tokens = int(v)
     if (v := one("temperature")) is not None:
-        if math.isnan(v) or v < 0:
-            raise InvalidInput(f"input 'temperature' must be >= 0 (0 = greedy), got {v}")
         s.temperature = float(v)
     if (v := one("top_p")) is not None:
-        if math.isnan(v) or not 0.0 <= v <= 1.0:
-            raise InvalidInput(f"input 'top_p' must be in [0, 1] (0 = disabled), got {v}")
         s.top_p = float(v)
     if (v := one("top_k")) is not None:
-        if v < 0:
-            raise InvalidInput(f"input 'top_k' must be >= 0 (0 = disabled), got {v}")
         s.top_k = int(v)
     if (v := one("random_seed")) is not None:
         s.seed = int(v)
     if (v := one("beam_width")) is not None and v != 1:
-        raise InvalidInput(f"input 'beam_width' must be 1 (MeshServe samples one sequence), "
-                           f"got {v}")
+        raise InvalidInput(f"input 'beam_width' must be 1 (MeshServe samples one sequence), got {v!r}")
     if (v := one("exclude_input_in_output")) is not None and not v:
         raise InvalidInput("input 'exclude_input_in_output' must be true: text_output never "
                            "repeats the prompt here (or leave the input out)")
@@ -208,8 +201,6 @@ def to_generate(req: kserve_pb2.ModelInferRequest) -> InferCall:
         raise InvalidInput("model_name is required (see the models a router serves with "
                            "ModelReady / ModelMetadata, or `meshctl status`)")
     check_version(req.model_name, req.model_version)
-    if len(req.id) > MAX_ID_CHARS:
-        raise InvalidInput(f"id is {len(req.id)} characters; the limit is {MAX_ID_CHARS}")
     values = read_inputs(req)
     if "text_input" not in values:
         raise InvalidInput("input 'text_input' (BYTES, shape [1] or [1, 1]) is required: it holds "

@@ -11,15 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from importlib import metadata
 
 import grpc
 from inference import grpc_service_pb2 as kserve_pb2
 from inference import grpc_service_pb2_grpc as kserve_pb2_grpc
 
-from services.common.errors import NotFound, ServiceError
+from services.common.errors import InvalidArgument, NotFound, ServiceError
+from services.common.validation import ValidRequest, validate_request
 
-from ..dispatch import Dispatcher, RouteError, merge_chunks
+from ..convert import merge_chunks
+from ..dispatch import Dispatcher
 from . import mapping
 
 log = logging.getLogger(__name__)
@@ -49,14 +52,13 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
         return {m.name for m in self._dispatcher.models() if m.ready_replicas > 0}
 
     def _require_model(self, name: str) -> None:
-        """RouteError unless some member lists the model (ready or not)."""
+        """NotFound unless some member lists the model (ready or not)."""
         if not name:
-            raise RouteError(grpc.StatusCode.INVALID_ARGUMENT, "model name is required")
+            raise InvalidArgument("model name is required")
         known = self._dispatcher.known_models()
         if name not in known:
             served = ", ".join(sorted(known)) or "none"
-            raise RouteError(grpc.StatusCode.NOT_FOUND,
-                             f"model {name!r} is not served by this mesh (served models: {served})")
+            raise NotFound(f"model {name[:128]!r} is not served by this mesh (served models: {served})")
 
     async def ServerLive(self, request: kserve_pb2.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> kserve_pb2.ServerLiveResponse:
@@ -69,7 +71,7 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: kserve_pb2.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> kserve_pb2.ModelReadyResponse:
         if not request.name:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "model name is required")
+            raise InvalidArgument("model name is required")
         ready = (request.version in ("", mapping.MODEL_VERSION)
                  and request.name in self._ready_models())
         return kserve_pb2.ModelReadyResponse(ready=ready)
@@ -84,42 +86,28 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: kserve_pb2.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> kserve_pb2.ModelMetadataResponse:
-        try:
-            self._require_model(request.name)
-            mapping.check_version(request.name, request.version)
-            return mapping.model_metadata(request.name)
-        except RouteError as exc:
-            raise ServiceError.of(exc.code, exc.message) from None
-        except mapping.UnknownVersion as exc:
-            raise NotFound(str(exc)) from None
+        self._require_model(request.name)
+        mapping.check_version(request.name, request.version)
+        return mapping.model_metadata(request.name)
 
     # --- inference ---------------------------------------------------------------------------
 
-    def _translate(self, request: kserve_pb2.ModelInferRequest) -> mapping.InferCall:
-        """The request as an InferCall, or RouteError with the status the client should get."""
+    def _translate(self, request: kserve_pb2.ModelInferRequest) -> tuple[mapping.InferCall, ValidRequest]:
+        """The request as an InferCall and its validated generate request (or a ServiceError)."""
         self._require_model(request.model_name)
-        try:
-            return mapping.to_generate(request)
-        except mapping.InvalidInput as exc:
-            raise RouteError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
-        except mapping.UnknownVersion as exc:
-            raise RouteError(grpc.StatusCode.NOT_FOUND, str(exc)) from None
+        call = mapping.to_generate(request)
+        return call, validate_request(call.generate)
 
     async def ModelInfer(self, request: kserve_pb2.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> kserve_pb2.ModelInferResponse:
-        try:
-            call = self._translate(request)
-            if call.stream:
-                raise RouteError(grpc.StatusCode.INVALID_ARGUMENT,
-                                 "input 'stream' is true, but ModelInfer returns one response; "
-                                 "use ModelStreamInfer (tritonclient: start_stream + "
-                                 "async_stream_infer) for one response per token, or set "
-                                 "stream=false")
-            chunks = [c async for c in self._dispatcher.stream(
-                call.generate, context.time_remaining(), context.invocation_metadata())]
-            return mapping.to_infer_response(call, merge_chunks(chunks))
-        except RouteError as exc:
-            raise ServiceError.of(exc.code, exc.message, exc.trailers) from None
+        call, req = self._translate(request)
+        if call.stream:
+            raise InvalidArgument("input 'stream' is true, but ModelInfer returns one response; use "
+                                  "ModelStreamInfer (tritonclient: start_stream + async_stream_infer) for one "
+                                  "response per token, or set stream=false")
+        async with aclosing(self._dispatcher.stream(req, context.time_remaining(),
+                                                    context.invocation_metadata())) as chunks:
+            return mapping.to_infer_response(call, merge_chunks([c async for c in chunks]))
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[kserve_pb2.ModelInferRequest],
                                context: grpc.aio.ServicerContext
@@ -158,26 +146,25 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
                       context: grpc.aio.ServicerContext) -> None:
         """Every response to one request on a stream, or its error, onto `out`."""
         try:
-            call = self._translate(request)
+            call, req = self._translate(request)
+            stream = self._dispatcher.stream(req, context.time_remaining(), context.invocation_metadata())
             final_sent = False
-            if call.stream:
-                async for chunk in self._dispatcher.stream(call.generate, context.time_remaining()):
-                    final_sent = bool(chunk.finish_reason) and not call.empty_final
+            async with aclosing(stream) as chunks:
+                if call.stream:
+                    async for chunk in chunks:
+                        final_sent = bool(chunk.finish_reason) and not call.empty_final
+                        await out.put(kserve_pb2.ModelStreamInferResponse(
+                            infer_response=mapping.to_infer_response(call, chunk, final=final_sent)))
+                else:
+                    answer = merge_chunks([c async for c in chunks])
+                    final_sent = not call.empty_final
                     await out.put(kserve_pb2.ModelStreamInferResponse(
-                        infer_response=mapping.to_infer_response(call, chunk, final=final_sent)))
-            else:
-                chunks = [c async for c in self._dispatcher.stream(call.generate,
-                                                                   context.time_remaining())]
-                final_sent = not call.empty_final
-                await out.put(kserve_pb2.ModelStreamInferResponse(
-                    infer_response=mapping.to_infer_response(call, merge_chunks(chunks),
-                                                             final=final_sent)))
+                        infer_response=mapping.to_infer_response(call, answer, final=final_sent)))
             if not final_sent:
-                await out.put(kserve_pb2.ModelStreamInferResponse(
-                    infer_response=mapping.final_marker(call)))
-        except RouteError as exc:
+                await out.put(kserve_pb2.ModelStreamInferResponse(infer_response=mapping.final_marker(call)))
+        except ServiceError as exc:
             await out.put(mapping.stream_error(request, exc.code.name, exc.message))
         except Exception as exc:
-            log.exception("KServe stream request %r failed", request.id)
+            log.exception("KServe stream request %r failed", request.id[:128])
             await out.put(mapping.stream_error(request, grpc.StatusCode.INTERNAL.name,
-                                               f"internal error: {exc!r}"))
+                                               f"internal error: {type(exc).__name__}"))

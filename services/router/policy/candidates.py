@@ -1,9 +1,9 @@
 """Stage 1: which endpoints may take this attempt at all.
 
-Membership already narrowed the list to servers with the model READY, verdict SERVING and no
-drain (pool.BackendPool.candidates). Here: drop servers this request already tried, and servers
-ejected for repeated failures -- unless nothing else is left, because a possibly-bad server beats
-a certain error.
+Membership already narrowed the list to replicas of the model READY on servers with verdict
+SERVING and no drain (pool.BackendPool.candidates). Here: drop servers this request already
+tried, and replicas ejected (repeated failures, or a server gone silent) -- unless nothing else
+is left, because a possibly-bad replica beats a certain error.
 """
 
 from __future__ import annotations

@@ -40,11 +40,11 @@ class Policy:
              exclude: set[str] | frozenset[str] = frozenset()) -> Pick[E] | None:
         raise NotImplementedError
 
-    def sent(self, server_id: str, req: RouteRequest) -> None:
-        """Called once the request was issued to `server_id`."""
+    def sent(self, replica_id: str, req: RouteRequest) -> None:
+        """Called once the request was issued to the replica `replica_id`."""
 
-    def forget(self, server_id: str) -> None:
-        """Called when a server left membership."""
+    def forget(self, replica_id: str) -> None:
+        """Called when a replica left (its server, or the model on it)."""
 
 
 @dataclass
@@ -67,13 +67,13 @@ class MeshServePolicy(Policy):
             chosen, reason = scoring.choose(tier, req, self.index, self.weights, self.rng)
         return Pick(chosen, "spill" if spilled else reason)
 
-    def sent(self, server_id: str, req: RouteRequest) -> None:
+    def sent(self, replica_id: str, req: RouteRequest) -> None:
         hashes = req.block_hashes(self.index.block_chars)
         if hashes:
-            self.index.record(server_id, hashes)
+            self.index.record(replica_id, hashes)
 
-    def forget(self, server_id: str) -> None:
-        self.index.forget(server_id)
+    def forget(self, replica_id: str) -> None:
+        self.index.forget(replica_id)
 
 
 @dataclass

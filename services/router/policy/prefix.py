@@ -1,14 +1,15 @@
-"""What each server probably has in its prefix cache, from what this router sent it.
+"""What each replica probably has in its prefix cache, from what this router sent it.
 
-The router has no tokenizer, so it approximates the engine's token blocks with fixed-size blocks
+The router has no tokenizer, so it approximates an engine's token blocks with fixed-size blocks
 of the rendered prompt's characters (64 characters, about 16 tokens of English, about one KV
-block of the torch engine) and hashes them as a chain: block i's hash covers blocks 0..i, so a
+block) and hashes them as a chain: block i's hash covers blocks 0..i, so a
 match means the whole prefix up to that block is the same, as in the engine's own cache.
 Chat requests are rendered as role and content per message with separators, so a conversation's
 next turn extends the previous turn's rendering.
 
-Each server keeps an LRU of recently sent block hashes. The record is a guess: the server may
-have evicted blocks, another router may have warmed it, and a restarted router starts empty. A
+Each replica (server, model) keeps an LRU of recently sent block hashes. The record is a guess:
+the server may have evicted blocks, another router may have warmed it, and a restarted router
+starts empty. A
 wrong guess costs only speed (one prefill), never correctness, and the record rebuilds itself as
 traffic flows.
 """
@@ -51,7 +52,7 @@ def block_hashes(text: str, block_chars: int = DEFAULT_BLOCK_CHARS) -> list[int]
 
 
 class PrefixIndex:
-    """Per-server LRU of block hashes this router sent there."""
+    """Per-replica LRU of block hashes this router sent there (keyed by replica id)."""
 
     def __init__(self, block_chars: int = DEFAULT_BLOCK_CHARS,
                  capacity_blocks: int = DEFAULT_CAPACITY_BLOCKS) -> None:
@@ -59,11 +60,11 @@ class PrefixIndex:
             raise ValueError("block_chars and capacity_blocks must be >= 1")
         self.block_chars = block_chars
         self.capacity_blocks = capacity_blocks
-        self._servers: dict[str, OrderedDict[int, None]] = {}
+        self._replicas: dict[str, OrderedDict[int, None]] = {}
 
-    def match(self, server_id: str, hashes: Sequence[int]) -> int:
-        """Leading blocks of `hashes` the server probably holds."""
-        blocks = self._servers.get(server_id)
+    def match(self, replica_id: str, hashes: Sequence[int]) -> int:
+        """Leading blocks of `hashes` the replica probably holds."""
+        blocks = self._replicas.get(replica_id)
         if not blocks:
             return 0
         n = 0
@@ -73,8 +74,8 @@ class PrefixIndex:
             n += 1
         return n
 
-    def record(self, server_id: str, hashes: Sequence[int]) -> None:
-        blocks = self._servers.setdefault(server_id, OrderedDict())
+    def record(self, replica_id: str, hashes: Sequence[int]) -> None:
+        blocks = self._replicas.setdefault(replica_id, OrderedDict())
         for h in hashes:
             if h in blocks:
                 blocks.move_to_end(h)
@@ -83,9 +84,9 @@ class PrefixIndex:
         while len(blocks) > self.capacity_blocks:
             blocks.popitem(last=False)
 
-    def forget(self, server_id: str) -> None:
-        """A server that left lost its cache (or will be a new process when it returns)."""
-        self._servers.pop(server_id, None)
+    def forget(self, replica_id: str) -> None:
+        """A replica that left lost its cache (or will be a new engine when it returns)."""
+        self._replicas.pop(replica_id, None)
 
-    def servers(self) -> set[str]:
-        return set(self._servers)
+    def replicas(self) -> set[str]:
+        return set(self._replicas)

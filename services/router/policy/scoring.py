@@ -51,11 +51,11 @@ def choose(tier: Sequence[E], req: RouteRequest, index: PrefixIndex, w: Weights,
            rng: random.Random) -> tuple[E, str]:
     """(endpoint, reason): reason is "prefix" when cached blocks decided, else "load"."""
     hashes = req.block_hashes(index.block_chars)
-    matched = {e.server_id: index.match(e.server_id, hashes) for e in tier} if hashes else {}
+    matched = {e.replica_id: index.match(e.replica_id, hashes) for e in tier} if hashes else {}
     if not any(matched.values()):
         return two_choices(tier, w, rng), "load"
-    costs = [(len(hashes) - matched[e.server_id] + load_cost(e, w), e) for e in tier]
+    costs = [(len(hashes) - matched[e.replica_id] + load_cost(e, w), e) for e in tier]
     best = min(c for c, _ in costs)
     top = [e for c, e in costs if c - best < 1e-9]
     chosen = top[0] if len(top) == 1 else two_choices(top, w, rng)
-    return chosen, ("prefix" if matched[chosen.server_id] else "load")
+    return chosen, ("prefix" if matched[chosen.replica_id] else "load")

@@ -17,7 +17,7 @@ from .prefix import block_hashes
 
 @dataclass(frozen=True)
 class Load:
-    """A server's load as one router estimates it (see pool.Backend.load for the estimate)."""
+    """A replica's load as one router estimates it (see replica.Replica.load for the estimate)."""
 
     in_flight: int = 0  # running + queued at the server
     queue_depth: int = 0
@@ -36,10 +36,17 @@ class Load:
 
 
 class Endpoint(Protocol):
-    """A model server as the policy sees it (pool.Backend implements it)."""
+    """One replica - a model on a server - as the policy sees it (pool.Replica implements it).
+
+    Candidates for one request are replicas of one model, so `server_id` is unique among them;
+    `replica_id` ("server/model") keys what is per replica across models (the prefix record).
+    """
 
     @property
     def server_id(self) -> str: ...
+
+    @property
+    def replica_id(self) -> str: ...
 
     @property
     def region(self) -> str: ...

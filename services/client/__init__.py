@@ -1,0 +1,1 @@
+"""Python client helpers for MeshServe's public API (resuming broken streams)."""
