@@ -67,7 +67,7 @@ def stream(stub: inference_pb2_grpc.InferenceServiceStub, request: inference_pb2
                 yield chunk
             return
         except grpc.RpcError as exc:
-            code, details = exc.code(), exc.details() or ""  # type: ignore[attr-defined]
+            code, details = exc.code(), exc.details() or ""
             out_of_time = deadline is not None and time.monotonic() >= deadline
             if not resumable(code, details) or resumes >= max_resumes or out_of_time:
                 raise

@@ -25,7 +25,7 @@ def upstream_request(req: ValidRequest, request_id: str) -> modelserver_pb2.Mode
     """What every attempt sends; a migration adds the tokens relayed so far (`with_resume`)."""
     out = modelserver_pb2.ModelServerServiceGenerateRequest(
         request_id=request_id, model=req.model, prompt=req.prompt or "",
-        sampling=sampling_to_proto(req.sampling), priority=int(req.priority),
+        sampling=sampling_to_proto(req.sampling), priority=common_pb2.Priority.ValueType(req.priority),
         resume_token_ids=req.resume_token_ids)
     for m in req.messages or ():
         out.messages.add(role=m.role, content=m.content)

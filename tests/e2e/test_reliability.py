@@ -8,6 +8,7 @@ answer's exact text is known and lost or duplicated tokens show.
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 
@@ -166,13 +167,20 @@ def test_without_resume_a_router_death_is_a_transport_error_the_client_can_retry
     mesh.start_router(int(victim.removeprefix("router")))
 
 
+def ready(stub, model: str) -> int:
+    models = stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5).models
+    return next((m.ready_replicas for m in models if m.name == model), 0)
+
+
+def has_ready(stub, model: str, n: int) -> bool:
+    return ready(stub, model) == n
+
+
 def test_scaling_down_under_load_never_answers_not_found(mesh, stub):
     ctl = controlplane_pb2_grpc.ControlPlaneServiceStub(grpc.insecure_channel(mesh.controlplane))
     spec = cp.ModelSpec(name=SCALED, backend="sim", replicas=3, options={"tokens_per_second": "500"})
     ctl.DeployModel(cp.DeployModelRequest(spec=spec), timeout=10)
-    wait_for(lambda: any(m.name == SCALED and m.ready_replicas == 3
-                         for m in stub.ListModels(inference_pb2.ListModelsRequest(), timeout=5).models),
-             60, "three replicas of the scaled model")
+    wait_for(lambda: ready(stub, SCALED) == 3, 60, "three replicas of the scaled model")
     errors: list[str] = []
     done = threading.Event()
 
@@ -193,8 +201,7 @@ def test_scaling_down_under_load_never_answers_not_found(mesh, stub):
     try:
         for replicas in (1, 3, 2, 3, 1):
             ctl.ScaleModel(cp.ScaleModelRequest(name=SCALED, replicas=replicas), timeout=10)
-            wait_for(lambda n=replicas: any(m.name == SCALED and m.ready_replicas == n for m in stub.ListModels(
-                inference_pb2.ListModelsRequest(), timeout=5).models), 60, f"{replicas} ready replica(s)")
+            wait_for(functools.partial(has_ready, stub, SCALED, replicas), 60, f"{replicas} ready replica(s)")
     finally:
         done.set()
         for w in workers:

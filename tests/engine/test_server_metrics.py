@@ -125,12 +125,12 @@ def test_every_failure_is_counted_by_its_status_code(run, error, code):
     req = modelserver_pb2.ModelServerServiceGenerateRequest(model="fake-codes", prompt="hi", request_id="r")
     before = sample_code("fake-codes", code)
     with pytest.raises((InvalidRequestError, RuntimeError)):
-        run(servicer.Generate(req, _Context()))  # type: ignore[arg-type]
+        run(servicer.Generate(req, _Context()))
     assert sample_code("fake-codes", code) == before + 1
     missing = modelserver_pb2.ModelServerServiceGenerateRequest(model="nope", prompt="hi", request_id="r")
     before_nf = sample_code("unknown", "NOT_FOUND")
     with pytest.raises(NotFound):
-        run(servicer.Generate(missing, _Context()))  # type: ignore[arg-type]
+        run(servicer.Generate(missing, _Context()))
     assert sample_code("unknown", "NOT_FOUND") == before_nf + 1
 
 

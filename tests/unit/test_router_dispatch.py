@@ -134,7 +134,7 @@ async def collect(d: Dispatcher, request, timeout=5.0, metadata=None) -> list:
 
 def dispatcher(pool, **kw) -> Dispatcher:
     kw.setdefault("policy", "round_robin")  # deterministic order: a, then b, ...
-    return Dispatcher(pool, "r0", DispatchSettings(**kw))  # type: ignore[arg-type]
+    return Dispatcher(pool, "r0", DispatchSettings(**kw))
 
 
 def counter(metric, *labels) -> float:

@@ -94,7 +94,7 @@ async def test_a_silent_server_is_hung_its_attempts_move_and_a_report_brings_it_
     try:
         view.add("s1", chat="torch")
         link = pool.links["s1"]
-        handle = AttemptHandle(FakeCall())  # type: ignore[arg-type]
+        handle = AttemptHandle(FakeCall())
         link.attempts.add(handle)
         replica = pool.candidates("chat")[0]
         assert not replica.ejected(0.0)
@@ -115,7 +115,7 @@ async def test_leaving_or_not_serving_moves_attempts_at_once_draining_does_not()
         view.add("s1", chat="torch", echo="sim")
         view.add("s2", chat="torch")
         view.add("s3", chat="torch")
-        handles = {sid: AttemptHandle(FakeCall()) for sid in ("s1", "s2", "s3")}  # type: ignore[arg-type]
+        handles = {sid: AttemptHandle(FakeCall()) for sid in ("s1", "s2", "s3")}
         for sid, h in handles.items():
             pool.links[sid].attempts.add(h)
         view.drains.add("s3")
@@ -146,7 +146,7 @@ async def test_a_server_whose_lease_expired_but_still_reports_lingers_until_it_r
         view.add("s1", chat="torch")
         link = pool.links["s1"]
         link.on_report(report(chat=(0, 4)), now=asyncio.get_running_loop().time())
-        handle = AttemptHandle(FakeCall())  # type: ignore[arg-type]
+        handle = AttemptHandle(FakeCall())
         link.attempts.add(handle)
         del view.servers["s1"], view.statuses[("s1", "chat")]
         view.changed()

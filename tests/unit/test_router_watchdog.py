@@ -18,7 +18,7 @@ class FakeCall:
 
 
 async def test_no_first_chunk_abandons_the_call_with_a_cause():
-    handle = AttemptHandle(FakeCall())  # type: ignore[arg-type]
+    handle = AttemptHandle(FakeCall())
     Watchdog(handle, first_s=0.05, stall_s=10)
     await until(lambda: handle.call.cancelled, 2, "the watchdog")
     assert "no token within 0.05s" in handle.cause
@@ -26,7 +26,7 @@ async def test_no_first_chunk_abandons_the_call_with_a_cause():
 
 async def test_chunks_keep_it_quiet_and_a_later_gap_fires():
     loop = asyncio.get_running_loop()
-    handle = AttemptHandle(FakeCall())  # type: ignore[arg-type]
+    handle = AttemptHandle(FakeCall())
     dog = Watchdog(handle, first_s=0.5, stall_s=0.5)
     for _ in range(15):  # chunks every ~50 ms for ~750 ms: longer than either limit in total
         await asyncio.sleep(0.05)
@@ -37,7 +37,7 @@ async def test_chunks_keep_it_quiet_and_a_later_gap_fires():
 
 
 async def test_stop_disarms_and_the_first_cause_wins():
-    handle = AttemptHandle(FakeCall())  # type: ignore[arg-type]
+    handle = AttemptHandle(FakeCall())
     dog = Watchdog(handle, first_s=0.05, stall_s=0.05)
     dog.stop()
     await asyncio.sleep(0.2)  # well past both limits: a disarmed watchdog stays quiet
@@ -49,7 +49,7 @@ async def test_stop_disarms_and_the_first_cause_wins():
 
 async def test_time_waiting_for_a_slow_client_is_not_server_silence():
     loop = asyncio.get_running_loop()
-    handle = AttemptHandle(FakeCall())  # type: ignore[arg-type]
+    handle = AttemptHandle(FakeCall())
     dog = Watchdog(handle, first_s=0.1, stall_s=0.1)
     dog.chunk(loop.time())
     dog.hold()  # the relay blocks handing the chunk to a client that stopped reading

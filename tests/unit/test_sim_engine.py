@@ -68,14 +68,14 @@ async def test_invalid_requests_are_refused_before_any_chunk():
 
 
 async def test_running_set_is_bounded_and_priority_orders_the_queue():
-    e = await started(SimConfig(tokens_per_second=200, max_running=1, max_waiting=2))
+    e = await started(SimConfig(tokens_per_second=50, max_running=1, max_waiting=2))
     order: list[str] = []
 
-    async def job(name: str, prio: Priority) -> None:
-        await collect(e, R(max_tokens=2, priority=prio))
+    async def job(name: str, prio: Priority, tokens: int = 2) -> None:
+        await collect(e, R(max_tokens=tokens, priority=prio))
         order.append(name)
 
-    first = asyncio.create_task(job("first", Priority.STANDARD))
+    first = asyncio.create_task(job("first", Priority.STANDARD, tokens=100))  # ~2 s, read throughout
     await until(lambda: e.load().running == 1, 5, "the first request to run")
     low = asyncio.create_task(job("low", Priority.SHEDDABLE))
     mid = asyncio.create_task(job("mid", Priority.STANDARD))

@@ -4,7 +4,7 @@ hostile inputs tests found (inf temperature, 1 MB ids, model names '..' and ' ')
 import math
 
 import pytest
-from meshserve.v1 import inference_pb2, modelserver_pb2
+from meshserve.v1 import common_pb2, inference_pb2, modelserver_pb2
 
 from services.common.errors import InvalidArgument
 from services.common.validation import (
@@ -38,7 +38,8 @@ def test_good_requests_come_out_typed_with_defaults_resolved():
     v = validate_request(r)
     assert v.prompt is None and [m.role for m in v.messages or ()] == ["system", "user"]
     assert v.sampling.seed == 0 and v.resume_token_ids == (5, 6) and v.session_id == "s-1"
-    internal = modelserver_pb2.ModelServerServiceGenerateRequest(model="m", prompt="p", priority=1)
+    internal = modelserver_pb2.ModelServerServiceGenerateRequest(model="m", prompt="p",
+                                                                 priority=common_pb2.PRIORITY_CRITICAL)
     assert validate_request(internal).priority is Priority.CRITICAL
 
 
