@@ -17,7 +17,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .base import (
     CapacityError,
@@ -30,6 +30,7 @@ from .base import (
     InvalidRequestError,
     Usage,
 )
+from .options import check_values
 
 SIM_EOS = 0
 SIM_VOCAB = 32000
@@ -49,12 +50,14 @@ class SimConfig:
     # its lease and its gRPC health service stay up), like a wedged engine.
     hang_file: str = ""
 
+    def __post_init__(self) -> None:
+        """Refuse values the engine cannot run with (tokens_per_second=0 would divide by zero
+        on every request); the ranges live in the option schema."""
+        check_values("sim", asdict(self))
+
 
 def _words(request: GenerationRequest) -> list[str]:
-    if request.messages:
-        text = " ".join(m.content for m in request.messages)
-    else:
-        text = request.prompt or ""
+    text = " ".join(m.content for m in request.messages) if request.messages else request.prompt or ""
     return text.split() or ["."]
 
 
@@ -149,7 +152,7 @@ class SimEngine(Engine):
             raise EngineUnavailableError(f"model {self.model_name} is not loaded")
         words = self._validate(request)
         cfg = self.config
-        if cfg.hang_file and os.path.exists(cfg.hang_file):
+        if cfg.hang_file and os.path.exists(cfg.hang_file):  # noqa: ASYNC240 - fault injection
             await asyncio.Event().wait()  # until the caller gives up and cancels
         rid = f"{request.request_id}#{next(self._seq)}"
         await self._admit(request, rid, len(words))
