@@ -8,6 +8,7 @@ in keyspace.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import random
@@ -87,6 +88,14 @@ class EtcdClient:
         result = await self._client.get(key.encode())
         return None if result is None else result.value
 
+    async def read(self, key: str, timeout: float) -> tuple[bytes | None, int]:
+        """A linearizable read (value, mod revision; (None, 0) when absent) that gives up after
+        `timeout`. Linearizable reads go through the raft leader, so a member that lost quorum
+        cannot answer one from its stale copy: answers about "now" (who leads, is the cluster
+        healthy) use this, never a watch. Raises EtcdError (asyncio.TimeoutError included)."""
+        result = await asyncio.wait_for(self._client.get(key.encode(), serializable=False), timeout)
+        return (None, 0) if result is None else (result.value, result.mod_revision)
+
     async def get_prefix(self, prefix: str) -> tuple[dict[str, bytes], int]:
         """Values under prefix and the store revision they were read at."""
         result = await self._client.get_prefix(prefix.encode())
@@ -117,35 +126,31 @@ class EtcdClient:
         await self._client.revoke_lease(lease_id)
 
     async def member_status(self) -> list[dict]:
-        """Status of every configured endpoint, asked one by one (for `meshctl status`)."""
-        out = []
-        for ep in self.endpoints:
-            host, _, port = ep.rpartition(":")
-            single = aetcd.Client(host=host, port=int(port), timeout=min(self.timeout, 2.0))
-            try:
-                await single.connect()
-                resp = await single.maintenancestub.Status(
-                    aetcd.rpc.StatusRequest(), timeout=min(self.timeout, 2.0))
-                out.append({"endpoint": ep, "healthy": True, "version": resp.version,
-                            "is_leader": resp.leader == resp.header.member_id, "error": ""})
-            except Exception as exc:  # noqa: BLE001 - reported, not raised
-                out.append({"endpoint": ep, "healthy": False, "version": "", "is_leader": False,
-                            "error": f"{type(exc).__name__}: {exc}".strip()})
-            finally:
-                try:
-                    await single.close()
-                except Exception:  # noqa: BLE001
-                    pass
-        return out
+        """Status of every configured endpoint, asked in parallel (for `meshctl status`)."""
+        return list(await asyncio.gather(*(self._one_member(ep) for ep in self.endpoints)))
+
+    async def _one_member(self, ep: str) -> dict:
+        host, _, port = ep.rpartition(":")
+        single = aetcd.Client(host=host, port=int(port), timeout=min(self.timeout, 2.0))
+        try:
+            await single.connect()
+            resp = await single.maintenancestub.Status(
+                aetcd.rpc.StatusRequest(), timeout=min(self.timeout, 2.0))
+            return {"endpoint": ep, "healthy": True, "version": resp.version,
+                    "is_leader": resp.leader == resp.header.member_id, "error": ""}
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            return {"endpoint": ep, "healthy": False, "version": "", "is_leader": False,
+                    "error": f"{type(exc).__name__}: {exc}".strip()}
+        finally:
+            with contextlib.suppress(Exception):
+                await single.close()
 
 
 async def _cancel(task: asyncio.Task | None) -> None:
     if task is not None:
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError, Exception):  # it is being stopped
             await task
-        except (asyncio.CancelledError, Exception):  # noqa: BLE001 - it is being stopped
-            pass
 
 
 @dataclass
@@ -172,6 +177,7 @@ class LeaseKeeper:
         self.reregistrations = 0
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
+        self._registered = asyncio.Event()  # set once the first registration got through
 
     async def put(self, key: str, value: bytes) -> None:
         """Attach key to the lease (now if possible, otherwise at the next successful renewal)."""
@@ -196,19 +202,16 @@ class LeaseKeeper:
     async def start(self, wait: float = 10.0) -> None:
         """Start keeping alive; waits up to `wait` seconds for the first registration."""
         self._task = asyncio.create_task(self._run(), name="lease-keeper")
-        deadline = asyncio.get_running_loop().time() + wait
-        while not self.healthy and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._registered.wait(), wait)
         if not self.healthy:
             log.warning("etcd not reachable yet; registration continues in the background")
 
     async def stop(self, revoke: bool = True) -> None:
         await _cancel(self._task)
         if revoke and self.lease_id is not None:
-            try:
+            with contextlib.suppress(Exception):  # best effort on the way out
                 await asyncio.wait_for(self._client.revoke_lease(self.lease_id), 2.0)
-            except (EtcdError, Exception):  # noqa: BLE001 - best effort on the way out
-                pass
 
     async def _register(self) -> None:
         self.lease_id = await self._client.grant_lease(self.ttl)
@@ -236,11 +239,10 @@ class LeaseKeeper:
                     self._pending_deletes.discard(key)
                 self._wake.clear()
                 self.healthy = True
+                self._registered.set()
                 backoff = 0.2
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.ttl / 3)
-                except TimeoutError:
-                    pass
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - etcd down must never crash the process

@@ -1,4 +1,5 @@
-"""The leader's loop: check health, release finished drains, and make placements follow the plan.
+"""The leader's loop: check health, release finished drains, record load failures (halting a model
+that failed on too many servers), and make placements follow the plan.
 
 Only the leader acts, and every write is fenced on its election term, so a deposed leader's late
 writes are refused by etcd. Followers run nothing here; they take over from etcd's state.
@@ -7,6 +8,7 @@ writes are refused by etcd. Followers run nothing here; they take over from etcd
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -17,8 +19,8 @@ from services.common.etcd_client import EtcdClient, EtcdError, fenced_write
 from services.common.lifecycle import now_ms
 from services.common.membership import MeshView
 
-from . import metrics
-from .desired import plan_for
+from . import halts, metrics
+from .desired import plan_for, split_models
 from .election import Election
 from .health import HealthChecker
 from .probes import ServerProbe
@@ -27,20 +29,23 @@ log = logging.getLogger(__name__)
 
 
 def _same_spec(a: cp.ModelSpec, b: cp.ModelSpec) -> bool:
-    """Whether a placed copy still describes what to load (replica counts do not matter)."""
-    return (a.backend, a.source, a.memory_bytes, dict(a.options)) == \
-        (b.backend, b.source, b.memory_bytes, dict(b.options))
+    """Whether a placed copy still describes what to load (replica counts do not matter; a new
+    load generation does: servers load it again)."""
+    return (a.backend, a.source, a.memory_bytes, dict(a.options), a.generation) == \
+        (b.backend, b.source, b.memory_bytes, dict(b.options), b.generation)
 
 
 class Reconciler:
     def __init__(self, client: EtcdClient, view: MeshView, election: Election,
-                 checker: HealthChecker, probe: ServerProbe, interval_s: float = 1.0) -> None:
+                 checker: HealthChecker, probe: ServerProbe, interval_s: float = 1.0,
+                 halt_after: int = halts.DEFAULT_HALT_AFTER) -> None:
         self._client = client
         self._view = view
         self._election = election
         self._checker = checker
         self._probe = probe
         self._interval_s = interval_s
+        self._halt_after = halt_after
         self._wake = asyncio.Event()
         view.subscribe(self._wake.set)
         self._last_health = 0.0
@@ -57,10 +62,8 @@ class Reconciler:
                 except Exception:
                     log.exception("reconcile step failed")
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval_s)
-            except TimeoutError:
-                pass
 
     async def _write(self, puts: dict[str, bytes], deletes: list[str]) -> bool:
         if not puts and not deletes:
@@ -77,12 +80,13 @@ class Reconciler:
             puts, deletes = await self._checker.check_round()
             await self._write(puts, deletes)
         await self._release_drains()
+        await self._track_failures()
         await self._place()
         self._export_gauges()
 
     async def _release_drains(self) -> None:
         puts = {}
-        for sid, record in self._view.drains.items():
+        for sid, record in list(self._view.drains.items()):
             if record.released:
                 continue
             info = self._view.servers.get(sid)
@@ -100,8 +104,13 @@ class Reconciler:
                 released = cp.DrainRecord()
                 released.CopyFrom(record)
                 released.released = True
-                puts[keyspace.drain_key(sid)] = keyspace.encode(released)
+                puts[keyspace.DRAIN + sid] = keyspace.encode(released)
         await self._write(puts, [])
+
+    async def _track_failures(self) -> None:
+        models, _ = split_models(self._view)
+        puts, deletes = halts.records_to_write(self._view, models, self._halt_after)
+        await self._write(puts, deletes)
 
     async def _place(self) -> None:
         plan = plan_for(self._view)
@@ -115,7 +124,7 @@ class Reconciler:
                 puts[keyspace.placement_key(sid, model)] = keyspace.encode(
                     cp.Placement(server_id=sid, spec=spec, since_ms=now_ms()))
         for sid, model in current - desired:
-            deletes.append(keyspace.placement_key(sid, model))
+            deletes.append(keyspace.pair_key(keyspace.PLACEMENT, sid, model))
             reason = self._removal_reason(sid, model)
             if reason != "scaled":
                 metrics.FAILOVERS.labels(reason).inc()

@@ -4,6 +4,7 @@ checks health, releases drains and places models. Never on the request path."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ from services.common.replica import run_replica
 
 from . import metrics
 from .election import Election
+from .halts import DEFAULT_HALT_AFTER
 from .health import HealthChecker, HealthSettings
 from .probes import ServerProbe
 from .reconciler import Reconciler
@@ -35,6 +37,8 @@ class ControlPlaneConfig:
     lease_ttl: int = 10
     election_ttl: int = 5
     reconcile_interval_s: float = 1.0
+    #: Stop placing a model after its load failed on this many distinct servers (0 = never).
+    halt_after_failures: int = DEFAULT_HALT_AFTER
     health: HealthSettings = field(default_factory=HealthSettings)
 
 
@@ -59,16 +63,15 @@ async def run(config: ControlPlaneConfig, stop: asyncio.Event) -> None:
                             on_change=_on_leadership)
         checker = HealthChecker(view, probe, config.replica_id, config.health)
         reconciler = Reconciler(etcd, view, election, checker, probe,
-                                interval_s=config.reconcile_interval_s)
+                                interval_s=config.reconcile_interval_s,
+                                halt_after=config.halt_after_failures)
         election.start()
         loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
         try:
             await stop.wait()
         finally:
             loop_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await loop_task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
             await election.stop()
             await probe.close()

@@ -108,7 +108,7 @@ def test_one_leader_and_every_replica_answers(mesh, ctl):
      grpc.StatusCode.INVALID_ARGUMENT, "unknown region 'mars'"),
     (cp.ModelSpec(name="x", backend="cobol", replicas=1), grpc.StatusCode.INVALID_ARGUMENT, "backend"),
     (cp.ModelSpec(name="x", backend="torch", source="/no/such/model.gguf", replicas=1),
-     grpc.StatusCode.INVALID_ARGUMENT, "does not exist"),
+     grpc.StatusCode.INVALID_ARGUMENT, "not a host path"),
     (cp.ModelSpec(name="a/b", backend="sim", replicas=1), grpc.StatusCode.INVALID_ARGUMENT, "'/'"),
     (cp.ModelSpec(name="x", backend="sim", replicas=1,
                   regions=[cp.RegionRequirement(region="east", min_replicas=2)]),
@@ -175,15 +175,15 @@ def test_two_models_on_servers_with_memory_for_one_each(ctl, api):
 
 
 def test_a_failed_load_is_reported_and_not_retried_in_a_tight_loop(ctl):
-    spec = cp.ModelSpec(name="broken", backend="sim", replicas=1)
-    spec.options["no_such_option"] = "1"
+    # A valid deployment whose weights no server has (no --model-dir here) fails at load time.
+    spec = cp.ModelSpec(name="broken", backend="torch", source="missing.gguf", replicas=1)
     ctl[0].DeployModel(cp.DeployModelRequest(spec=spec), timeout=5)
 
     def failed_somewhere():
         ps = ctl[0].ListPlacements(cp.ListPlacementsRequest(model="broken"), timeout=5).placements
         return [p for p in ps if p.state == cp.MODEL_STATE_FAILED]
     failures = wait_for(failed_somewhere, 30, "a FAILED report")
-    assert "no_such_option" in failures[0].reason
+    assert "not found in the model directories" in failures[0].reason
     ctl[0].UndeployModel(cp.UndeployModelRequest(name="broken"), timeout=5)
     # Each server it tried keeps its FAILED report for the back-off, so it was tried at most once
     # per server, not in a loop.
