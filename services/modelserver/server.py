@@ -52,6 +52,7 @@ class ModelServerConfig:
     failure_backoff_s: float = 60.0
     engine_options: dict = field(default_factory=dict)  # defaults for placed models
     labels: dict[str, str] = field(default_factory=dict)
+    model_dirs: list[str] = field(default_factory=list)  # where placed models' sources resolve
 
 
 class _Registration:
@@ -114,7 +115,7 @@ async def run(config: ModelServerConfig, stop: asyncio.Event) -> None:
     registration = _Registration(info, keeper, health)
     manager = ModelManager(config.server_id, config.models, config.memory_bytes,
                            registration.on_status, config.idle_unload_s, config.failure_backoff_s,
-                           config.engine_options)
+                           config.engine_options, config.model_dirs)
     registration.manager = manager
     servicer = ModelServerServicer(manager, lambda: info)
     modelserver_pb2_grpc.add_ModelServerServiceServicer_to_server(servicer, server)
@@ -138,12 +139,7 @@ async def run(config: ModelServerConfig, stop: asyncio.Event) -> None:
         log.info("model server %s serving (pinned: %s)", config.server_id,
                  ", ".join(manager.ready_models()) or "none")
         while not stop.is_set():
-            desired = {}
-            for key, value in placements.items.items():
-                placement = keyspace.decode(cp.Placement, value)
-                if placement is not None:
-                    desired[placement.spec.name] = placement.spec
-            manager.set_placements(desired)
+            manager.follow(placements.items)
             await manager.reconcile()
             servicer.update_gauges()
             wake.clear()
