@@ -345,16 +345,20 @@ async def create_if_absent(client: EtcdClient, key: str, value: bytes, lease: in
 
 
 async def fenced_write(client: EtcdClient, fence_key: str, fence_value: bytes,
-                       puts: dict[str, bytes], deletes: list[str]) -> bool:
+                       puts: dict[str, bytes], deletes: list[str],
+                       existing: tuple[str, ...] = ()) -> bool:
     """Apply puts and deletes only while fence_key still holds fence_value (our leadership term),
-    so a deposed leader can never overwrite its successor's decisions."""
+    so a deposed leader can never overwrite its successor's decisions. `existing`: keys that must
+    still exist, so an update computed from a stale view cannot bring back a record an operator
+    deleted meanwhile."""
     raw = client.raw
     ops = [raw.transactions.put(k.encode(), v) for k, v in puts.items()]
     ops += [raw.transactions.delete(k.encode()) for k in deletes]
+    compare = [raw.transactions.value(fence_key.encode()) == fence_value]
+    compare += [raw.transactions.create(k.encode()) > 0 for k in existing]
     for start in range(0, max(len(ops), 1), MAX_TXN_OPS):
         ok, _ = await raw.transaction(
-            compare=[raw.transactions.value(fence_key.encode()) == fence_value],
-            success=ops[start:start + MAX_TXN_OPS], failure=[])
+            compare=compare, success=ops[start:start + MAX_TXN_OPS], failure=[])
         if not ok:
             return False
     return True

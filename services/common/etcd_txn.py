@@ -21,6 +21,7 @@ class TxnResult:
     succeeded: bool
     revision: int  # store revision after the transaction
     changed: bool  # whether it wrote anything (a delete of nothing changes nothing)
+    uncertain: bool = False  # set by callers that retried: an earlier attempt may have committed
 
 
 def put_op(key: str, value: bytes) -> rpc.RequestOp:

@@ -45,10 +45,10 @@ def servers_from_view(view: MeshView) -> list[Server]:
     return out
 
 
-def requests_from_view(view: MeshView, models: dict[str, cp.ModelSpec]) -> list[ModelRequest]:
+def requests_from_view(models: dict[str, cp.ModelSpec], records: halts.Records) -> list[ModelRequest]:
     return [ModelRequest(name=spec.name, replicas=spec.replicas, memory_bytes=spec.memory_bytes,
                          region_minimums=tuple((r.region, r.min_replicas) for r in spec.regions),
-                         halted=halts.halted(view, spec) is not None)
+                         halted=halts.halted(records, spec) is not None)
             for spec in models.values()]
 
 
@@ -67,12 +67,14 @@ def failed_from_view(view: MeshView, models: dict[str, cp.ModelSpec]) -> set[tup
             and st.generation == models[m].generation}
 
 
-def plan_for(view: MeshView) -> Plan:
+def plan_for(view: MeshView, records: halts.Records | None = None) -> Plan:
+    """`records`: load-failure records newer than the view (the leader's own, just written)."""
+    records = view.load_failures if records is None else records
     models, invalid = split_models(view)
-    result = plan(requests_from_view(view, models), servers_from_view(view),
+    result = plan(requests_from_view(models, records), servers_from_view(view),
                   current_from_view(view), failed_from_view(view, models))
     for name, spec in models.items():
-        record = halts.halted(view, spec)
+        record = halts.halted(records, spec)
         if record is not None:
             result.unsatisfied[name] = halts.halt_reason(record)
     result.unsatisfied.update(invalid)
@@ -91,6 +93,6 @@ def deployments(view: MeshView, computed: Plan | None = None) -> list[cp.Deploym
         out.append(cp.Deployment(spec=spec, placed_replicas=len(placed),
                                  ready_replicas=len(ready),
                                  unsatisfied_reason=computed.unsatisfied.get(name, ""),
-                                 halted=halts.halted(view, spec) is not None,
-                                 failures=halts.current_failures(view, spec)))
+                                 halted=halts.halted(view.load_failures, spec) is not None,
+                                 failures=halts.current_failures(view.load_failures, spec)))
     return out

@@ -8,6 +8,7 @@ value (this term's LeaderRecord) fences every write the leader makes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -42,16 +43,12 @@ class Election:
         """Resign: revoking the lease deletes the key, so a follower takes over at once."""
         if self._task:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
         self._set(False)
         if self._lease is not None:
-            try:
+            with contextlib.suppress(Exception):  # best effort on the way out
                 await asyncio.wait_for(self._client.revoke_lease(self._lease), 2.0)
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                pass
 
     def _set(self, leading: bool) -> None:
         if leading != self.is_leader:
@@ -91,11 +88,12 @@ class Election:
             self._lease = None
 
     async def _hold(self) -> None:
+        lease = self._lease
         last_ok = time.monotonic()
-        while True:
+        while lease is not None:
             await asyncio.sleep(self.ttl / 4)
             try:
-                ttl = await asyncio.wait_for(self._client.refresh_lease(self._lease), self.ttl / 4)
+                ttl = await asyncio.wait_for(self._client.refresh_lease(lease), self.ttl / 4)
                 if ttl <= 0:
                     break
                 last_ok = time.monotonic()

@@ -4,13 +4,15 @@ on `halt_after` distinct servers, so one bad deployment cannot walk the fleet se
 The leader keeps, per model, a `LoadFailures` record in etcd (written fenced on its term, so it
 survives a failover): the servers where this generation reported FAILED, with their reasons, and
 when it halted. A new generation (`RetryModel`, or undeploy and deploy) starts a fresh record.
-Plain functions of the view: the reconciler writes what `records_to_write` returns, and any
-replica answering `meshctl models` reads the same records.
+Plain functions of the view: the leader computes the records (`updated`), writes the difference
+(`changes`) and plans with the records it just computed (its own watch may not have them yet);
+any replica answering `meshctl models` reads the same records from its view.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from meshserve.v1 import controlplane_pb2 as cp
 
@@ -48,31 +50,39 @@ def _updated(view: MeshView, spec: cp.ModelSpec, halt_after: int) -> cp.LoadFail
     return record
 
 
-def records_to_write(view: MeshView, models: dict[str, cp.ModelSpec],
-                     halt_after: int) -> tuple[dict[str, bytes], list[str]]:
-    """The LoadFailures puts and deletes that bring etcd in line with the statuses seen."""
-    puts: dict[str, bytes] = {}
+Records = Mapping[str, cp.LoadFailures]
+
+
+def updated(view: MeshView, models: dict[str, cp.ModelSpec], halt_after: int) -> dict[str, cp.LoadFailures]:
+    """The records as they should be now: the stored ones plus the failures reported since."""
+    out = {}
     for name, spec in models.items():
         record = _updated(view, spec, halt_after)
-        current = view.load_failures.get(name)
-        if not record.failures and current is None:
-            continue
-        if current is None or keyspace.encode(current) != keyspace.encode(record):
-            puts[keyspace.load_failures_key(name)] = keyspace.encode(record)
-    deletes = [keyspace.LOAD_FAILURES + name for name in view.load_failures if name not in models]
+        if record.failures or name in view.load_failures:
+            out[name] = record
+    return out
+
+
+def changes(view: MeshView, records: Records) -> tuple[dict[str, bytes], list[str]]:
+    """The puts and deletes that bring etcd in line with `records`."""
+    puts = {keyspace.load_failures_key(name): keyspace.encode(record)
+            for name, record in records.items()
+            if name not in view.load_failures
+            or keyspace.encode(view.load_failures[name]) != keyspace.encode(record)}
+    deletes = [keyspace.LOAD_FAILURES + name for name in view.load_failures if name not in records]
     return puts, deletes
 
 
-def halted(view: MeshView, spec: cp.ModelSpec) -> cp.LoadFailures | None:
+def halted(records: Records, spec: cp.ModelSpec) -> cp.LoadFailures | None:
     """The record that halts this generation of the model, if one does."""
-    record = view.load_failures.get(spec.name)
+    record = records.get(spec.name)
     if record is None or record.generation != spec.generation or not record.halted_since_ms:
         return None
     return record
 
 
-def current_failures(view: MeshView, spec: cp.ModelSpec) -> list[cp.LoadFailure]:
-    record = view.load_failures.get(spec.name)
+def current_failures(records: Records, spec: cp.ModelSpec) -> list[cp.LoadFailure]:
+    record = records.get(spec.name)
     if record is None or record.generation != spec.generation:
         return []
     return list(record.failures)

@@ -10,6 +10,7 @@ read (and read it again if somebody did), an undeploy deletes it only if it is t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from meshserve.v1 import controlplane_pb2 as cp
@@ -42,8 +43,18 @@ class Operations:
     # --- plumbing ----------------------------------------------------------------------------
 
     async def _commit(self, key: str, compare: list, ops: list) -> TxnResult:
+        """One transaction (retried through transient etcd errors), then read-your-writes.
+        `uncertain` on the result: an earlier attempt failed without an answer, so a compare
+        that fails now may be our own first attempt having committed."""
+        attempts = 0
+
+        async def once() -> TxnResult:
+            nonlocal attempts
+            attempts += 1
+            return await txn(self._etcd, compare, ops)
         try:
-            result = await retrying(lambda: txn(self._etcd, compare, ops))
+            result = await retrying(once)
+            result = dataclasses.replace(result, uncertain=attempts > 1)
         except EtcdError as exc:
             raise Unavailable(f"etcd did not confirm the write ({type(exc).__name__}: {exc}); it "
                               "may or may not have been applied: check (meshctl models / servers) "
@@ -91,10 +102,12 @@ class Operations:
         result = await self._commit(key, [absent(self._etcd, key)], [
             put_op(key, value), delete_op(keyspace.load_failures_key(spec.name))])
         if not result.succeeded:
-            stored, _ = await self._read_spec(spec.name)
-            if keyspace.encode(stored) != value:  # not our own write, retried after a lost reply
-                raise AlreadyExists(f"model {spec.name!r} is already deployed; use ScaleModel "
-                                    "(meshctl model scale) or undeploy it first")
+            if result.uncertain:  # our first attempt may have committed before its reply was lost
+                stored, _ = await self._read_spec(spec.name)
+                if keyspace.encode(stored) == value:
+                    return self._deployment(spec)
+            raise AlreadyExists(f"model {spec.name!r} is already deployed; use ScaleModel "
+                                "(meshctl model scale) or undeploy it first")
         return self._deployment(spec)
 
     async def _rewrite(self, name: str, change, clear_failures: bool = False) -> cp.Deployment:

@@ -65,11 +65,13 @@ class Reconciler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval_s)
 
-    async def _write(self, puts: dict[str, bytes], deletes: list[str]) -> bool:
+    async def _write(self, puts: dict[str, bytes], deletes: list[str],
+                     existing: tuple[str, ...] = ()) -> bool:
         if not puts and not deletes:
             return True
-        ok = await fenced_write(self._client, keyspace.ELECTION, self._election.fence, puts, deletes)
-        if not ok:
+        ok = await fenced_write(self._client, keyspace.ELECTION, self._election.fence, puts, deletes,
+                                existing)
+        if not ok and not existing:
             log.warning("write refused: this replica's leadership term has ended")
         return ok
 
@@ -80,12 +82,11 @@ class Reconciler:
             puts, deletes = await self._checker.check_round()
             await self._write(puts, deletes)
         await self._release_drains()
-        await self._track_failures()
-        await self._place()
+        records = await self._track_failures()
+        await self._place(records)
         self._export_gauges()
 
     async def _release_drains(self) -> None:
-        puts = {}
         for sid, record in list(self._view.drains.items()):
             if record.released:
                 continue
@@ -104,16 +105,21 @@ class Reconciler:
                 released = cp.DrainRecord()
                 released.CopyFrom(record)
                 released.released = True
-                puts[keyspace.DRAIN + sid] = keyspace.encode(released)
-        await self._write(puts, [])
+                key = keyspace.DRAIN + sid
+                # Only while the drain still exists: an undrain meanwhile must not be undone.
+                await self._write({key: keyspace.encode(released)}, [], existing=(key,))
 
-    async def _track_failures(self) -> None:
+    async def _track_failures(self) -> halts.Records:
+        """Record new load failures; the records come back so this step's plan already honours
+        a halt they start (this replica's watch may not have its own write yet)."""
         models, _ = split_models(self._view)
-        puts, deletes = halts.records_to_write(self._view, models, self._halt_after)
-        await self._write(puts, deletes)
+        records = halts.updated(self._view, models, self._halt_after)
+        if not await self._write(*halts.changes(self._view, records)):
+            return self._view.load_failures
+        return records
 
-    async def _place(self) -> None:
-        plan = plan_for(self._view)
+    async def _place(self, records: halts.Records) -> None:
+        plan = plan_for(self._view, records)
         desired = plan.pairs()
         current = set(self._view.placements)
         puts, deletes = {}, []

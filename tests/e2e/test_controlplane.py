@@ -7,6 +7,7 @@ operator's day would take); the destructive ones come last.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from pathlib import Path
 
@@ -97,9 +98,11 @@ def any_cp(ctl):
 
 
 def test_one_leader_and_every_replica_answers(mesh, ctl):
-    leaders = wait_for(lambda: {s.GetLeader(cp.GetLeaderRequest(), timeout=5).leader.replica_id
-                                for s in ctl}, 20, "a leader")
-    assert len(leaders) == 1 and leaders.pop() in ("controlplane0", "controlplane1")
+    def leaders() -> set[str]:
+        return {s.GetLeader(cp.GetLeaderRequest(), timeout=5).leader.replica_id for s in ctl}
+    wait_for(lambda: bool(leaders()), 20, "a leader")
+    found = leaders()
+    assert len(found) == 1 and found.pop() in ("controlplane0", "controlplane1")
 
 
 @pytest.mark.parametrize("spec, code, words", [
@@ -220,12 +223,12 @@ def test_hung_server_is_marked_not_serving_and_recovers(ctl, api, hang_file):
         def state():
             servers = ctl[0].ListServers(cp.ListServersRequest(), timeout=5).servers
             return {s.info.server_id: s for s in servers}["w2"]
-        verdict = wait_for(lambda: state().state == cp.SERVING_STATE_NOT_SERVING and state(), 30,
-                           "w2 NOT_SERVING")
-        assert "probe" in verdict.health_reason
+        wait_for(lambda: state().state == cp.SERVING_STATE_NOT_SERVING, 30, "w2 NOT_SERVING")
+        assert "probe" in state().health_reason
+        def left(model: str) -> bool:
+            return "w2" not in placed(any_cp(ctl), model, ready_only=False)
         for model in ("alpha", "beta"):
-            wait_for(lambda m=model: "w2" not in placed(any_cp(ctl), m, ready_only=False), 30,
-                     f"{model} to leave w2")
+            wait_for(functools.partial(left, model), 30, f"{model} to leave w2")
             assert ask(api, model).served_by.server_id != "w2"
     finally:
         hang_file.unlink()
@@ -268,7 +271,7 @@ def test_drain_moves_a_replica_once_in_flight_requests_finish(ctl, api):
 
 def test_leader_dies_another_leads_and_a_pending_deploy_completes(mesh, ctl):
     leader = ctl[0].GetLeader(cp.GetLeaderRequest(), timeout=5).leader.replica_id
-    follower = [s for s, name in zip(ctl, ("controlplane0", "controlplane1")) if name != leader][0]
+    follower = [s for s, name in zip(ctl, ("controlplane0", "controlplane1"), strict=True) if name != leader][0]
     spec = cp.ModelSpec(name="gamma", backend="sim", replicas=1)
     follower.DeployModel(cp.DeployModelRequest(spec=spec), timeout=5)
     mesh.sup.kill(mesh.children[leader])

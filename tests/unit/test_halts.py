@@ -42,7 +42,7 @@ def apply(view: MeshView, puts: dict[str, bytes], deletes: list[str]) -> None:
 
 def step(view: MeshView, halt_after=2) -> None:
     models, _ = desired.split_models(view)
-    apply(view, *halts.records_to_write(view, models, halt_after))
+    apply(view, *halts.changes(view, halts.updated(view, models, halt_after)))
 
 
 def test_failures_on_distinct_servers_accumulate_then_halt():
@@ -51,11 +51,11 @@ def test_failures_on_distinct_servers_accumulate_then_halt():
     fail(view, "s1")
     step(view)
     assert [f.server_id for f in view.load_failures["m"].failures] == ["s1"]
-    assert halts.halted(view, spec) is None
+    assert halts.halted(view.load_failures, spec) is None
     del view.statuses[("s1", "m")]  # its back-off ran out: the record remembers it anyway
     fail(view, "s2", reason="not found in the model directories of server s2")
     step(view)
-    record = halts.halted(view, spec)
+    record = halts.halted(view.load_failures, spec)
     assert record is not None and [f.server_id for f in record.failures] == ["s1", "s2"]
     dep = desired.deployments(view)[0]
     assert dep.halted and "HALTED" in dep.unsatisfied_reason and "meshctl model retry m" in \
@@ -83,7 +83,7 @@ def test_same_server_twice_counts_once_and_zero_disables():
     assert len(view.load_failures["m"].failures) == 1
     fail(view, "s2")
     step(view, halt_after=0)
-    assert halts.halted(view, spec) is None and len(view.load_failures["m"].failures) == 2
+    assert halts.halted(view.load_failures, spec) is None and len(view.load_failures["m"].failures) == 2
 
 
 def test_a_new_generation_starts_afresh_and_old_failures_do_not_count():
@@ -92,9 +92,9 @@ def test_a_new_generation_starts_afresh_and_old_failures_do_not_count():
     fail(view, "s1")
     fail(view, "s2")
     step(view)
-    assert halts.halted(view, spec) is not None
+    assert halts.halted(view.load_failures, spec) is not None
     spec = deploy(view, generation=8)  # meshctl model retry
-    assert halts.halted(view, spec) is None
+    assert halts.halted(view.load_failures, spec) is None
     assert desired.failed_from_view(view, {"m": spec}) == set()  # both may be tried again
     assert desired.plan_for(view).placements["m"]
     step(view)
@@ -107,8 +107,19 @@ def test_records_of_undeployed_models_are_deleted():
     fail(view, "s1")
     step(view)
     del view.models["m"]
-    puts, deletes = halts.records_to_write(view, {}, 2)
+    puts, deletes = halts.changes(view, halts.updated(view, {}, 2))
     assert not puts and deletes == ["/meshserve/loadfailures/m"]
+
+
+def test_the_leader_plans_with_the_records_it_just_wrote():
+    view = view_with()
+    spec = deploy(view)
+    fail(view, "s1")
+    fail(view, "s2")
+    records = halts.updated(view, {"m": spec}, 2)
+    assert not view.load_failures  # its own watch has not delivered the write yet
+    assert desired.plan_for(view).placements["m"] == {"s3"}
+    assert desired.plan_for(view, records).placements["m"] == set()
 
 
 def test_invalid_records_are_reported_and_never_placed():

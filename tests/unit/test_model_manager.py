@@ -76,7 +76,7 @@ def test_memory_short_evicts_an_idle_released_model_first():
 
 def test_not_enough_memory_is_a_reported_failure_not_a_crash():
     async def go():
-        reports = {}
+        reports: dict = {}
         m = ModelManager("s", [], memory_budget=100 * MB,
                          on_status=lambda name, st: reports.__setitem__(name, st))
         m.set_placements({"a": spec("a", 60 * MB), "b": spec("b", 60 * MB)})
@@ -90,7 +90,7 @@ def test_not_enough_memory_is_a_reported_failure_not_a_crash():
 
 def test_load_failure_is_reported_with_reason_and_kept_for_the_backoff():
     async def go():
-        reports = {}
+        reports: dict = {}
         m = ModelManager("s", [], failure_backoff_s=0.2,
                          on_status=lambda name, st: reports.__setitem__(name, st))
         m.set_placements({"bad": spec("bad", nonsense_option=1)})

@@ -34,9 +34,9 @@ async def settle(manager: ModelManager, condition, rounds=200) -> None:
     raise AssertionError("manager did not settle")
 
 
-def reporter() -> tuple[dict[str, cp.ModelStatus | None], ModelManager]:
-    reports: dict[str, cp.ModelStatus | None] = {}
-    m = ModelManager("s", [], on_status=lambda name, st: reports.__setitem__(name, st))
+def reporter() -> tuple[dict[str, cp.ModelStatus], ModelManager]:
+    reports: dict[str, cp.ModelStatus] = {}
+    m = ModelManager("s", [], on_status=lambda name, st: reports.__setitem__(name, st or cp.ModelStatus()))
     return reports, m
 
 
@@ -65,7 +65,7 @@ async def test_bad_records_fail_their_model_and_the_rest_is_served():
                 "hostpath": "not a host path", "elsewhere": "addressed to server 's2'"}
     for model, words in expected.items():
         status = reports[model]
-        assert status is not None and status.state == FAILED and words in status.reason, model
+        assert status.state == FAILED and words in status.reason, model
     assert "bad name" not in reports and "../x" not in reports  # no valid status key: logged
     assert m.ready_models() == ["good"]
     await m.stop()
@@ -109,7 +109,7 @@ async def test_status_says_backend_and_simulated_per_model():
     m.set_placements({"a": cp.ModelSpec(name="a")})
     await settle(m, lambda: m.get("a") is not None)
     status = reports["a"]
-    assert status is not None and (status.backend, status.simulated) == ("sim", True)
+    assert (status.backend, status.simulated) == ("sim", True)
     await m.stop()
 
 

@@ -67,7 +67,10 @@ class Option:
                 value = raw
         except ValueError:
             raise self.refuse(raw) from None
-        self.check(value)
+        try:
+            self.check(value)
+        except InvalidArgument:
+            raise self.refuse(raw) from None  # name the value as the operator wrote it
         return value
 
     def check(self, value: object) -> None:
@@ -88,7 +91,11 @@ class Option:
             raise InvalidArgument(f"engine option {self.name}: the value must be printable text")
 
     def refuse(self, value: object) -> InvalidArgument:
-        shown = repr(value) if isinstance(value, str) else str(value)
+        if isinstance(value, str):
+            plain = value.isprintable() and value.strip() == value != ""
+            shown = value if plain else repr(value)
+        else:
+            shown = str(value)
         return InvalidArgument(f"engine option {self.name}={shown[:80]} is not allowed: it must be "
                                f"{self.allowed()} ({self.help})")
 
