@@ -141,6 +141,9 @@ class Operations:
     async def retry(self, name: str) -> cp.Deployment:
         """A new load generation: the halt is lifted and every placement loads again."""
         def change(spec: cp.ModelSpec) -> None:
+            problem = specs.stored_spec_problem(name, spec)
+            if problem:  # loading it again cannot help; the record itself must be replaced
+                raise FailedPrecondition(problem)
             spec.generation = max(now_ms(), spec.generation + 1)
         return await self._rewrite(name, change, clear_failures=True)
 

@@ -46,8 +46,11 @@ class Option:
         if self.kind is str:
             return "a string"
         kind = "an integer" if self.kind is int else "a finite number"
-        lo = "> 0" if self.positive else (f">= {self.low:g}" if self.low is not None else "")
-        hi = f"<= {self.high:g}" if self.high is not None else ""
+
+        def show(bound: float) -> str:
+            return str(int(bound)) if self.kind is int else f"{bound:g}"
+        lo = "> 0" if self.positive else (f">= {show(self.low)}" if self.low is not None else "")
+        hi = f"<= {show(self.high)}" if self.high is not None else ""
         return kind + (" " + " and ".join(p for p in (lo, hi) if p) if lo or hi else "")
 
     def parse(self, raw: str) -> object:
@@ -229,6 +232,9 @@ def as_text(values: Mapping[str, object]) -> dict[str, str]:
 
 def describe(backend: str) -> str:
     """One line per option, for --help texts and error messages."""
-    return "\n".join(f"  {o.name}: {o.allowed()}; default {o.default!r}. {o.help}"
-                     + (" (server command line only)" if o.server_only else "")
-                     for o in check_backend(backend))
+    lines = []
+    for o in check_backend(backend):
+        default = as_text({o.name: o.default})[o.name] or "''"
+        only = " (server command line only)" if o.server_only else ""
+        lines.append(f"  {o.name}: {o.allowed()}; default {default}. {o.help}{only}")
+    return "\n".join(lines)
