@@ -43,7 +43,8 @@ def model_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory, model_dirs):
     servers = [ServerPlan(sid, zone=f"zone-{sid}", engine_options=["tokens_per_second=500"],
-                          extra_args=["--failure-backoff-s", "5", "--model-dir", str(model_dirs[sid])])
+                          extra_args=["--failure-backoff-s", "5", "--model-dir", str(model_dirs[sid]),
+                                      "--label", f"slot={sid}", "--label", "pool=test"])
                for sid in SERVERS]
     plan = MeshPlan(data_dir=tmp_path_factory.mktemp("cp-hardening"), base_port=0, lease_ttl=3,
                     etcd_members=3, controlplanes=2, servers=servers,
@@ -164,6 +165,16 @@ def test_writes_are_visible_to_the_writer_when_the_call_returns(ctl):
     ctl[0].UndeployModel(cp.UndeployModelRequest(name="race"), timeout=10)
 
 
+def test_servers_are_listed_by_label(mesh, ctl):
+    def listed(**labels: str) -> list[str]:
+        request = cp.ListServersRequest(labels=labels)
+        return [s.info.server_id for s in ctl[0].ListServers(request, timeout=5).servers]
+    assert listed(slot="b") == ["b"] and listed(pool="test") == list(SERVERS)
+    assert listed(slot="b", pool="other") == []
+    out = meshctl("--controlplane", mesh.controlplane, "servers", "--label", "slot=c")
+    assert out.returncode == 0 and "pool=test,slot=c" in out.stdout and " a " not in out.stdout
+
+
 def test_a_record_written_around_the_api_is_reported_not_placed(mesh, ctl, api):
     ctl[0].DeployModel(cp.DeployModelRequest(spec=cp.ModelSpec(
         name="good", backend="sim", replicas=3)), timeout=10)
@@ -180,6 +191,8 @@ def test_a_record_written_around_the_api_is_reported_not_placed(mesh, ctl, api):
     for _ in range(10):
         assert ask(api, "good").usage.completion_tokens == 3
     assert mesh.pids() == pids and all(ch.alive() for ch in mesh.children.values())
+    err = refused(lambda: ctl[0].RetryModel(cp.RetryModelRequest(name="evil"), timeout=10))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "invalid" in err.details()
     ctl[0].UndeployModel(cp.UndeployModelRequest(name="evil"), timeout=10)
 
 
