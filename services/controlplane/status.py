@@ -40,7 +40,10 @@ def list_servers(view: MeshView, region: str = "", model: str = "",
 
 
 def placements(view: MeshView, model: str = "") -> list[cp.PlacementStatus]:
-    pairs = set(view.placements) | {p for p, st in view.statuses.items() if not st.managed}
+    # Pinned models, and failed loads the leader already moved elsewhere: the server keeps that
+    # report for its back-off period, and the operator should see where and why it failed.
+    pairs = set(view.placements) | {p for p, st in view.statuses.items()
+                                    if not st.managed or st.state == cp.MODEL_STATE_FAILED}
     out = []
     for sid, m in sorted(pairs):
         if model and m != model:

@@ -298,4 +298,6 @@ def test_all_of_etcd_down_data_plane_serves_then_reconciles(mesh, ctl, api):
     wait_for(lambda: stub.DeployModel(cp.DeployModelRequest(spec=spec), timeout=5), 30,
              "a deploy to be accepted again")
     wait_for(lambda: settled(stub, "delta", 1), 60, "delta placed after etcd came back")
-    assert ask(api, "delta").usage.completion_tokens == 3
+    # The router's own watch may still be reconnecting: it answers UNAVAILABLE (retryable) until
+    # it has seen delta READY.
+    wait_for(lambda: ask(api, "delta").usage.completion_tokens == 3, 30, "the router to serve delta")
