@@ -5,6 +5,7 @@ from __future__ import annotations
 from meshserve.v1 import controlplane_pb2 as cp
 
 from .ctl_common import age, controlplane, emit, mib, model_state, serving_state
+from .ctl_models import deployment_note
 from .tables import table
 
 
@@ -15,21 +16,29 @@ def servers_table(servers) -> str:
         load = (f"{s.load.running}/{s.load.max_running} run, {s.load.queue_depth} q, "
                 f"kv {s.load.kv_blocks_used}/{s.load.kv_blocks_total}") if s.HasField("load") else "-"
         rows.append((s.info.server_id, s.info.region, s.info.zone, serving_state(s.state),
-                     s.info.address, models, load, mib(s.info.memory_bytes),
-                     s.info.backend + (" (sim)" if s.info.simulated else ""),
+                     s.info.address, models, load, mib(s.info.memory_bytes), _backends(s),
+                     ",".join(f"{k}={v}" for k, v in sorted(s.info.labels.items())) or "-",
                      age(s.info.started_at_ms), s.health_reason))
     return table(["SERVER", "REGION", "ZONE", "STATE", "ADDRESS", "MODELS", "LOAD", "MEMORY",
-                  "BACKEND", "AGE", "HEALTH NOTE"], rows)
+                  "BACKEND", "LABELS", "AGE", "HEALTH NOTE"], rows)
+
+
+def _backends(s) -> str:
+    """Per model replica (ModelStatus); older servers only fill the server-wide summary."""
+    kinds = sorted({m.backend + (" (sim)" if m.simulated else "") for m in s.models if m.backend})
+    return ",".join(kinds) or (s.info.backend + (" (sim)" if s.info.simulated else ""))
 
 
 def cmd_status(args) -> int:
     resp = controlplane(args).GetClusterStatus(cp.GetClusterStatusRequest(), timeout=args.timeout)
     if args.output == "json":
         return emit(args, resp, "")
-    leader = resp.leader.replica_id or "NONE (election in progress?)"
+    leader = resp.leader.replica_id or ("UNKNOWN" if resp.degraded
+                                        else "NONE (election in progress?)")
     head = f"control plane {resp.controlplane_id} at {args.controlplane}; leader: {leader}"
     if resp.degraded:
-        head += "\n!! DEGRADED: this replica cannot reach etcd; showing the last known state"
+        head += (f"\n!! DEGRADED: {resp.degraded_reason or 'etcd is unreachable'}; showing the "
+                 "last known state")
     parts = [
         head,
         table(["ETCD", "HEALTHY", "VERSION", "LEADER", "ERROR"],
@@ -39,7 +48,7 @@ def cmd_status(args) -> int:
                                                           s.info.server_id))),
         table(["MODEL", "WANTED", "PLACED", "READY", "BACKEND", "NOTE"],
               [(d.spec.name, d.spec.replicas, d.placed_replicas, d.ready_replicas, d.spec.backend,
-                d.unsatisfied_reason) for d in resp.deployments]
+                deployment_note(d)) for d in resp.deployments]
               + [(m, "pinned", "-", n, "-", "") for m, n in sorted(resp.model_replicas.items())
                  if m not in {d.spec.name for d in resp.deployments}]),
         table(["ROUTER", "REGION", "ADDRESS", "AGE"],
@@ -53,8 +62,11 @@ def cmd_status(args) -> int:
 
 
 def cmd_servers(args) -> int:
-    resp = controlplane(args).ListServers(cp.ListServersRequest(region=args.region, model=args.model),
-                                          timeout=args.timeout)
+    request = cp.ListServersRequest(region=args.region, model=args.model)
+    for label in args.label:
+        key, _, value = label.partition("=")
+        request.labels[key] = value
+    resp = controlplane(args).ListServers(request, timeout=args.timeout)
     return emit(args, resp, servers_table(resp.servers))
 
 
@@ -82,6 +94,8 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("servers", help="list model servers")
     p.add_argument("--region", default="")
     p.add_argument("--model", default="")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="only servers with this label (repeatable: all must match)")
     p.set_defaults(func=cmd_servers)
     p = sub.add_parser("drain", help="stop new traffic to a server, then move its models")
     p.add_argument("server")

@@ -1,4 +1,5 @@
-"""meshctl commands about models: models, model deploy|scale|undeploy, placement, policy."""
+"""meshctl commands about models: models, model deploy|scale|undeploy|retry|options, placement,
+policy."""
 
 from __future__ import annotations
 
@@ -21,13 +22,22 @@ def _regions(items: list[str]) -> list[cp.RegionRequirement]:
     return out
 
 
+def deployment_note(d) -> str:
+    """What `models` and `status` say about a deployment: why it is short, halted or failing."""
+    if d.unsatisfied_reason:
+        return d.unsatisfied_reason
+    if d.failures:
+        return "load failed on " + ", ".join(f"{f.server_id} ({f.reason})" for f in d.failures)
+    return ""
+
+
 def _deployments_table(deployments) -> str:
     return table(["MODEL", "BACKEND", "SOURCE", "WANTED", "PLACED", "READY", "REGIONS", "MEMORY",
                   "NOTE"],
                  [(d.spec.name, d.spec.backend, d.spec.source or "-", d.spec.replicas,
                    d.placed_replicas, d.ready_replicas,
                    ",".join(f"{r.region}>={r.min_replicas}" for r in d.spec.regions) or "any",
-                   mib(d.spec.memory_bytes), d.unsatisfied_reason) for d in deployments])
+                   mib(d.spec.memory_bytes), deployment_note(d)) for d in deployments])
 
 
 def cmd_models(args) -> int:
@@ -41,9 +51,10 @@ def cmd_deploy(args) -> int:
                         regions=_regions(args.region))
     for option in args.option:
         key, sep, value = option.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"--option {option!r} is not key=value")
-        spec.options[key] = value
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"--option {option!r} is not key=value (see `meshctl "
+                                             f"model options {args.backend}`)")
+        spec.options[key.strip()] = value
     resp = controlplane(args).DeployModel(cp.DeployModelRequest(spec=spec), timeout=args.timeout)
     return emit(args, resp, f"deployed {args.name}: {args.replicas} replica(s) wanted; "
                             "`meshctl models` shows progress")
@@ -59,6 +70,20 @@ def cmd_undeploy(args) -> int:
     resp = controlplane(args).UndeployModel(cp.UndeployModelRequest(name=args.name),
                                             timeout=args.timeout)
     return emit(args, resp, f"{args.name} undeployed; its replicas unload")
+
+
+def cmd_retry(args) -> int:
+    resp = controlplane(args).RetryModel(cp.RetryModelRequest(name=args.name), timeout=args.timeout)
+    return emit(args, resp, f"{args.name}: halt lifted, every placement loads again (generation "
+                            f"{resp.deployment.spec.generation}); `meshctl models` shows progress")
+
+
+def cmd_options(args) -> int:
+    from services.modelserver.engine import options
+
+    for backend in [args.backend] if args.backend else options.BACKENDS:
+        print(f"{backend}:\n{options.describe(backend)}")
+    return 0
 
 
 def cmd_placement(args) -> int:
@@ -101,11 +126,16 @@ def add_parsers(sub) -> None:
     p = msub.add_parser("deploy", help="deploy a model")
     p.add_argument("name")
     p.add_argument("--backend", default="torch", help="sim, torch or tensorrt_llm")
-    p.add_argument("--source", default="embedded", help="embedded, a .gguf file or an HF folder")
+    p.add_argument("--source", default="embedded",
+                   help="'embedded' (the packaged SmolLM2, torch only), or a .gguf file or Hugging "
+                        "Face folder given relative to the servers' --model-dir directories (no "
+                        "absolute path, no '..')")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--region", action="append", default=[], help="REGION[=MIN] (repeatable)")
     p.add_argument("--memory-bytes", type=int, default=0, help="memory one replica needs")
-    p.add_argument("--option", action="append", default=[], help="engine option key=value")
+    p.add_argument("--option", action="append", default=[],
+                   help="engine option key=value (repeatable; `meshctl model options` lists them); "
+                        "unknown options and bad values are refused")
     p.set_defaults(func=cmd_deploy)
     p = msub.add_parser("scale", help="change a model's replica count")
     p.add_argument("name")
@@ -115,6 +145,17 @@ def add_parsers(sub) -> None:
     p = msub.add_parser("undeploy", help="remove a model")
     p.add_argument("name")
     p.set_defaults(func=cmd_undeploy)
+    p = msub.add_parser("retry", help="lift a placement halt and load the model again everywhere",
+                        description="After a model failed to load on --halt-after-failures "
+                        "servers the leader stops placing it (`meshctl models` says HALTED and "
+                        "why). Fix the cause (e.g. put the file in the servers' model "
+                        "directories), then retry: a new load generation, loaded again wherever "
+                        "it is placed. Undeploying and deploying again also starts afresh.")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_retry)
+    p = msub.add_parser("options", help="the engine options each backend accepts")
+    p.add_argument("backend", nargs="?", default="", choices=["", "sim", "torch", "tensorrt_llm"])
+    p.set_defaults(func=cmd_options)
     p = sub.add_parser("placement", help="which server holds which model")
     p.add_argument("--model", default="")
     p.set_defaults(func=cmd_placement)

@@ -30,21 +30,50 @@ def _run_service(component: str, run: Callable[[asyncio.Event], Awaitable[None]]
     return 0
 
 
+def _server_options(texts: list[str]) -> dict[str, object]:
+    """--engine-option values, each checked against every backend that knows it."""
+    from services.modelserver.engine import options as schema
+
+    out = dict(parse_option(o) for o in texts)
+    for key, value in out.items():
+        backends = [b for b in schema.BACKENDS if schema.known(b, key)]
+        if not backends:
+            raise ValueError(f"--engine-option {key}: no backend knows it; options:\n"
+                             + "\n".join(f"{b}:\n{schema.describe(b)}" for b in schema.BACKENDS))
+        for backend in backends:
+            schema.validate_options(backend, {key: value}, allow_server_only=True)
+    return out
+
+
+def _model_dirs(dirs: list[str]) -> list[str]:
+    import os
+
+    for d in dirs:
+        if not os.path.isdir(d):
+            raise ValueError(f"--model-dir {d!r} is not a directory")
+    return [os.path.abspath(d) for d in dirs]
+
+
 def cmd_modelserver(args: argparse.Namespace) -> int:
+    from services.common.names import check_label
     from services.modelserver.engine import ModelSpec
+    from services.modelserver.engine.options import known
     from services.modelserver.server import ModelServerConfig, run
 
-    options = dict(parse_option(o) for o in args.engine_option)
+    options = _server_options(args.engine_option)
     specs = []
     for text in args.model:
         spec = ModelSpec.parse(text)
-        specs.append(ModelSpec(spec.name, spec.backend, spec.source, options))
+        mine = {k: v for k, v in options.items() if known(spec.backend, k)}
+        specs.append(ModelSpec(spec.name, spec.backend, spec.source, mine))
+    labels = dict(check_label(*label.partition("=")[::2]) for label in args.label)
     config = ModelServerConfig(
         server_id=args.id or default_id("server"), models=specs, listen=args.listen,
         advertise=args.advertise, region=args.region, zone=args.zone, etcd=args.etcd,
         metrics=args.metrics, lease_ttl=args.lease_ttl, memory_bytes=args.memory_bytes,
         idle_unload_s=args.idle_unload_s, failure_backoff_s=args.failure_backoff_s,
-        engine_options=options, slow_consumer_s=args.slow_consumer_timeout)
+        engine_options=options, labels=labels, model_dirs=_model_dirs(args.model_dir),
+        slow_consumer_s=args.slow_consumer_timeout)
     return _run_service(f"modelserver[{config.server_id}]", lambda stop: run(config, stop))
 
 
@@ -78,7 +107,8 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     config = ControlPlaneConfig(replica_id=args.id or default_id("controlplane"),
                                 listen=args.listen, advertise=args.advertise, region=args.region,
                                 etcd=args.etcd, metrics=args.metrics, lease_ttl=args.lease_ttl,
-                                election_ttl=args.election_ttl, health=health)
+                                election_ttl=args.election_ttl, health=health,
+                                halt_after_failures=args.halt_after_failures)
     return _run_service(f"controlplane[{config.replica_id}]", lambda stop: run(config, stop))
 
 
@@ -121,10 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zone", default="local-a")
     p.add_argument("--model", action="append", default=[],
                    help="pin NAME=BACKEND[:SOURCE] on this server, e.g. smollm2=torch:embedded or "
-                        "echo=sim (repeatable); placements from the control plane add more")
+                        "echo=sim (repeatable; SOURCE may be any path on this host); placements "
+                        "from the control plane add more")
     p.add_argument("--engine-option", action="append", default=[],
                    help="engine option key=value for pinned models, and the default for placed "
-                        "ones (e.g. threads=2, tokens_per_second=50)")
+                        "ones whose backend knows it (e.g. threads=2, tokens_per_second=50); "
+                        "`meshctl model options` lists them")
+    p.add_argument("--model-dir", action="append", default=[], metavar="DIR",
+                   help="directory that deployed model sources are relative to (repeatable, "
+                        "searched in order); deployments cannot name host paths")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="label shown by `meshctl servers` and filtered on by `meshctl servers "
+                        "--label` (repeatable)")
     p.add_argument("--memory-bytes", type=int, default=0,
                    help="memory budget for placed models (0 = unlimited)")
     p.add_argument("--idle-unload-s", type=float, default=300.0,
@@ -182,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-timeout", type=float, default=5.0, help="deadline of a probe")
     p.add_argument("--unhealthy-after", type=int, default=3, help="failed rounds to NOT_SERVING")
     p.add_argument("--healthy-after", type=int, default=2, help="good rounds back to SERVING")
+    p.add_argument("--halt-after-failures", type=int, default=2,
+                   help="stop placing a model once it failed to load on this many distinct "
+                        "servers (0 = never); `meshctl model retry NAME` lifts the halt")
     p.set_defaults(func=cmd_controlplane)
 
     p = sub.add_parser("envoy-config", help="print the rendered Envoy config")

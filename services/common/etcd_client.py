@@ -88,6 +88,14 @@ class EtcdClient:
         result = await self._client.get(key.encode())
         return None if result is None else result.value
 
+    async def read(self, key: str, timeout: float) -> tuple[bytes | None, int]:
+        """A linearizable read (value, mod revision; (None, 0) when absent) that gives up after
+        `timeout`. Linearizable reads go through the raft leader, so a member that lost quorum
+        cannot answer one from its stale copy: answers about "now" (who leads, is the cluster
+        healthy) use this, never a watch. Raises EtcdError (asyncio.TimeoutError included)."""
+        result = await asyncio.wait_for(self._client.get(key.encode(), serializable=False), timeout)
+        return (None, 0) if result is None else (result.value, result.mod_revision)
+
     async def get_prefix(self, prefix: str) -> tuple[dict[str, bytes], int]:
         """Values under prefix and the store revision they were read at."""
         result = await self._client.get_prefix(prefix.encode())
@@ -118,24 +126,24 @@ class EtcdClient:
         await self._client.revoke_lease(lease_id)
 
     async def member_status(self) -> list[dict]:
-        """Status of every configured endpoint, asked one by one (for `meshctl status`)."""
-        out = []
-        for ep in self.endpoints:
-            host, _, port = ep.rpartition(":")
-            single = aetcd.Client(host=host, port=int(port), timeout=min(self.timeout, 2.0))
-            try:
-                await single.connect()
-                resp = await single.maintenancestub.Status(
-                    aetcd.rpc.StatusRequest(), timeout=min(self.timeout, 2.0))
-                out.append({"endpoint": ep, "healthy": True, "version": resp.version,
-                            "is_leader": resp.leader == resp.header.member_id, "error": ""})
-            except Exception as exc:  # noqa: BLE001 - reported, not raised
-                out.append({"endpoint": ep, "healthy": False, "version": "", "is_leader": False,
-                            "error": f"{type(exc).__name__}: {exc}".strip()})
-            finally:
-                with contextlib.suppress(Exception):  # a member that never answered cannot close
-                    await single.close()
-        return out
+        """Status of every configured endpoint, asked in parallel (for `meshctl status`)."""
+        return list(await asyncio.gather(*(self._one_member(ep) for ep in self.endpoints)))
+
+    async def _one_member(self, ep: str) -> dict:
+        host, _, port = ep.rpartition(":")
+        single = aetcd.Client(host=host, port=int(port), timeout=min(self.timeout, 2.0))
+        try:
+            await single.connect()
+            resp = await single.maintenancestub.Status(
+                aetcd.rpc.StatusRequest(), timeout=min(self.timeout, 2.0))
+            return {"endpoint": ep, "healthy": True, "version": resp.version,
+                    "is_leader": resp.leader == resp.header.member_id, "error": ""}
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            return {"endpoint": ep, "healthy": False, "version": "", "is_leader": False,
+                    "error": f"{type(exc).__name__}: {exc}".strip()}
+        finally:
+            with contextlib.suppress(Exception):
+                await single.close()
 
 
 async def _cancel(task: asyncio.Task | None) -> None:
@@ -169,7 +177,7 @@ class LeaseKeeper:
         self.reregistrations = 0
         self._task: asyncio.Task | None = None
         self._wake = asyncio.Event()
-        self._registered = asyncio.Event()  # set by the first keep-alive that gets through
+        self._registered = asyncio.Event()  # set once the first registration got through
 
     async def put(self, key: str, value: bytes) -> None:
         """Attach key to the lease (now if possible, otherwise at the next successful renewal)."""
@@ -337,16 +345,20 @@ async def create_if_absent(client: EtcdClient, key: str, value: bytes, lease: in
 
 
 async def fenced_write(client: EtcdClient, fence_key: str, fence_value: bytes,
-                       puts: dict[str, bytes], deletes: list[str]) -> bool:
+                       puts: dict[str, bytes], deletes: list[str],
+                       existing: tuple[str, ...] = ()) -> bool:
     """Apply puts and deletes only while fence_key still holds fence_value (our leadership term),
-    so a deposed leader can never overwrite its successor's decisions."""
+    so a deposed leader can never overwrite its successor's decisions. `existing`: keys that must
+    still exist, so an update computed from a stale view cannot bring back a record an operator
+    deleted meanwhile."""
     raw = client.raw
     ops = [raw.transactions.put(k.encode(), v) for k, v in puts.items()]
     ops += [raw.transactions.delete(k.encode()) for k in deletes]
+    compare = [raw.transactions.value(fence_key.encode()) == fence_value]
+    compare += [raw.transactions.create(k.encode()) > 0 for k in existing]
     for start in range(0, max(len(ops), 1), MAX_TXN_OPS):
         ok, _ = await raw.transaction(
-            compare=[raw.transactions.value(fence_key.encode()) == fence_value],
-            success=ops[start:start + MAX_TXN_OPS], failure=[])
+            compare=compare, success=ops[start:start + MAX_TXN_OPS], failure=[])
         if not ok:
             return False
     return True

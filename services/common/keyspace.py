@@ -12,6 +12,9 @@ Layout (values are binary protobuf, never ad-hoc JSON):
     /meshserve/health/<server-id>       HealthVerdict   the leader's health checker
     /meshserve/settings/routing         RoutingPolicy   managed by the control plane
     /meshserve/election/controlplane    LeaderRecord    on the leader's lease
+    /meshserve/loadfailures/<model>     LoadFailures    the leader's, fenced; halts placement
+
+Ids and model names follow services/common/names.py; keys are built only from valid ones.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 from meshserve.v1 import controlplane_pb2, modelserver_pb2
+
+from . import names
 
 ROOT = "/meshserve/"
 SERVERS = ROOT + "servers/"
@@ -32,14 +37,13 @@ STATUS = ROOT + "status/"
 HEALTH = ROOT + "health/"
 ROUTING_POLICY = ROOT + "settings/routing"
 ELECTION = ROOT + "election/controlplane"
+LOAD_FAILURES = ROOT + "loadfailures/"
 
 M = TypeVar("M", bound=Message)
 
 
 def _check_id(kind: str, ident: str) -> str:
-    if not ident or "/" in ident or len(ident) > 128 or not ident.isprintable():
-        raise ValueError(f"{kind} id {ident!r} must be 1-128 printable characters without '/'")
-    return ident
+    return names.check_name("model name" if kind == "model" else f"{kind} id", ident)
 
 
 def server_key(server_id: str) -> str:
@@ -78,6 +82,16 @@ def health_key(server_id: str) -> str:
     return HEALTH + _check_id("server", server_id)
 
 
+def load_failures_key(model: str) -> str:
+    return LOAD_FAILURES + _check_id("model", model)
+
+
+def pair_key(prefix: str, server_id: str, model: str) -> str:
+    """The key of a (server, model) pair as read from etcd, unchecked: to delete a record whose
+    ids break the naming rule (injected or written by an older version)."""
+    return f"{prefix}{server_id}/{model}"
+
+
 def split_pair(prefix: str, key: str) -> tuple[str, str]:
     """'<prefix><server>/<model>' -> (server, model)."""
     server, _, model = id_from_key(prefix, key).partition("/")
@@ -96,7 +110,7 @@ def decode(cls: type[M], value: bytes) -> M | None:
     msg = cls()
     try:
         msg.ParseFromString(value)
-    except DecodeError:
+    except (DecodeError, ValueError, TypeError):  # corrupt bytes, bad UTF-8, not bytes at all
         return None
     return msg
 
@@ -117,4 +131,5 @@ VALUE_TYPES: dict[str, type[Message]] = {
     HEALTH: controlplane_pb2.HealthVerdict,
     ROUTING_POLICY: controlplane_pb2.RoutingPolicy,
     ELECTION: controlplane_pb2.LeaderRecord,
+    LOAD_FAILURES: controlplane_pb2.LoadFailures,
 }

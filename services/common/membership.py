@@ -33,8 +33,10 @@ class MeshView:
         self.placements: dict[tuple[str, str], cp.Placement] = {}
         self.statuses: dict[tuple[str, str], cp.ModelStatus] = {}
         self.health: dict[str, cp.HealthVerdict] = {}
+        self.load_failures: dict[str, cp.LoadFailures] = {}
         self._singles: dict[str, object] = {}
         self._listeners: list[Callable[[], None]] = []
+        self._waiters: set[asyncio.Event] = set()
         self._mirrors = [
             self._mirror(keyspace.SERVERS, self.servers),
             self._mirror(keyspace.DRAIN, self.drains),
@@ -46,6 +48,7 @@ class MeshView:
             self._mirror(keyspace.HEALTH, self.health),
             self._mirror(keyspace.ROUTING_POLICY, self._singles),
             self._mirror(keyspace.ELECTION, self._singles),
+            self._mirror(keyspace.LOAD_FAILURES, self.load_failures),
         ]
 
     def _mirror(self, prefix: str, table: dict, pair: bool = False) -> PrefixMirror:
@@ -64,6 +67,8 @@ class MeshView:
                 table[ident] = msg
             for listener in self._listeners:
                 listener()
+            for waiter in self._waiters:
+                waiter.set()
         return PrefixMirror(self._client, prefix, on_change)
 
     def subscribe(self, listener: Callable[[], None]) -> None:
@@ -75,6 +80,29 @@ class MeshView:
 
     async def stop(self) -> None:
         await asyncio.gather(*(m.stop() for m in self._mirrors))
+
+    async def wait_for_revision(self, key: str, revision: int, timeout: float) -> bool:
+        """Read-your-writes: wait until the watch covering `key` has seen etcd revision
+        `revision` (that of a write just made). False when it has not within `timeout`."""
+        mirror = next((m for m in self._mirrors if key.startswith(m.prefix)), None)
+        if mirror is None:
+            return True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while mirror.revision < revision:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            event = asyncio.Event()
+            self._waiters.add(event)
+            try:
+                # A short poll as well: a resync can advance the revision without a change.
+                await asyncio.wait_for(event.wait(), min(left, 0.1))
+            except TimeoutError:
+                pass
+            finally:
+                self._waiters.discard(event)
+        return True
 
     @property
     def connected(self) -> bool:
@@ -93,7 +121,7 @@ class MeshView:
     def is_draining(self, server_id: str) -> bool:
         return server_id in self.drains
 
-    def verdict(self, server_id: str) -> cp.ServingState:
+    def verdict(self, server_id: str) -> int:
         """SERVING unless the health checker said otherwise (a live lease is the default)."""
         v = self.health.get(server_id)
         return v.state if v is not None else cp.SERVING_STATE_SERVING

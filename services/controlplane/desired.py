@@ -1,34 +1,55 @@
 """From the mesh view to the placement planner's inputs, and back to deployment summaries.
 
 Both the leader's reconciler and any replica answering ListDeployments call `plan_for`, so they
-agree on what should be placed.
+agree on what should be placed. Records read from etcd are checked here: a deployment record that
+breaks the rules is reported and never placed, a server whose id breaks the naming rule is never
+given a model, and halted models get no new replicas.
 """
 
 from __future__ import annotations
 
 from meshserve.v1 import controlplane_pb2 as cp
 
+from services.common import names
 from services.common.membership import MeshView
 
+from . import halts
 from .placement import ModelRequest, Plan, Server, plan
+from .specs import stored_spec_problem
+
+
+def split_models(view: MeshView) -> tuple[dict[str, cp.ModelSpec], dict[str, str]]:
+    """Deployment records that may be placed, and the others with the reason."""
+    valid, invalid = {}, {}
+    for name, spec in view.models.items():
+        problem = stored_spec_problem(name, spec)
+        if problem:
+            invalid[name] = problem
+        else:
+            valid[name] = spec
+    return valid, invalid
 
 
 def servers_from_view(view: MeshView) -> list[Server]:
     out = []
     for sid, info in view.servers.items():
+        if not names.is_valid(sid):
+            continue
         drain = view.drains.get(sid)
         out.append(Server(
-            server_id=sid, region=info.region, zone=info.zone, memory_bytes=info.memory_bytes,
+            server_id=sid, region=info.region, zone=info.zone,
+            memory_bytes=max(0, info.memory_bytes),
             usable=view.verdict(sid) != cp.SERVING_STATE_NOT_SERVING
             and not (drain is not None and drain.released),
             draining=drain is not None))
     return out
 
 
-def requests_from_view(view: MeshView) -> list[ModelRequest]:
+def requests_from_view(models: dict[str, cp.ModelSpec], records: halts.Records) -> list[ModelRequest]:
     return [ModelRequest(name=spec.name, replicas=spec.replicas, memory_bytes=spec.memory_bytes,
-                         region_minimums=tuple((r.region, r.min_replicas) for r in spec.regions))
-            for spec in view.models.values()]
+                         region_minimums=tuple((r.region, r.min_replicas) for r in spec.regions),
+                         halted=halts.halted(records, spec) is not None)
+            for spec in models.values()]
 
 
 def current_from_view(view: MeshView) -> dict[str, set[str]]:
@@ -38,25 +59,40 @@ def current_from_view(view: MeshView) -> dict[str, set[str]]:
     return current
 
 
-def failed_from_view(view: MeshView) -> set[tuple[str, str]]:
-    """Pairs whose load failed; the server keeps that report for its back-off period."""
-    return {pair for pair, st in view.statuses.items() if st.state == cp.MODEL_STATE_FAILED}
+def failed_from_view(view: MeshView, models: dict[str, cp.ModelSpec]) -> set[tuple[str, str]]:
+    """Pairs where the current generation failed to load; the server keeps that report for its
+    back-off period, and a new generation (a retry) may be placed there again."""
+    return {(sid, m) for (sid, m), st in view.statuses.items()
+            if st.state == cp.MODEL_STATE_FAILED and st.managed and m in models
+            and st.generation == models[m].generation}
 
 
-def plan_for(view: MeshView) -> Plan:
-    return plan(requests_from_view(view), servers_from_view(view), current_from_view(view),
-                failed_from_view(view))
+def plan_for(view: MeshView, records: halts.Records | None = None) -> Plan:
+    """`records`: load-failure records newer than the view (the leader's own, just written)."""
+    records = view.load_failures if records is None else records
+    models, invalid = split_models(view)
+    result = plan(requests_from_view(models, records), servers_from_view(view),
+                  current_from_view(view), failed_from_view(view, models))
+    for name, spec in models.items():
+        record = halts.halted(records, spec)
+        if record is not None:
+            result.unsatisfied[name] = halts.halt_reason(record)
+    result.unsatisfied.update(invalid)
+    return result
 
 
 def deployments(view: MeshView, computed: Plan | None = None) -> list[cp.Deployment]:
     computed = computed or plan_for(view)
     out = []
     for name in sorted(view.models):
+        spec = view.models[name]
         placed = [s for (s, m) in view.placements if m == name]
         ready = [s for s in placed
                  if view.statuses.get((s, name)) is not None
                  and view.statuses[(s, name)].state == cp.MODEL_STATE_READY]
-        out.append(cp.Deployment(spec=view.models[name], placed_replicas=len(placed),
+        out.append(cp.Deployment(spec=spec, placed_replicas=len(placed),
                                  ready_replicas=len(ready),
-                                 unsatisfied_reason=computed.unsatisfied.get(name, "")))
+                                 unsatisfied_reason=computed.unsatisfied.get(name, ""),
+                                 halted=halts.halted(view.load_failures, spec) is not None,
+                                 failures=halts.current_failures(view.load_failures, spec)))
     return out

@@ -43,7 +43,7 @@ class Election:
         """Resign: revoking the lease deletes the key, so a follower takes over at once."""
         if self._task:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # it is being stopped
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
         self._set(False)
         if self._lease is not None:
@@ -89,10 +89,8 @@ class Election:
 
     async def _hold(self) -> None:
         lease = self._lease
-        if lease is None:  # _run treats this like any etcd trouble: step down, campaign again
-            raise RuntimeError("leading without a lease")
         last_ok = time.monotonic()
-        while True:
+        while lease is not None:
             await asyncio.sleep(self.ttl / 4)
             try:
                 ttl = await asyncio.wait_for(self._client.refresh_lease(lease), self.ttl / 4)
@@ -101,7 +99,7 @@ class Election:
                 last_ok = time.monotonic()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - retried until the lease runs out
+            except Exception as exc:  # noqa: BLE001
                 log.warning("leader lease renewal failed: %s", exc)
             if time.monotonic() - last_ok > self.ttl * 0.6:
                 break

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from meshserve.v1 import controlplane_pb2 as cp
 
-from services.common import keyspace
+from services.common import keyspace, names
 from services.common.lifecycle import now_ms
 from services.common.membership import MeshView
 
@@ -54,14 +54,16 @@ class HealthChecker:
 
     async def check_round(self) -> tuple[dict[str, bytes], list[str]]:
         """One round over every live server; returns the etcd puts/deletes for changed verdicts."""
-        servers = dict(self.view.servers)
+        # A server whose id breaks the naming rule (a record written around the API) is never
+        # checked or placed on; it must not stop the round for everyone else.
+        servers = {sid: info for sid, info in self.view.servers.items() if names.is_valid(sid)}
         results = await asyncio.gather(*(self._check(sid, info) for sid, info in servers.items()))
         puts: dict[str, bytes] = {}
         for sid, problem in zip(servers, results, strict=True):
             verdict = self._judge(sid, problem)
             if verdict is not None:
                 puts[keyspace.health_key(sid)] = keyspace.encode(verdict)
-        gone = [keyspace.health_key(sid) for sid in self.view.health if sid not in servers]
+        gone = [keyspace.HEALTH + sid for sid in self.view.health if sid not in servers]
         for sid in list(self._tracks):
             if sid not in servers:
                 del self._tracks[sid]

@@ -10,12 +10,14 @@ Rules, in order:
    replicas of the model (two share a zone only when no other zone has room), then the region with
    the fewest, then the server with the most free memory, then the lowest id.
 5. Memory budgets are never exceeded (a budget of 0 means unlimited).
+6. A halted model (it failed to load on too many servers) keeps what it has but gets no new
+   replicas.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Set
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 
@@ -35,6 +37,7 @@ class ModelRequest:
     replicas: int
     memory_bytes: int = 0
     region_minimums: tuple[tuple[str, int], ...] = ()  # allowed regions with minimums; () = any
+    halted: bool = False  # keep, trim, but place nothing new
 
     @property
     def allowed_regions(self) -> set[str] | None:
@@ -51,7 +54,7 @@ class Plan:
 
 
 def plan(models: list[ModelRequest], servers: list[Server], current: dict[str, set[str]],
-         failed: Set[tuple[str, str]] = frozenset()) -> Plan:
+         failed: AbstractSet[tuple[str, str]] = frozenset()) -> Plan:
     by_id = {s.server_id: s for s in servers}
     memory = {m.name: m.memory_bytes for m in models}
     result = Plan()
@@ -71,6 +74,8 @@ def plan(models: list[ModelRequest], servers: list[Server], current: dict[str, s
     for m in sorted(models, key=lambda m: m.name):
         placed = result.placements[m.name]
         _trim(m, placed, by_id, used)
+        if m.halted:
+            continue
         reason = _fill(m, placed, by_id, used, failed)
         if reason:
             result.unsatisfied[m.name] = reason
@@ -98,7 +103,7 @@ def _trim(m: ModelRequest, placed: set[str], by_id: dict[str, Server], used: Cou
 
 
 def _fill(m: ModelRequest, placed: set[str], by_id: dict[str, Server], used: Counter,
-          failed: Set[tuple[str, str]]) -> str:
+          failed: AbstractSet[tuple[str, str]]) -> str:
     allowed = m.allowed_regions
     minimums = dict(m.region_minimums)
     while True:

@@ -20,12 +20,20 @@ class ServerProbe:
 
     def __init__(self) -> None:
         self._channels: dict[str, tuple[str, grpc.aio.Channel]] = {}
+        # Channel closes run in the background; kept here so none is garbage-collected midway
+        # and close() can wait for them.
+        self._closing: set[asyncio.Task] = set()
+
+    def _close_later(self, channel: grpc.aio.Channel) -> None:
+        task = asyncio.get_running_loop().create_task(channel.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _channel(self, server_id: str, address: str) -> grpc.aio.Channel:
         known = self._channels.get(server_id)
         if known is None or known[0] != address:
             if known is not None:
-                asyncio.get_running_loop().create_task(known[1].close())
+                self._close_later(known[1])
             known = (address, grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
             self._channels[server_id] = known
         return known[1]
@@ -34,12 +42,13 @@ class ServerProbe:
         for sid in list(self._channels):
             if sid not in keep:
                 _, channel = self._channels.pop(sid)
-                asyncio.get_running_loop().create_task(channel.close())
+                self._close_later(channel)
 
     async def close(self) -> None:
         for _, channel in self._channels.values():
             await channel.close()
         self._channels.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def health(self, server_id: str, address: str, service: str, timeout: float) -> str:
         """'' when SERVING, else what was wrong."""

@@ -1,4 +1,5 @@
-"""The leader's loop: check health, release finished drains, and make placements follow the plan.
+"""The leader's loop: check health, release finished drains, record load failures (halting a model
+that failed on too many servers), and make placements follow the plan.
 
 Only the leader acts, and every write is fenced on its election term, so a deposed leader's late
 writes are refused by etcd. Followers run nothing here; they take over from etcd's state.
@@ -18,8 +19,8 @@ from services.common.etcd_client import EtcdClient, EtcdError, fenced_write
 from services.common.lifecycle import now_ms
 from services.common.membership import MeshView
 
-from . import metrics
-from .desired import plan_for
+from . import halts, metrics
+from .desired import plan_for, split_models
 from .election import Election
 from .health import HealthChecker
 from .probes import ServerProbe
@@ -28,20 +29,23 @@ log = logging.getLogger(__name__)
 
 
 def _same_spec(a: cp.ModelSpec, b: cp.ModelSpec) -> bool:
-    """Whether a placed copy still describes what to load (replica counts do not matter)."""
-    return (a.backend, a.source, a.memory_bytes, dict(a.options)) == \
-        (b.backend, b.source, b.memory_bytes, dict(b.options))
+    """Whether a placed copy still describes what to load (replica counts do not matter; a new
+    load generation does: servers load it again)."""
+    return (a.backend, a.source, a.memory_bytes, dict(a.options), a.generation) == \
+        (b.backend, b.source, b.memory_bytes, dict(b.options), b.generation)
 
 
 class Reconciler:
     def __init__(self, client: EtcdClient, view: MeshView, election: Election,
-                 checker: HealthChecker, probe: ServerProbe, interval_s: float = 1.0) -> None:
+                 checker: HealthChecker, probe: ServerProbe, interval_s: float = 1.0,
+                 halt_after: int = halts.DEFAULT_HALT_AFTER) -> None:
         self._client = client
         self._view = view
         self._election = election
         self._checker = checker
         self._probe = probe
         self._interval_s = interval_s
+        self._halt_after = halt_after
         self._wake = asyncio.Event()
         view.subscribe(self._wake.set)
         self._last_health = 0.0
@@ -61,11 +65,13 @@ class Reconciler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval_s)
 
-    async def _write(self, puts: dict[str, bytes], deletes: list[str]) -> bool:
+    async def _write(self, puts: dict[str, bytes], deletes: list[str],
+                     existing: tuple[str, ...] = ()) -> bool:
         if not puts and not deletes:
             return True
-        ok = await fenced_write(self._client, keyspace.ELECTION, self._election.fence, puts, deletes)
-        if not ok:
+        ok = await fenced_write(self._client, keyspace.ELECTION, self._election.fence, puts, deletes,
+                                existing)
+        if not ok and not existing:
             log.warning("write refused: this replica's leadership term has ended")
         return ok
 
@@ -76,12 +82,12 @@ class Reconciler:
             puts, deletes = await self._checker.check_round()
             await self._write(puts, deletes)
         await self._release_drains()
-        await self._place()
+        records = await self._track_failures()
+        await self._place(records)
         self._export_gauges()
 
     async def _release_drains(self) -> None:
-        puts = {}
-        for sid, record in self._view.drains.items():
+        for sid, record in list(self._view.drains.items()):
             if record.released:
                 continue
             info = self._view.servers.get(sid)
@@ -99,11 +105,21 @@ class Reconciler:
                 released = cp.DrainRecord()
                 released.CopyFrom(record)
                 released.released = True
-                puts[keyspace.drain_key(sid)] = keyspace.encode(released)
-        await self._write(puts, [])
+                key = keyspace.DRAIN + sid
+                # Only while the drain still exists: an undrain meanwhile must not be undone.
+                await self._write({key: keyspace.encode(released)}, [], existing=(key,))
 
-    async def _place(self) -> None:
-        plan = plan_for(self._view)
+    async def _track_failures(self) -> halts.Records:
+        """Record new load failures; the records come back so this step's plan already honours
+        a halt they start (this replica's watch may not have its own write yet)."""
+        models, _ = split_models(self._view)
+        records = halts.updated(self._view, models, self._halt_after)
+        if not await self._write(*halts.changes(self._view, records)):
+            return self._view.load_failures
+        return records
+
+    async def _place(self, records: halts.Records) -> None:
+        plan = plan_for(self._view, records)
         desired = plan.pairs()
         current = set(self._view.placements)
         puts, deletes = {}, []
@@ -114,7 +130,7 @@ class Reconciler:
                 puts[keyspace.placement_key(sid, model)] = keyspace.encode(
                     cp.Placement(server_id=sid, spec=spec, since_ms=now_ms()))
         for sid, model in current - desired:
-            deletes.append(keyspace.placement_key(sid, model))
+            deletes.append(keyspace.pair_key(keyspace.PLACEMENT, sid, model))
             reason = self._removal_reason(sid, model)
             if reason != "scaled":
                 metrics.FAILOVERS.labels(reason).inc()

@@ -16,6 +16,7 @@ from services.common.replica import ReplicaParts, run_replica
 
 from . import metrics
 from .election import Election
+from .halts import DEFAULT_HALT_AFTER
 from .health import HealthChecker, HealthSettings
 from .probes import ServerProbe
 from .reconciler import Reconciler
@@ -37,6 +38,8 @@ class ControlPlaneConfig:
     lease_ttl: int = 10
     election_ttl: int = 5
     reconcile_interval_s: float = 1.0
+    #: Stop placing a model after its load failed on this many distinct servers (0 = never).
+    halt_after_failures: int = DEFAULT_HALT_AFTER
     health: HealthSettings = field(default_factory=HealthSettings)
 
 
@@ -70,7 +73,8 @@ async def run(config: ControlPlaneConfig, stop: asyncio.Event) -> None:
                             on_change=_on_leadership)
         checker = HealthChecker(view, probe, config.replica_id, config.health)
         reconciler = Reconciler(etcd, view, election, checker, probe,
-                                interval_s=config.reconcile_interval_s)
+                                interval_s=config.reconcile_interval_s,
+                                halt_after=config.halt_after_failures)
         election.start()
         loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
         try:

@@ -29,7 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--servers", type=int, default=2, help="model servers to start")
     p.add_argument("--routers", type=int, default=1)
     p.add_argument("--model", action="append", default=[],
-                   help=f"NAME=BACKEND[:SOURCE] for every server (default {DEFAULT_MODEL})")
+                   help=f"NAME=BACKEND[:SOURCE] deployed on every server (default {DEFAULT_MODEL}); "
+                        "SOURCE is 'embedded', a path under a --model-dir, or a file path whose "
+                        "folder then becomes a model directory of every server")
+    p.add_argument("--model-dir", action="append", default=[], metavar="DIR",
+                   help="model directory of every server: deployed sources are relative to it")
     p.add_argument("--engine-option", action="append", default=[], help="key=value for engines")
     p.add_argument("--demo", action="store_true",
                    help="send a demo request through Envoy once the mesh is up")
@@ -57,6 +61,27 @@ def _print_endpoints(mesh: LocalMesh, model: str) -> None:
     print("\n".join(lines), flush=True)
 
 
+def deploy_sources(models: list[str], model_dirs: list[str]) -> tuple[list[str], list[str]]:
+    """Deployments may only name sources relative to the servers' model directories: a model
+    given as a host path (`x=torch:/data/m.gguf`) is deployed as `m.gguf`, with its folder
+    added to the model directories. Returns (models, model directories)."""
+    import os
+
+    from services.modelserver.engine import ModelSpec
+
+    dirs = [os.path.abspath(d) for d in model_dirs]
+    out = []
+    for text in models:
+        m = ModelSpec.parse(text)
+        source = m.source
+        if m.backend != "sim" and source != "embedded" and os.path.isabs(source):
+            folder, source = os.path.split(source.rstrip("/"))
+            if folder not in dirs:
+                dirs.append(folder)
+        out.append(f"{m.name}={m.backend}:{source}")
+    return out, dirs
+
+
 def _deploy(mesh: LocalMesh, models: list[str], replicas: int, options: list[str],
             timeout: float) -> None:
     """Deploy through the control plane, as an operator would, and wait for READY replicas."""
@@ -67,6 +92,7 @@ def _deploy(mesh: LocalMesh, models: list[str], replicas: int, options: list[str
 
     from services.common.lifecycle import parse_option
     from services.modelserver.engine import ModelSpec
+    from services.modelserver.engine.options import known
 
     with grpc.insecure_channel(mesh.controlplane) as channel:
         stub = controlplane_pb2_grpc.ControlPlaneServiceStub(channel)
@@ -76,7 +102,8 @@ def _deploy(mesh: LocalMesh, models: list[str], replicas: int, options: list[str
                                 source="" if m.backend == "sim" else m.source)
             for option in options:
                 key, value = parse_option(option)
-                spec.options[key] = str(value).lower() if isinstance(value, bool) else str(value)
+                if known(m.backend, key):  # each option goes to the models whose backend has it
+                    spec.options[key] = str(value).lower() if isinstance(value, bool) else str(value)
             try:
                 stub.DeployModel(cp.DeployModelRequest(spec=spec), timeout=10)
                 print(f"deployed {m.name} ({m.backend}) with {replicas} replica(s); loading ...",
@@ -116,11 +143,16 @@ def _demo(mesh: LocalMesh, model: str) -> None:
 
 def up(args: argparse.Namespace) -> int:
     setup_logging("up")
-    models = args.model or [DEFAULT_MODEL]
+    try:
+        models, model_dirs = deploy_sources(args.model or [DEFAULT_MODEL], args.model_dir)
+    except ValueError as exc:
+        print(f"meshserve up: {exc}", file=sys.stderr)
+        return 2
     zones = ["local-a", "local-b"]
+    dir_args = [arg for d in model_dirs for arg in ("--model-dir", d)]
     plan = MeshPlan(
         data_dir=Path(args.data_dir), routers=args.routers, base_port=args.base_port,
-        servers=[ServerPlan(f"server-{i}", zone=zones[i % len(zones)])
+        servers=[ServerPlan(f"server-{i}", zone=zones[i % len(zones)], extra_args=dir_args)
                  for i in range(args.servers)])
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

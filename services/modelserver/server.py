@@ -52,6 +52,7 @@ class ModelServerConfig:
     failure_backoff_s: float = 60.0
     engine_options: dict = field(default_factory=dict)  # defaults for placed models
     labels: dict[str, str] = field(default_factory=dict)
+    model_dirs: list[str] = field(default_factory=list)  # where placed models' sources resolve
     #: A caller that reads nothing for this long has its generation cancelled.
     slow_consumer_s: float = 60.0
 
@@ -118,12 +119,7 @@ async def _follow_placements(config: ModelServerConfig, etcd: EtcdClient, manage
     await placements.start()
     try:
         while not stop.is_set():
-            desired = {}
-            for value in placements.items.values():
-                placement = keyspace.decode(cp.Placement, value)
-                if placement is not None:
-                    desired[placement.spec.name] = placement.spec
-            manager.set_placements(desired)
+            manager.follow(placements.items)
             await manager.reconcile()
             servicer.update_gauges()
             wake.clear()
@@ -142,7 +138,7 @@ async def run(config: ModelServerConfig, stop: asyncio.Event) -> None:
         memory_bytes=config.memory_bytes, labels=config.labels, started_at_ms=now_ms())
     registration = _Registration(info)
     manager = ModelManager(config.server_id, config.models, config.memory_bytes, registration.on_status,
-                           config.idle_unload_s, config.failure_backoff_s, config.engine_options)
+                           config.idle_unload_s, config.failure_backoff_s, config.engine_options, config.model_dirs)
     registration.manager = manager
     servicer = ModelServerServicer(manager, lambda: info, config.slow_consumer_s)
 

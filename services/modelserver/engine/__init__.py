@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from services.common.validation import BACKENDS
+from services.common.names import check_model_name
 
 from .base import Engine
+from .options import check_backend, validate_options
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,7 @@ class ModelSpec:
     backend: str = "sim"
     # "embedded" (the packaged SmolLM2), a .gguf file, or a Hugging Face-style folder.
     source: str = "embedded"
+    # Engine options as text (or already typed); create_engine checks them against the schema.
     options: dict = field(default_factory=dict)
 
     @classmethod
@@ -26,24 +28,21 @@ class ModelSpec:
         backend, _, source = rest.partition(":")
         spec = cls(name=name.strip(), backend=(backend or "sim").strip(),
                    source=(source or "embedded").strip())
-        if not spec.name:
-            raise ValueError(f"model spec {text!r} has no name")
-        if spec.backend not in BACKENDS:
-            raise ValueError(f"model {spec.name}: unknown backend {spec.backend!r}; "
-                             f"choose one of {', '.join(BACKENDS)}")
+        check_model_name(spec.name)
+        check_backend(spec.backend)
         return spec
 
 
 def create_engine(spec: ModelSpec) -> Engine:
-    """Imports each backend only when it is chosen (torch and tensorrt_llm are heavy)."""
+    """Checks the options against the backend's schema (InvalidArgument naming a bad one), then
+    imports the backend; torch and tensorrt_llm are heavy, so only when chosen."""
+    options = validate_options(spec.backend, spec.options, allow_server_only=True)
     if spec.backend == "sim":
         from .sim import SimConfig, SimEngine
-        return SimEngine(spec.name, SimConfig(**spec.options))
+        return SimEngine(spec.name, SimConfig(**options))  # type: ignore[arg-type]
     if spec.backend == "torch":
         from services.modelserver.torch_engine.config import TorchEngineConfig
         from services.modelserver.torch_engine.engine import TorchEngine
-        return TorchEngine(spec.name, spec.source, TorchEngineConfig(**spec.options))
-    if spec.backend == "tensorrt_llm":
-        from services.modelserver.trtllm.engine import TensorRTLLMEngine
-        return TensorRTLLMEngine(spec.name, spec.source, **spec.options)
-    raise ValueError(f"unknown backend {spec.backend!r}")
+        return TorchEngine(spec.name, spec.source, TorchEngineConfig(**options))  # type: ignore[arg-type]
+    from services.modelserver.trtllm.engine import TensorRTLLMEngine
+    return TensorRTLLMEngine(spec.name, spec.source, **options)  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .base import (
     CapacityError,
@@ -31,6 +31,7 @@ from .base import (
     Priority,
     Usage,
 )
+from .options import check_values
 
 SIM_EOS = 0
 SIM_VOCAB = 32000
@@ -53,6 +54,11 @@ class SimConfig:
     # Fault injection for failure tests: while this file exists, generation hangs (the process,
     # its lease and its gRPC health service stay up), like a wedged engine.
     hang_file: str = ""
+
+    def __post_init__(self) -> None:
+        """Refuse values the engine cannot run with (tokens_per_second=0 would divide by zero
+        on every request); the ranges live in the option schema."""
+        check_values("sim", asdict(self))
 
 
 def _words(request: GenerationRequest) -> list[str]:

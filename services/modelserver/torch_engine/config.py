@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
+
+from services.modelserver.engine.options import check_values
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -36,18 +38,9 @@ class TorchEngineConfig:
     warmup: bool = True
 
     def validate(self) -> None:
-        """Fail at construction rather than deep inside the step loop."""
-        if self.dtype not in ("auto", *_DTYPES):
-            raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        for name in ("block_size", "max_running", "step_token_budget", "max_waiting"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.int8_max_tokens < 0:
-            raise ValueError(f"int8_max_tokens must be >= 0, got {self.int8_max_tokens}")
-        if self.threads < 0 or self.kv_cache_blocks < 0 or self.kv_cache_bytes < 0 or self.max_context < 0:
-            raise ValueError("threads, kv_cache_blocks, kv_cache_bytes and max_context must be >= 0")
-        if self.kv_cache_blocks == 0 and self.kv_cache_bytes == 0:
-            raise ValueError("give kv_cache_blocks or kv_cache_bytes")
+        """Fail at construction rather than deep inside the step loop; the ranges live in the
+        option schema (services/modelserver/engine/options.py), shared with the control plane."""
+        check_values("torch", asdict(self))
 
     def num_blocks(self, bytes_per_block: int) -> int:
         """Pool size in blocks: the explicit count, else as many whole blocks as the byte budget holds."""

@@ -23,6 +23,7 @@ from ..engine.base import (
     InvalidRequestError,
     Usage,
 )
+from ..engine.options import check_values
 from .mapping import chosen_logprobs, finish_reason, priority_kwargs, sampling_kwargs, stream_delta
 
 MISSING = ("tensorrt_llm is not installed; it needs an NVIDIA GPU with CUDA and the tensorrt-llm "
@@ -52,6 +53,8 @@ class TensorRTLLMEngine(Engine):
     def __init__(self, model_name: str, model_path: str, *, max_context: int = 4096, max_running: int = 64,
                  kv_cache_fraction: float = 0.85) -> None:
         super().__init__(model_name)
+        check_values("tensorrt_llm", {"max_context": max_context, "max_running": max_running,
+                                      "kv_cache_fraction": kv_cache_fraction})
         self.model_path = model_path
         self._max_context = max_context
         self._max_running = max_running
