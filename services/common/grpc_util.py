@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .ports import PortInUseError, check_port_free
 from .status_interceptor import StatusInterceptor
 
 log = logging.getLogger(__name__)
+
+__all__ = ["CHANNEL_OPTIONS", "SERVER_OPTIONS", "PortInUseError", "bind",
+           "check_port_free", "new_server", "set_serving"]
 
 #: Largest request a server accepts (an oversize request gets RESOURCE_EXHAUSTED from gRPC itself,
 #: and the services reject prompts above their own character limit with INVALID_ARGUMENT).
@@ -38,22 +41,6 @@ CHANNEL_OPTIONS = [
 ]
 
 
-class PortInUseError(RuntimeError):
-    pass
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Raise PortInUseError with an actionable message when host:port cannot be bound."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            raise PortInUseError(
-                f"port {port} on {host} is already in use ({exc.strerror}); stop whatever holds it "
-                f"(e.g. `ss -ltnp 'sport = :{port}'`) or choose another port") from None
-
-
 def new_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A grpc.aio server with grpc.health.v1 and reflection already registered, and the one
     error-to-status mapping (status_interceptor.py) in front of every servicer."""
@@ -67,7 +54,8 @@ def new_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.ai
 
 
 def bind(server: grpc.aio.Server, address: str) -> int:
-    """Bind an insecure port, refusing loudly when it is taken."""
+    """Bind an insecure port, refusing loudly when another listener has it (gRPC itself would
+    share it or fail with a vague message); TIME_WAIT leftovers of a previous run do not count."""
     host, _, port = address.rpartition(":")
     if int(port) != 0:
         check_port_free(host.strip("[]") or "0.0.0.0", int(port))
