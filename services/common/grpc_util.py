@@ -14,12 +14,24 @@ from .status_interceptor import StatusInterceptor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHANNEL_OPTIONS", "SERVER_OPTIONS", "PortInUseError", "bind",
+__all__ = ["CHANNEL_OPTIONS", "FLOW_CONTROL_OPTIONS", "SERVER_OPTIONS", "PortInUseError", "bind",
            "check_port_free", "new_server", "set_serving"]
 
 #: Largest request a server accepts (an oversize request gets RESOURCE_EXHAUSTED from gRPC itself,
 #: and the services reject prompts above their own character limit with INVALID_ARGUMENT).
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+
+#: Flow control. gRPC's BDP probing grows a stream's receive window to megabytes (up to 1 GiB)
+#: whenever data flows fast, so a router whose client stopped reading kept accepting ~5 MB per
+#: stream from the model server. With probing off the window stays at STREAM_WINDOW_BYTES: a
+#: sender's `yield` / write then blocks once that much is unread, which is the backpressure that
+#: pauses a generation. 64 KiB holds hundreds of token chunks and still moves an 8 MiB request
+#: at hundreds of MB/s over a LAN round trip.
+STREAM_WINDOW_BYTES = 64 * 1024
+FLOW_CONTROL_OPTIONS = [
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES),
+]
 
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -28,6 +40,7 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    *FLOW_CONTROL_OPTIONS,
 ]
 
 CHANNEL_OPTIONS = [
@@ -38,6 +51,7 @@ CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 0),  # the router does its own retries
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 2_000),
+    *FLOW_CONTROL_OPTIONS,
 ]
 
 
