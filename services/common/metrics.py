@@ -6,7 +6,7 @@ import logging
 
 from prometheus_client import start_http_server
 
-from .grpc_util import check_port_free
+from .ports import check_port_free
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ def serve_metrics(address: str) -> str:
         return ""
     host, _, port = address.rpartition(":")
     if int(port):
-        check_port_free(host, int(port))
+        check_port_free(host, int(port))  # the HTTP server listens with SO_REUSEADDR too
     server, _thread = start_http_server(int(port), addr=host)
     bound = server.server_address[1]
     log.info("metrics on http://%s:%d/metrics", host, bound)

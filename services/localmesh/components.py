@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import sys
 import urllib.request
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common import ports
 
 
 def etcd_binary() -> str:
@@ -106,15 +107,10 @@ def envoy_cluster_healthy(admin: str, cluster: str = "routers") -> bool:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A free port outside the OS's ephemeral range (services/common/ports.py says why)."""
+    return ports.free_port(host)
 
 
 def port_taken(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-    return False
+    """True when a listener holds the port; TIME_WAIT leftovers of a stopped run do not count."""
+    return not ports.port_free(host, port)

@@ -1,16 +1,19 @@
 """The local mesh: etcd, control plane, model servers, routers and Envoy as one process tree.
 
-Used by `meshserve up` and by the end-to-end tests. Ports come from a plan (fixed from a base
-port, or free ones picked by the OS); every port is checked before anything starts.
+Used by `meshserve up` and by the end-to-end tests. Ports come from a plan: fixed offsets from a
+base port, or free ports outside the OS's ephemeral range (services/common/ports.py). Every port
+is checked, the way the servers bind, before anything starts; a port left in TIME_WAIT by the
+previous run counts as free, so a mesh restarts at once.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+from services.common import ports as port_rules
 from services.common.envoy_config import EnvoySettings, render
 
 from . import components as c
@@ -63,7 +66,19 @@ class PortPlan:
         self.assigned[name] = port
         return port
 
+    def ephemeral(self) -> list[str]:
+        """Ports of the plan inside the OS's ephemeral range: an outgoing connection may hold
+        one at any moment, so a start there can fail at random."""
+        return [f"{name} ({port})" for name, port in self.assigned.items()
+                if port_rules.in_ephemeral_range(port)]
+
     def check(self) -> None:
+        seen: dict[int, str] = {}
+        for name, port in self.assigned.items():
+            if port in seen:
+                raise StartError(f"{seen[port]} and {name} would share port {port}: the plan has "
+                                 "too many processes for the fixed offsets; use --base-port 0")
+            seen[port] = name
         taken = [f"{name} ({port})" for name, port in self.assigned.items() if c.port_taken(HOST, port)]
         if taken:
             raise StartError(
@@ -109,6 +124,7 @@ class LocalMesh:
 
     def start(self) -> None:
         self.ports.check()
+        self.sup.new_run()
         try:
             self.start_etcd()
             for i in range(self.plan.controlplanes):
@@ -126,8 +142,8 @@ class LocalMesh:
         for i in range(len(self.etcd_clients)):
             self._spawn_etcd(i)
         for i, client in enumerate(self.etcd_clients):
-            self.sup.wait_ready(self.children[f"etcd{i}"], functools.partial(c.etcd_healthy, client),
-                                30, "healthy")
+            self.sup.wait_ready(self.children[f"etcd{i}"], partial(c.etcd_healthy, client), 30,
+                                "healthy")
 
     def _spawn_etcd(self, i: int) -> Child:
         name = f"etcd{i}"

@@ -2,13 +2,16 @@
 
 Children start through exec_child, which arms PR_SET_PDEATHSIG before exec'ing the real program,
 so even a SIGKILLed parent leaves no orphan behind; a normal stop sends SIGTERM, waits, then
-SIGKILLs what is left.
+SIGKILLs what is left. Each child logs to `<log_dir>/<name>.log`; a child restarted within one
+run appends to its log after a header line, and `Supervisor.new_run` moves the previous run's
+logs aside so a failed start is never read against the last run's lines.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +29,14 @@ class StartError(RuntimeError):
     pass
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (VmRSS): what memory bounds in tests and benchmarks read."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise ProcessLookupError(f"pid {pid} has no resident memory (it exited)")
+
+
 @dataclass
 class Child:
     name: str
@@ -38,12 +49,13 @@ class Child:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.returncode if self.proc else None
-
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the child has exited (None while it runs or before it started)."""
+        return self.proc.poll() if self.proc is not None else None
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -60,11 +72,31 @@ class Supervisor:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
 
+    @property
+    def previous_log_dir(self) -> Path:
+        return self.log_dir.with_name(self.log_dir.name + ".previous")
+
+    def new_run(self) -> Path | None:
+        """Begin a run: the last run's logs move to `<log_dir>.previous` (replacing older ones).
+        Returns where they went, or None when there were none."""
+        if self.children:
+            raise RuntimeError("new_run() must come before the run's first child starts")
+        moved = None
+        if self.log_dir.is_dir() and any(self.log_dir.iterdir()):
+            shutil.rmtree(self.previous_log_dir, ignore_errors=True)
+            self.log_dir.rename(self.previous_log_dir)
+            moved = self.previous_log_dir
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        return moved
+
     def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Child:
         child = Child(name, argv, self.log_dir / f"{name}.log", env or {})
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1",
                     "MESHSERVE_SUPERVISOR_PID": str(os.getpid()), **child.env}
         with open(child.log_path, "ab") as out:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            out.write(f"--- {stamp} starting {name}: {' '.join(argv)}\n".encode())
+            out.flush()
             # No preexec_fn (unsafe with gRPC threads); own process group so Ctrl-C reaches only
             # the parent, which then stops children in order.
             child.proc = subprocess.Popen(EXEC_CHILD + argv, stdout=out, stderr=subprocess.STDOUT,
@@ -93,21 +125,23 @@ class Supervisor:
 
     def kill(self, child: Child) -> None:
         """SIGKILL one child (failure tests)."""
-        if child.proc is not None and child.alive():
-            child.proc.send_signal(signal.SIGKILL)
-            child.proc.wait(timeout=10)
+        proc = child.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
 
     def stop_child(self, child: Child, timeout: float = 15.0) -> None:
-        if child.proc is None or not child.alive():
+        proc = child.proc
+        if proc is None or proc.poll() is not None:
             return
-        child.proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)
         try:
-            child.proc.wait(timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop within %.0fs; killing pid %d", child.name, timeout,
-                        child.pid)
-            child.proc.kill()
-            child.proc.wait(timeout=10)
+                        proc.pid)
+            proc.kill()
+            proc.wait(timeout=10)
 
     def stop(self, timeout: float = 15.0) -> None:
         for child in reversed(self.children):

@@ -1,4 +1,8 @@
-"""`meshserve up`: run the local mesh in the foreground until Ctrl-C or SIGTERM."""
+"""`meshserve up`: run the local mesh in the foreground until Ctrl-C or SIGTERM.
+
+The command line lives here, with the other CLIs; services/localmesh is the library it drives
+(and the tests use), so the library never imports CLI code.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +15,27 @@ from pathlib import Path
 
 import grpc
 
+from services.common import ports
 from services.common.logging_setup import setup_logging
+from services.localmesh.mesh import LocalMesh, MeshPlan, ServerPlan
+from services.localmesh.processes import StartError
 
-from .mesh import LocalMesh, MeshPlan, ServerPlan
-from .processes import StartError
+from .inference_client import build_request, generate
 
 log = logging.getLogger("meshserve.up")
 
 DEFAULT_MODEL = "smollm2=torch:embedded"
+#: Envoy's port; the others follow it up to +80 (docs/architecture.md). Below Linux's default
+#: ephemeral range (32768-60999), so outgoing connections never hold one of them.
+DEFAULT_BASE_PORT = 18000
 DEMO_QUESTION = "What is the capital of France?"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=".meshserve", help="etcd data and logs go here")
-    p.add_argument("--base-port", type=int, default=18000,
-                   help="Envoy listens on this port; the others follow it (0 = any free ports)")
+    p.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT,
+                   help="Envoy listens on this port; the others follow it up to +80 (0 = free "
+                        "ports outside the OS's ephemeral range)")
     p.add_argument("--servers", type=int, default=2, help="model servers to start")
     p.add_argument("--routers", type=int, default=1)
     p.add_argument("--model", action="append", default=[],
@@ -124,8 +134,6 @@ def _deploy(mesh: LocalMesh, models: list[str], replicas: int, options: list[str
 
 
 def _demo(mesh: LocalMesh, model: str) -> None:
-    from services.cli.inference_client import build_request, generate
-
     request = build_request(model, DEMO_QUESTION, chat=True, max_tokens=32)
     try:
         answer = generate(mesh.envoy, request, timeout=120)
@@ -139,6 +147,16 @@ def _demo(mesh: LocalMesh, model: str) -> None:
           f"  Q: {DEMO_QUESTION}\n  A: {answer.text.strip()}\n"
           f"  usage: {answer.usage.prompt_tokens} prompt, {answer.usage.completion_tokens} completion, "
           f"{answer.usage.cached_tokens} cached tokens\n", flush=True)
+
+
+def _warn_ephemeral(mesh: LocalMesh) -> None:
+    """A fixed port inside the ephemeral range works until an outgoing connection holds it."""
+    risky = mesh.ports.ephemeral()
+    if risky:
+        low, high = ports.ephemeral_range()
+        print(f"meshserve up: warning: {', '.join(risky)} lie in the OS's ephemeral port range "
+              f"{low}-{high}; outgoing connections may take them. Choose a --base-port below "
+              f"{low - 300} or above {high}.", file=sys.stderr)
 
 
 def up(args: argparse.Namespace) -> int:
@@ -158,6 +176,7 @@ def up(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     mesh = LocalMesh(plan)
+    _warn_ephemeral(mesh)
     try:
         print(f"starting the local mesh in {mesh.data_dir} ...", flush=True)
         mesh.start()
