@@ -43,6 +43,10 @@ class Settings:
     ttft_tokens: int = 40  # answers of the readers whose TTFT phase 8 compares
     restore_timeout_s: float = 90.0
 
+    def answer_s(self, tokens: int) -> float:
+        """How long an answer of `tokens` streams at the benchmark's pace."""
+        return tokens / self.tokens_per_second
+
 
 FULL = Settings()
 SMOKE = replace(FULL, smoke=True, concurrency=8, long_tokens=150, short_tokens=60, warmup_s=2.0,

@@ -32,6 +32,9 @@ class LoadSpec:
     tokens: int
     unary_workers: int = 0  # workers that call Generate (the rest stream)
     timeout_s: float = 90.0  # each request's deadline, as a client would set it
+    #: Worker i starts i/concurrency of this later, so requests arrive steadily rather than in
+    #: waves (set it to about one answer's duration).
+    stagger_s: float = 0.0
 
 
 class _CountingStub:
@@ -91,6 +94,7 @@ class Load:
 
     async def _worker(self, i: int) -> None:
         unary = i < self.spec.unary_workers
+        await asyncio.sleep(self.spec.stagger_s * i / max(1, self.spec.concurrency))
         for n in range(MAX_PER_WORKER):
             if self._stopping:
                 return

@@ -62,8 +62,8 @@ class PhaseContext:
     def streams(self, tokens: int, tag: str = "") -> Load:
         """The standard load: `concurrency` streams of the pinned sim model."""
         s = self.settings
-        return self.start_load(LoadSpec(MODEL, s.concurrency, tokens, timeout_s=s.request_timeout_s),
-                               tag or f"p{self.number}")
+        return self.start_load(LoadSpec(MODEL, s.concurrency, tokens, timeout_s=s.request_timeout_s,
+                                        stagger_s=s.answer_s(tokens)), tag or f"p{self.number}")
 
     def records(self) -> list[Record]:
         return [r for load in self.loads for r in load.records] + self.extra_records

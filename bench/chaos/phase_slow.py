@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any
 
-from . import rss
+from . import probes, rss
 from .config import MODEL, QUIET
 from .load import Load, LoadSpec
 from .nonreaders import GrpcNonReaders, RawNonReaders
@@ -75,6 +75,7 @@ async def _variant(ctx: PhaseContext, name: str, clients: Any, pids: dict[str, i
     """One kind of non-reader: open, hold for the phase's time, close; memory and TTFT."""
     s = ctx.settings
     before = rss.snapshot(pids)
+    bytes_before = await probes.envoy_bytes(ctx.mesh.envoy_admin)
     sampler = rss.RssSampler(pids)
     sampler.start()
     t_open = time.monotonic()
@@ -82,6 +83,7 @@ async def _variant(ctx: PhaseContext, name: str, clients: Any, pids: dict[str, i
     ctx.event(f"{name}: {s.nonreaders} non-reading streams open ({first} gave their first chunk)")
     aborted = await _hold(sampler, t_open, t_open + s.nonreader_for_s)
     t_close = time.monotonic()
+    bytes_held = await probes.envoy_bytes(ctx.mesh.envoy_admin)
     await sampler.stop()
     ended = await clients.close()
     ctx.event(f"{name}: non-readers closed{' - ' + aborted if aborted else ''} (ended by the mesh "
@@ -95,7 +97,9 @@ async def _variant(ctx: PhaseContext, name: str, clients: Any, pids: dict[str, i
     ctx.criterion(f"{name}: other clients' TTFT unaffected (p99 with vs without non-readers)",
                   f"<= {TTFT_P99_FACTOR:.0f} x without + {TTFT_SLACK_S} s",
                   f"{with_['p99']} s vs {without['p99']} s", _unaffected(without, with_))
+    moved = {k: round((bytes_held[k] - bytes_before[k]) / 1e6, 1) for k in bytes_before}
     return {"opened": s.nonreaders, "first_chunk": first, "held_s": round(t_close - t_open, 1),
+            "envoy_mb_while_held": moved,
             "aborted": aborted, "ended_by_mesh": ", ".join(f"{k}: {v}" for k, v in ended.items()) or "none",
             "rss_mb": memory, "ttft_with_s": with_,
             "ttft_after_s": ttft_between(readers.records, t_close, time.monotonic())}
@@ -106,7 +110,8 @@ async def nonreaders(ctx: PhaseContext) -> None:
     pids = {name: mesh.children[name].pid or 0
             for name in ("envoy", *(f"router{i}" for i in range(len(mesh.routers))), *mesh.servers)}
     pids[LOADGEN] = os.getpid()
-    readers = ctx.start_load(LoadSpec(MODEL, s.concurrency, s.ttft_tokens, timeout_s=s.request_timeout_s), "p8")
+    readers = ctx.start_load(LoadSpec(MODEL, s.concurrency, s.ttft_tokens, timeout_s=s.request_timeout_s,
+                                      stagger_s=s.answer_s(s.ttft_tokens)), "p8")
     t_base = time.monotonic()
     await asyncio.sleep(s.nonreader_baseline_s)
     without = ttft_between(readers.records, t_base, time.monotonic())

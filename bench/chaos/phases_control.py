@@ -178,7 +178,7 @@ async def etcd_quorum_loss(ctx: PhaseContext) -> None:
 async def scale_under_load(ctx: PhaseContext) -> None:
     s, mesh = ctx.settings, ctx.mesh
     spec = LoadSpec(SCALED, s.concurrency, s.scale_tokens, unary_workers=s.concurrency // 2,
-                    timeout_s=s.request_timeout_s)
+                    timeout_s=s.request_timeout_s, stagger_s=s.answer_s(s.scale_tokens))
     ctx.start_load(spec, "p7")
     await asyncio.sleep(s.warmup_s)
     ops: list[dict[str, Any]] = []

@@ -104,6 +104,20 @@ def _healthy_hosts(admin: str) -> int:
     return n
 
 
+def _envoy_bytes(admin: str) -> dict[str, int]:
+    with urllib.request.urlopen(f"http://{admin}/stats?format=json", timeout=CHECK_TIMEOUT_S) as resp:
+        stats = {s.get("name"): s.get("value", 0) for s in json.loads(resp.read()).get("stats", [])}
+    return {"from_routers": int(stats.get("cluster.routers.upstream_cx_rx_bytes_total", 0)),
+            "to_clients": sum(int(v) for k, v in stats.items() if isinstance(k, str) and k.startswith("http.")
+                              and k.endswith(".downstream_cx_tx_bytes_total") and ".admin." not in k)}
+
+
+async def envoy_bytes(admin: str) -> dict[str, int]:
+    """Bytes Envoy received from the routers and sent to clients so far (its own counters): the
+    difference is what it holds or dropped."""
+    return await asyncio.to_thread(_envoy_bytes, admin)
+
+
 async def envoy_healthy_routers(admin: str) -> int:
     """Routers Envoy currently considers healthy (its active health checks)."""
     return await asyncio.to_thread(_healthy_hosts, admin)

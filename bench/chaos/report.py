@@ -87,6 +87,9 @@ def _memory_and_ttft(f: dict[str, Any]) -> list[str]:
     out += ["", "| other clients' TTFT | requests | p50 s | p99 s | max s |", "|---|---|---|---|---|"]
     out += [f"| {label} | {t.get('n')} | {_fmt(t.get('p50'))} | {_fmt(t.get('p99'))} | {_fmt(t.get('max'))} |"
             for label, t in rows]
+    out += ["", "; ".join(f"{v}: Envoy received {d['envoy_mb_while_held']['from_routers']} MB from the "
+                          f"routers and sent {d['envoy_mb_while_held']['to_clients']} MB to clients while "
+                          f"held" for v, d in variants.items() if "envoy_mb_while_held" in d)]
     out += ["", "; ".join(f"{v}: {d['first_chunk']}/{d['opened']} got a first chunk, held {d['held_s']} s"
                           f"{' (' + d['aborted'] + ')' if d['aborted'] else ''}, ended by the mesh while "
                           f"unread: {d['ended_by_mesh']}" for v, d in variants.items())]
