@@ -10,7 +10,7 @@ GEN_STAMP := gen/python/.stamp
 DESCRIPTOR := build/meshserve.pb
 AGAINST ?= main
 
-.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router
+.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos
 
 all: setup
 
@@ -73,8 +73,14 @@ test-fast: setup
 bench-router: setup
 	$(BIN)/python -m bench.router.run
 
-# Options for `meshserve up` pass through ARGS, e.g. make run ARGS="--base-port 19000 --servers 1"
+# Options for `meshserve up` (and bench-chaos) pass through ARGS, e.g. make run ARGS="--base-port 19000 --servers 1"
 ARGS ?=
+
+# Chaos benchmark (issue 8): faults of every process kind under checked streaming load, ~10 min;
+# bench/results/chaos.{json,md}. `make bench-chaos ARGS=--smoke` for a short check (chaos-smoke.*),
+# `ARGS="--phases 1,3"` for a subset (chaos-partial.*).
+bench-chaos: setup
+	$(BIN)/python -m bench.chaos.run $(ARGS)
 
 run: setup
 	$(BIN)/meshserve up --demo $(ARGS)
