@@ -8,12 +8,12 @@ deterministic for a given prompt.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 from collections.abc import Callable
 
 from services.modelserver.engine.base import Engine, FinishReason, GenerationChunk, GenerationRequest
+from tests.engine.engine_helpers import wait_until
 
 Make = Callable[..., GenerationRequest]
 
@@ -81,10 +81,7 @@ async def check_cancel_frees(engine: Engine, make: Make, busy: Callable[[], bool
     first = await stream.__anext__()
     assert first.finish_reason is None
     await stream.aclose()
-    end = time.monotonic() + 10
-    while busy() and time.monotonic() < end:
-        await asyncio.sleep(0.01)
-    assert not busy(), "the engine kept working for a request nobody reads"
+    assert await wait_until(lambda: not busy(), 10), "the engine kept working for a request nobody reads"
 
 
 async def check_deadline(engine: Engine, make: Make, seconds: float = 0.05, max_tokens: int = 400) -> None:

@@ -20,6 +20,7 @@ from services.modelserver.engine.base import (
     SamplingParams,
 )
 from services.modelserver.trtllm import TensorRTLLMEngine
+from services.modelserver.trtllm.kv_events import KvEvent
 from tests.engine import engine_behaviour as behaviour
 from tests.engine.engine_behaviour import collect, ids_of, text_of
 from tests.engine.engine_helpers import wait_until
@@ -104,8 +105,9 @@ async def test_stop_token_id_is_not_sent(engine):
 
 async def test_chat_messages_use_the_template(engine):
     req = GenerationRequest("c", "m", messages=[ChatMessage("user", "hi")], sampling=SamplingParams(max_tokens=3))
-    chunks = await collect(engine, req)
-    assert chunks[-1].usage.prompt_tokens == len(fake(engine).tokenizer.encode("<|user|>hi<|assistant|>", False))
+    usage = (await collect(engine, req))[-1].usage
+    templated = fake(engine).tokenizer.encode("<|user|>hi<|assistant|>", add_special_tokens=False)
+    assert usage is not None and usage.prompt_tokens == len(templated)
 
 
 async def test_priority_reaches_the_waiting_queue(engine):
@@ -114,8 +116,7 @@ async def test_priority_reaches_the_waiting_queue(engine):
     order = [Priority.SHEDDABLE, Priority.STANDARD, Priority.CRITICAL]
     tasks = [asyncio.create_task(collect(engine, dataclasses.replace(make(max_tokens=2), priority=p)))
              for p in order]
-    while len(llm.waiting) < 3:
-        await asyncio.sleep(0.005)
+    assert await wait_until(lambda: len(llm.waiting) == 3)
     assert sorted(r.priority for r in llm.waiting) == [0.0, 0.5, 1.0]
     llm.hold = False
     llm.wake()
@@ -145,7 +146,7 @@ async def test_load_is_unknown_until_stats_then_follows_them(engine):
 async def test_kv_events_report_stored_blocks(engine):
     events = engine.kv_events()
     await collect(engine, make(max_tokens=40))
-    stored = []
+    stored: list[KvEvent] = []
     while len(stored) < 2:
         ev = await asyncio.wait_for(events.__anext__(), 5)
         if ev.kind == "stored":
@@ -158,8 +159,8 @@ async def test_kv_events_report_stored_blocks(engine):
 async def test_repeated_prompt_reports_cached_tokens(engine):
     prompt = "Once upon a time " * 8
     await collect(engine, make(prompt, max_tokens=2))
-    chunks = await collect(engine, make(prompt, max_tokens=2))
-    assert chunks[-1].usage.cached_tokens >= 16
+    usage = (await collect(engine, make(prompt, max_tokens=2)))[-1].usage
+    assert usage is not None and usage.cached_tokens >= 16
 
 
 async def test_request_error_before_streaming_is_invalid_argument(engine):

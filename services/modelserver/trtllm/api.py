@@ -75,7 +75,9 @@ def import_api() -> TrtApi:
     policy = getattr(llmapi, "WaitingQueuePolicy", None)
     if policy is None:
         try:
-            from tensorrt_llm.llmapi.llm_args import WaitingQueuePolicy as policy
+            from tensorrt_llm.llmapi import llm_args
+
+            policy = getattr(llm_args, "WaitingQueuePolicy", None)
         except ImportError:
             policy = None
     return TrtApi(version=version, LLM=llmapi.LLM, SamplingParams=llmapi.SamplingParams,

@@ -57,7 +57,8 @@ def _one(raw: Mapping[str, Any]) -> tuple[EventKind, tuple[int, ...], int | None
         return None
     kind = data.get("type")
     if kind == "stored":
-        blocks = [b for b in data.get("blocks") or () if isinstance(b, Mapping) and isinstance(b.get("block_hash"), int)]
+        blocks = [b for b in data.get("blocks") or ()
+                  if isinstance(b, Mapping) and isinstance(b.get("block_hash"), int)]
         parent = data.get("parent_hash")
         return ("stored", tuple(b["block_hash"] for b in blocks), parent if isinstance(parent, int) else None,
                 tuple(_token_ids(b) for b in blocks))

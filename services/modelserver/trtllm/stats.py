@@ -91,19 +91,22 @@ class StatsCache:
         s = self.latest
         own_running = min(inflight, self.max_running)
         own_queued = max(0, inflight - self.max_running)
-        common = {"max_running": self.max_running, "tokens_per_second": tokens_per_second,
-                  "prefix_cache_hit_tokens_total": self._hit_tokens_total}
         if s is None:
-            return EngineLoad(own_queued, own_running, 0, 0, unknown=True, **common)
+            return self._load(own_queued, own_running, None, tokens_per_second, unknown=True)
         fresh = now - s.at <= self.stale_after_s
         if not fresh and inflight > 0:
-            return EngineLoad(own_queued, own_running, s.kv_used, s.kv_total, prefix_cache_hit_rate=s.hit_rate,
-                              unknown=True, **common)
+            return self._load(own_queued, own_running, s, tokens_per_second, unknown=True)
         if not fresh:  # quiet and nothing in flight: idle, with the KV figures last seen
-            return EngineLoad(0, 0, s.kv_used, s.kv_total, prefix_cache_hit_rate=s.hit_rate, **common)
+            return self._load(0, 0, s, tokens_per_second)
         # Requests submitted here but not yet in the executor's own queue count as queued.
-        queued = max(s.queued, inflight - s.active)
-        return EngineLoad(queued, s.active, s.kv_used, s.kv_total, prefix_cache_hit_rate=s.hit_rate, **common)
+        return self._load(max(s.queued, inflight - s.active), s.active, s, tokens_per_second)
+
+    def _load(self, queued: int, running: int, s: StatsSnapshot | None, tps: float,
+              unknown: bool = False) -> EngineLoad:
+        return EngineLoad(queue_depth=queued, running=running, kv_blocks_used=s.kv_used if s else 0,
+                          kv_blocks_total=s.kv_total if s else 0, max_running=self.max_running,
+                          prefix_cache_hit_rate=s.hit_rate if s else 0.0, tokens_per_second=tps,
+                          prefix_cache_hit_tokens_total=self._hit_tokens_total, unknown=unknown)
 
 
 async def poll_stats(source: Callable[[], Any], cache: StatsCache, idle_s: float = 0.2) -> None:

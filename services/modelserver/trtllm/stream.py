@@ -49,7 +49,7 @@ def find_stop(text: str, stop: Sequence[str], start: int) -> int:
 def chosen_logprob(entry: Any, token: int) -> float | None:
     """The sampled token's log-probability: versions give a float or {token_id: Logprob(logprob=...)}."""
     if isinstance(entry, Mapping):
-        lp = entry.get(token)
+        lp: Any = entry.get(token)
         return None if lp is None else float(getattr(lp, "logprob", lp))
     return None if entry is None else float(entry)
 
