@@ -10,7 +10,7 @@ GEN_STAMP := gen/python/.stamp
 DESCRIPTOR := build/meshserve.pb
 AGAINST ?= main
 
-.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router
+.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router gpu-check
 
 all: setup
 
@@ -84,3 +84,9 @@ bench-engine: setup
 
 clean:
 	rm -rf build gen .meshserve
+
+# GPU acceptance check of the TensorRT-LLM backend (NVIDIA GPU + tensorrt_llm only; fails loudly
+# elsewhere). Run it in TensorRT-LLM's environment (README). Writes bench/results/gpu_check.{json,md}.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check/run.py
