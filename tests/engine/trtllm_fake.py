@@ -222,9 +222,11 @@ class FakeLLM:
         return _Drain(self.events_q, timeout)
 
     def shutdown(self) -> None:
+        """Called from a worker thread (asyncio.to_thread), as the engine calls the real one."""
         self.shut = True
-        if self._loop_task is not None:
-            self._loop_task.cancel()
+        task = self._loop_task
+        if task is not None:
+            task.get_loop().call_soon_threadsafe(task.cancel)
 
     # ---- the "executor" ---------------------------------------------------------------------
     def wake(self) -> None:
