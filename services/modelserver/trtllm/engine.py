@@ -49,6 +49,8 @@ class TensorRTLLMEngine(Engine):
                  **options: Any) -> None:
         super().__init__(model_name)
         self.model_path = model_path
+        if api is not None and not callable(api):
+            raise ValueError("api must be a TrtApi factory (tests); it is not a model option")
         self.config = TrtllmConfig.from_options(options)
         self._api_factory = api or import_api
         self._api: TrtApi | None = None
@@ -185,7 +187,7 @@ class TensorRTLLMEngine(Engine):
                     out = None  # ended without a final output: treat what we have as final
                 if out is _DEADLINE or out is None:
                     done = True
-                    stream.abort()
+                    _abort(stream)
                     rel = tracker.finish(*_fields(last)) if last is not None else Release()
                     reason = FinishReason.CANCELLED if out is _DEADLINE else FinishReason.ERROR
                     yield self._final(rel, reason, tracker, ids, resumed, last)
@@ -202,7 +204,7 @@ class TensorRTLLMEngine(Engine):
                 rel = tracker.update(*_fields(out))
                 if tracker.stopped:  # a stop string TensorRT-LLM did not match as tokens
                     done = True
-                    stream.abort()
+                    _abort(stream)
                     yield self._final(rel, FinishReason.STOP, tracker, ids, resumed, out)
                     return
                 if rel.text or rel.token_ids:
@@ -211,7 +213,7 @@ class TensorRTLLMEngine(Engine):
             self._inflight -= 1
             self.inconsistent_streams += tracker.inconsistencies > 0
             if not done:  # the consumer went away (closed or cancelled): free the slot and KV now
-                stream.abort()
+                _abort(stream)
 
     def _final(self, rel: Release, reason: FinishReason, tracker: OutputTracker, ids: list[int],
                resumed: list[int], out: Any) -> GenerationChunk:
@@ -222,6 +224,14 @@ class TensorRTLLMEngine(Engine):
     def _count(self, n: int) -> None:
         if n > 0:
             self._recent.append((time.monotonic(), n))
+
+
+def _abort(stream: Any) -> None:
+    """Abort in TensorRT-LLM; an already finished or failed request may refuse, which is fine."""
+    try:
+        stream.abort()
+    except Exception as e:  # noqa: BLE001 - nothing left to free
+        log.debug("abort of a finished tensorrt_llm request: %r", e)
 
 
 def _fields(out: Any) -> tuple[str, list[int], Any]:
