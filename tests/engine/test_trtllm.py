@@ -95,3 +95,12 @@ def test_real_tensorrt_llm_generates(run, tmp_path):  # pragma: no cover - GPU m
         assert "".join(c.text for c in chunks)
     finally:
         run(engine.stop())
+
+
+def test_options_for_other_backends_are_ignored_and_bad_values_refused():
+    engine = TensorRTLLMEngine("m", "/models/x", threads=2, max_context=512, block_size=16)
+    assert engine.config.max_context == 512 and engine.config.step_tokens == 512
+    with pytest.raises(ValueError, match="power of two"):
+        TensorRTLLMEngine("m", "/models/x", block_size=24)
+    with pytest.raises(ValueError, match="not a model option"):
+        TensorRTLLMEngine("m", "/models/x", api="fake")  # type: ignore[arg-type]
