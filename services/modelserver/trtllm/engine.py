@@ -61,7 +61,7 @@ class TensorRTLLMEngine(Engine):
         self._stats = StatsCache(self.config.max_running, self.config.stats_stale_s)
         self._events = KvEventFeed()
         self._tasks: list[asyncio.Task] = []
-        #: streams where TensorRT-LLM took back something already sent (the GPU check asserts 0).
+        #: streams where TensorRT-LLM took back text or ids already sent (logged; expected 0).
         self.inconsistent_streams = 0
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -211,7 +211,10 @@ class TensorRTLLMEngine(Engine):
                     yield GenerationChunk(rel.text, rel.token_ids, rel.logprobs)
         finally:
             self._inflight -= 1
-            self.inconsistent_streams += tracker.inconsistencies > 0
+            if tracker.inconsistencies:
+                self.inconsistent_streams += 1
+                log.warning("tensorrt_llm took back output already streamed for %s (%d times); the client "
+                            "keeps what it received", request.request_id, tracker.inconsistencies)
             if not done:  # the consumer went away (closed or cancelled): free the slot and KV now
                 _abort(stream)
 

@@ -64,7 +64,7 @@ class OutputTracker:
         self.token_ids: list[int] = []  # released ids
         self.stopped = False  # a stop string ended the answer (here or in TensorRT-LLM)
         #: TensorRT-LLM took back tokens or text already released (cannot be retracted): counted
-        #: so the GPU check can assert it never happens.
+        #: and logged by the engine; the design expects it never to happen.
         self.inconsistencies = 0
         self._bounds: list[tuple[int, int]] = []  # unreleased (tokens, chars) output boundaries
 
