@@ -10,7 +10,7 @@ GEN_STAMP := gen/python/.stamp
 DESCRIPTOR := build/meshserve.pb
 AGAINST ?= main
 
-.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos
+.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos gpu-check
 
 all: setup
 
@@ -96,3 +96,9 @@ bench-engine: setup
 
 clean:
 	rm -rf build gen .meshserve
+
+# GPU acceptance check of the TensorRT-LLM backend (NVIDIA GPU + tensorrt_llm only; fails loudly
+# elsewhere). Run it in TensorRT-LLM's environment (README). Writes bench/results/gpu_check.{json,md}.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check/run.py

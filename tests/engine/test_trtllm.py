@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from types import SimpleNamespace
 
 import pytest
 
@@ -15,18 +14,12 @@ from services.modelserver.engine.base import (
     SamplingParams,
 )
 from services.modelserver.trtllm import TensorRTLLMEngine
-from services.modelserver.trtllm.mapping import (
-    chosen_logprobs,
-    finish_reason,
-    priority_kwargs,
-    sampling_kwargs,
-    stream_delta,
-)
+from services.modelserver.trtllm.mapping import finish_reason, request_kwargs, sampling_kwargs
 
 
 def test_greedy_maps_to_top_k_1():
     kw = sampling_kwargs(SamplingParams(max_tokens=10))
-    assert kw["top_k"] == 1 and kw["max_tokens"] == 10 and "temperature" not in kw
+    assert kw["top_k"] == 1 and kw["max_tokens"] == 10 and kw["temperature"] == 0.0
     assert "seed" not in kw and "stop" not in kw and "logprobs" not in kw
 
 
@@ -39,26 +32,28 @@ def test_sampled_params_and_resume_budget():
     assert sampling_kwargs(SamplingParams(temperature=1.0, top_k=40))["top_k"] == 40
 
 
+def _req(priority: Priority) -> GenerationRequest:
+    return GenerationRequest("r", "m", prompt="x", priority=priority)
+
+
 def test_priority_only_when_supported():
-    assert priority_kwargs(Priority.CRITICAL, ["inputs", "priority"]) == {"priority": 1.0}
-    assert priority_kwargs(Priority.SHEDDABLE, {"priority"}) == {"priority": 0.0}
-    assert priority_kwargs(Priority.STANDARD, {"priority"}) == {"priority": 0.5}
-    assert priority_kwargs(Priority.CRITICAL, ["inputs", "sampling_params"]) == {}
+    assert request_kwargs(_req(Priority.CRITICAL), ["inputs", "priority"]) == {"priority": 1.0}
+    assert request_kwargs(_req(Priority.SHEDDABLE), {"priority"}) == {"priority": 0.0}
+    assert request_kwargs(_req(Priority.STANDARD), {"priority"}) == {"priority": 0.5}
+    assert request_kwargs(_req(Priority.CRITICAL), ["inputs", "sampling_params"]) == {}
 
 
-def test_finish_reasons_and_deltas():
+def test_no_cache_salt_without_a_tenant():
+    assert "cache_salt" not in request_kwargs(_req(Priority.STANDARD), {"cache_salt", "priority"})
+
+
+def test_finish_reasons():
     assert finish_reason(None) is None
     assert finish_reason("stop") is FinishReason.STOP
     assert finish_reason("length") is FinishReason.LENGTH
     assert finish_reason("cancelled") is FinishReason.CANCELLED
+    assert finish_reason("timeout") is FinishReason.CANCELLED  # ran out of time, like our deadlines
     assert finish_reason("weird") is FinishReason.ERROR
-    assert stream_delta(5, 2, "Hello world", [1, 2, 3]) == (" world", [3])
-
-
-def test_chosen_logprobs_both_shapes():
-    assert chosen_logprobs([-0.5, -1.0], [7, 8]) == [-0.5, -1.0]
-    entries = [{7: SimpleNamespace(logprob=-0.25, rank=1)}, {8: -2.0}]
-    assert chosen_logprobs(entries, [7, 8]) == [-0.25, -2.0]
 
 
 _HAS_TRT = importlib.util.find_spec("tensorrt_llm") is not None
@@ -100,3 +95,12 @@ def test_real_tensorrt_llm_generates(run, tmp_path):  # pragma: no cover - GPU m
         assert "".join(c.text for c in chunks)
     finally:
         run(engine.stop())
+
+
+def test_options_for_other_backends_are_ignored_and_bad_values_refused():
+    engine = TensorRTLLMEngine("m", "/models/x", threads=2, max_context=512, block_size=16)
+    assert engine.config.max_context == 512 and engine.config.step_tokens == 512
+    with pytest.raises(ValueError, match="power of two"):
+        TensorRTLLMEngine("m", "/models/x", block_size=24)
+    with pytest.raises(ValueError, match="not a model option"):
+        TensorRTLLMEngine("m", "/models/x", api="fake")  # type: ignore[arg-type]

@@ -141,9 +141,29 @@ TORCH = (
 TENSORRT_LLM = (
     _opt("max_context", int, 4096, "prompt + output tokens (max_seq_len)", low=1, high=1 << 24),
     _opt("max_running", int, 64, "sequences in one batch (max_batch_size)", low=1, high=1 << 16),
+    _opt("max_num_tokens", int, 0, "tokens per iteration, decode plus prefill chunks (0 = min(2048, "
+         "max_context))", low=0, high=1 << 24),
     _opt("kv_cache_fraction", float, 0.85, "share of free GPU memory for the KV cache",
          positive=True, high=1.0),
+    _opt("block_size", int, 16, "tokens per KV block (a power of two)", low=2, high=1024),
+    _opt("enable_chunked_prefill", bool, True, "split long prompts across iterations"),
+    _opt("priority_queue", bool, True, "order the waiting queue by request priority"),
+    _opt("kv_event_buffer", int, 4096, "KV-cache events kept until read (0 = no events)", low=0,
+         high=1 << 24),
+    _opt("poll_timeout_s", float, 2.0, "wait of one stats / KV-event read", positive=True, high=60),
+    _opt("stats_stale_s", float, 2.0, "stats older than this no longer describe the load", positive=True,
+         high=600),
 )
+
+def _trt_tokens(values: Mapping[str, object]) -> str:
+    max_num, context = values.get("max_num_tokens", 0), values.get("max_context", 4096)
+    if isinstance(max_num, int) and isinstance(context, int) and max_num > context:
+        return f"max_num_tokens ({max_num}) is above max_context ({context})"
+    block = values.get("block_size", 16)
+    if isinstance(block, int) and block & (block - 1):
+        return f"block_size must be a power of two, got {block}"
+    return ""
+
 
 SCHEMAS: dict[str, tuple[Option, ...]] = {"sim": SIM, "torch": TORCH, "tensorrt_llm": TENSORRT_LLM}
 #: Engine backends a model can run on (`create_engine` builds each).
@@ -158,7 +178,7 @@ def _torch_pool(values: Mapping[str, object]) -> str:
 
 #: Rules across options, per backend: '' when fine, else the problem.
 CROSS_CHECKS: dict[str, tuple[Callable[[Mapping[str, object]], str], ...]] = {
-    "torch": (_torch_pool,)}
+    "torch": (_torch_pool,), "tensorrt_llm": (_trt_tokens,)}
 
 
 def check_backend(backend: str) -> tuple[Option, ...]:

@@ -1,28 +1,29 @@
 """Pure translations between our engine types and TensorRT-LLM's LLM API (no tensorrt_llm import),
-so they are unit tested on machines without a GPU."""
+so they are unit tested on machines without a GPU; contract.py checks the names they produce."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable
 from typing import Any
 
-from ..engine.base import FinishReason, Priority, SamplingParams
+from ..engine.base import FinishReason, GenerationRequest, Priority, SamplingParams
 
-# tensorrt_llm executor priorities are floats in [0, 1], higher first, default 0.5.
+# TensorRT-LLM request priorities are floats in [0, 1], higher first, default 0.5.
 _PRIORITY = {Priority.CRITICAL: 1.0, Priority.STANDARD: 0.5, Priority.SHEDDABLE: 0.0}
 
 
 def sampling_kwargs(p: SamplingParams, resumed: int = 0) -> dict[str, Any]:
     """Keyword arguments for tensorrt_llm.SamplingParams.
 
-    Greedy is expressed as top_k=1 (TensorRT-LLM's greedy path); top_k=0 means "off" for us and
-    is left unset for it. Resumed tokens count against max_tokens, as in our engine. Stop strings
-    are excluded from the output, matching the torch backend.
+    Greedy is temperature 0 with top_k=1 (TensorRT-LLM's greedy path); top_k=0 means "off" for us
+    and is left unset for it. Resumed tokens count against max_tokens, as in our engine. Stop
+    strings go to TensorRT-LLM so it stops early; the engine also matches them on the text
+    (stream.py), because TensorRT-LLM matches them as token sequences only.
     """
     kw: dict[str, Any] = {"max_tokens": p.max_tokens - resumed, "detokenize": True,
                           "include_stop_str_in_output": False}
     if p.temperature == 0.0:
-        kw.update(top_k=1, top_p=1.0)
+        kw.update(temperature=0.0, top_k=1, top_p=1.0)
     else:
         kw.update(temperature=p.temperature, top_p=p.top_p)
         if p.top_k > 0:
@@ -38,37 +39,50 @@ def sampling_kwargs(p: SamplingParams, resumed: int = 0) -> dict[str, Any]:
     return kw
 
 
-def priority_kwargs(priority: Priority, accepted: Iterable[str]) -> dict[str, Any]:
-    """`priority=` for generate_async when this TensorRT-LLM version accepts it; older versions
-    have no per-request priority in the LLM API, so it is dropped (their scheduler is FCFS)."""
-    return {"priority": _PRIORITY[Priority(priority)]} if "priority" in set(accepted) else {}
+def priority_value(priority: Priority) -> float:
+    return _PRIORITY[Priority(priority)]
+
+
+def cache_salt(request: GenerationRequest) -> str | None:
+    """The KV-cache salt: requests share cached prefixes only within one salt.
+
+    Hook for tenancy: the salt is the request's tenant when requests carry one (they do not yet;
+    a `tenant` attribute on GenerationRequest is all this needs), so one tenant can never time
+    another's prompts through cache hits. None = one shared cache, as today.
+    """
+    tenant = getattr(request, "tenant", None)
+    return tenant if isinstance(tenant, str) and tenant else None
+
+
+def request_kwargs(request: GenerationRequest, accepted: Iterable[str]) -> dict[str, Any]:
+    """`priority=` and `cache_salt=` for generate_async, each only where this version accepts it."""
+    names = set(accepted)
+    kw: dict[str, Any] = {}
+    if "priority" in names:
+        kw["priority"] = priority_value(request.priority)
+    salt = cache_salt(request)
+    if salt is not None and "cache_salt" in names:
+        kw["cache_salt"] = salt
+    return kw
 
 
 def finish_reason(raw: str | None) -> FinishReason | None:
-    """CompletionOutput.finish_reason ("stop", "length", "cancelled", None while running)."""
+    """CompletionOutput.finish_reason: "stop", "length", "cancelled", "timeout" (the executor's
+    own time limit: the request ran out of time, as with our deadlines), None while running."""
     if raw is None:
         return None
-    return {"stop": FinishReason.STOP, "length": FinishReason.LENGTH,
-            "cancelled": FinishReason.CANCELLED}.get(str(raw), FinishReason.ERROR)
+    return {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "cancelled": FinishReason.CANCELLED,
+            "timeout": FinishReason.CANCELLED}.get(str(raw), FinishReason.ERROR)
 
 
-def chosen_logprobs(entries: Sequence[Any], token_ids: Sequence[int]) -> list[float]:
-    """Log-probabilities of the tokens actually produced.
-
-    Versions return either floats or {token_id: Logprob(logprob=..., rank=...)} per position.
-    """
-    out: list[float] = []
-    # Some versions return fewer entries than tokens: score what is there.
-    for entry, tok in zip(entries, token_ids, strict=False):
-        if isinstance(entry, Mapping):
-            lp = entry.get(tok)
-            if lp is not None:
-                out.append(float(lp.logprob if hasattr(lp, "logprob") else lp))
-        else:
-            out.append(float(entry))
-    return out
-
-
-def stream_delta(prev_text: int, prev_tokens: int, text: str, token_ids: Sequence[int]) -> tuple[str, list[int]]:
-    """New text and tokens since the last streamed RequestOutput (its fields are cumulative)."""
-    return text[prev_text:], list(token_ids[prev_tokens:])
+def cached_tokens(out: Any, block_size: int) -> int:
+    """Prompt tokens served from the KV cache, where this version reports them: a count on the
+    output, or the request's reused blocks in its perf metrics (whole blocks)."""
+    for name in ("cached_tokens", "num_cached_tokens"):
+        v = getattr(out, name, None)
+        if isinstance(v, int) and v >= 0:
+            return v
+    outputs = getattr(out, "outputs", None) or [None]
+    metrics = getattr(getattr(outputs[0], "request_perf_metrics", None), "kv_cache_metrics", None)
+    blocks = getattr(metrics, "num_reused_blocks", None)
+    return blocks * block_size if isinstance(blocks, int) and blocks > 0 else 0
