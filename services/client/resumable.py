@@ -16,9 +16,17 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any, Protocol
 
 import grpc
-from meshserve.v1 import inference_pb2, inference_pb2_grpc
+from meshserve.v1 import inference_pb2
+
+
+class StreamingStub(Protocol):
+    """An InferenceService stub (sync or grpc.aio), or anything that wraps one."""
+
+    def GenerateStream(self, request: inference_pb2.GenerateRequest, timeout: float | None = None) -> Any: ...
+
 
 #: Most resumes of one request (each after the stream broke once).
 DEFAULT_MAX_RESUMES = 5
@@ -51,7 +59,7 @@ def _pause(resumes: int) -> float:
     return min(1.0, 0.05 * 2 ** (resumes - 1)) * (0.5 + random.random() / 2)
 
 
-def stream(stub: inference_pb2_grpc.InferenceServiceStub, request: inference_pb2.GenerateRequest,
+def stream(stub: StreamingStub, request: inference_pb2.GenerateRequest,
            timeout: float | None = None, max_resumes: int = DEFAULT_MAX_RESUMES
            ) -> Iterator[inference_pb2.GenerateResponse]:
     """GenerateStream that resumes after a broken stream; chunks are never repeated or lost."""
@@ -75,7 +83,7 @@ def stream(stub: inference_pb2_grpc.InferenceServiceStub, request: inference_pb2
             time.sleep(_pause(resumes))
 
 
-async def astream(stub: inference_pb2_grpc.InferenceServiceStub, request: inference_pb2.GenerateRequest,
+async def astream(stub: StreamingStub, request: inference_pb2.GenerateRequest,
                   timeout: float | None = None, max_resumes: int = DEFAULT_MAX_RESUMES
                   ) -> AsyncIterator[inference_pb2.GenerateResponse]:
     """The asyncio version of `stream`, for a stub on a grpc.aio channel."""

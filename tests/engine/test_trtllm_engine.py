@@ -23,8 +23,8 @@ from services.modelserver.trtllm import TensorRTLLMEngine
 from services.modelserver.trtllm.kv_events import KvEvent
 from tests.engine import engine_behaviour as behaviour
 from tests.engine.engine_behaviour import collect, ids_of, text_of
-from tests.helpers import eventually
 from tests.engine.trtllm_fake import FakeLLM, fake_api
+from tests.helpers import eventually
 
 _ids = itertools.count()
 
