@@ -23,7 +23,8 @@ PROMPT = "Write one long paragraph about the history of bicycles in Europe."
 
 
 def request(model: str, max_tokens: int, *, stop: tuple[str, ...] = (), logprobs: bool = False,
-            priority: common_pb2.Priority = common_pb2.PRIORITY_STANDARD, prompt: str = PROMPT) -> inference_pb2.GenerateRequest:
+            priority: common_pb2.Priority = common_pb2.PRIORITY_STANDARD,
+            prompt: str = PROMPT) -> inference_pb2.GenerateRequest:
     req = inference_pb2.GenerateRequest(model=model, priority=priority)
     req.messages.add(role="user", content=prompt)
     req.sampling.max_tokens = max_tokens
