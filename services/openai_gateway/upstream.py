@@ -5,7 +5,9 @@ Calling the public gRPC API (through Envoy by default) keeps every rule of the m
 OpenAI clients: validation, routing, admission, retries before the first token, migration after
 it, traffic policies and whatever routers read from metadata (the session header, tenant headers).
 Every answer is streamed, also for `stream: false`, so a router that dies mid-answer costs the
-HTTP client nothing: `services/client/resumable.py` continues it on another router.
+HTTP client nothing: `services/client/resumable.py` continues it on another router. A call that
+fails before its first chunk is not tried again here: Envoy retried it on another router already,
+and the routers retried it on other servers, so the client hears the mesh's answer at once.
 """
 
 from __future__ import annotations
@@ -50,9 +52,9 @@ def forwarded_metadata(headers: Iterable[tuple[str, str]]) -> list[tuple[str, st
             continue
         if not (value.isascii() and value.isprintable()):
             continue
+        if size + len(key) + len(value) > MAX_FORWARDED_BYTES:
+            continue  # too big to pass on; smaller ones still go
         size += len(key) + len(value)
-        if size > MAX_FORWARDED_BYTES:
-            break
         out.append((key, value))
     return out
 
@@ -138,7 +140,8 @@ class Upstream:
                    ) -> AsyncGenerator[inference_pb2.GenerateResponse]:
         stub = _Counted(self._stub, metadata)
         stream = cast(AsyncGenerator[inference_pb2.GenerateResponse],
-                      resumable.astream(stub, request, max_resumes=self._max_resumes))
+                      resumable.astream(stub, request, max_resumes=self._max_resumes,
+                                        retry_unstarted=False))
         try:
             async with aclosing(stream) as chunks:
                 async for chunk in chunks:
