@@ -176,7 +176,7 @@ def test_shed_is_429_with_retry_after_and_no_replica_is_503(mesh, client):
         return None
 
     err503 = wait_for(unavailable, 30, "503 for a model with no ready replica")
-    assert err503.body["code"] == "service_unavailable" and err503.response.headers["retry-after"]
+    assert err503.code == "service_unavailable" and err503.response.headers["retry-after"]
 
 
 def _sample(text: str, name: str) -> float:

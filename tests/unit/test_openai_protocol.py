@@ -3,6 +3,8 @@ HTTP, headers to metadata. The e2e tests (tests/e2e/test_openai_*.py) show them 
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 from meshserve.v1 import common_pb2, inference_pb2
@@ -98,10 +100,12 @@ def test_completions():
     assert job.prompts == ("a", "b") and job.choices == 4 and job.echo
     assert job.sampling.max_tokens == 16 and not job.sampling.logprobs  # OpenAI's completions default
     assert parse_completion({"model": "m", "prompt": "a", "logprobs": 0}).sampling.logprobs
-    for bad, param in [({"prompt": [1, 2]}, "prompt"), ({"prompt": []}, "prompt"), ({}, "prompt"),
-                       ({"prompt": "a", "logprobs": 2}, "logprobs"), ({"prompt": "a", "suffix": "z"}, "suffix"),
-                       ({"prompt": "a", "best_of": 3}, "best_of"), ({"prompt": ["a"] * 9, "n": 2}, "n"),
-                       ({"prompt": "a", "echo": True, "logprobs": 0}, "echo")]:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"prompt": [1, 2]}, "prompt"), ({"prompt": []}, "prompt"), ({}, "prompt"),
+        ({"prompt": "a", "logprobs": 2}, "logprobs"), ({"prompt": "a", "suffix": "z"}, "suffix"),
+        ({"prompt": "a", "best_of": 3}, "best_of"), ({"prompt": ["a"] * 9, "n": 2}, "n"),
+        ({"prompt": "a", "echo": True, "logprobs": 0}, "echo")]
+    for bad, param in cases:
         with pytest.raises(BadField) as err:
             parse_completion({"model": "m", **bad})
         assert err.value.param == param, bad
@@ -123,7 +127,8 @@ def test_requests_per_choice_with_seeds_and_priority():
 
 def _chunk(text: str, ids: list[int], finish: int = 0, usage: tuple[int, int, int] | None = None,
            logprobs: list[float] | None = None) -> inference_pb2.GenerateResponse:
-    out = inference_pb2.GenerateResponse(text=text, token_ids=ids, finish_reason=finish, logprobs=logprobs or [])
+    out = inference_pb2.GenerateResponse(text=text, token_ids=ids, logprobs=logprobs or [])
+    out.finish_reason = common_pb2.FinishReason.ValueType(finish)
     out.served_by.backend = "sim"
     out.served_by.simulated = True
     if usage:
