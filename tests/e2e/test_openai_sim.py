@@ -214,3 +214,21 @@ def test_router_death_mid_stream_is_resumed_by_the_gateway(mesh, client):
         mesh.start_router(int(router.removeprefix("router")))
     assert "".join(texts) == expected  # the sim engine's answer depends only on prompt and position
     assert _sample(metrics_text(mesh.metrics["gateway0"]), "meshserve_openai_resumes_total") >= 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_hangs_up_frees_its_slot(client, stream):
+    """TIGHT runs one sequence at a time: the next request gets the slot only if the gateway
+    cancelled the abandoned generation (400 tokens at 25/s would hold it for 16 s)."""
+    if stream:
+        answer = client.chat.completions.create(model=TIGHT, messages=user("abandoned"), max_tokens=400,
+                                                stream=True)
+        next(iter(answer))
+        answer.close()  # hangs up mid-stream
+    else:
+        with pytest.raises(openai.APITimeoutError):  # hangs up while the whole answer is computed
+            client.with_options(timeout=1.0).chat.completions.create(model=TIGHT, messages=user("abandoned"),
+                                                                     max_tokens=400)
+    out = client.with_options(timeout=8.0).chat.completions.create(model=TIGHT, messages=user("next please"),
+                                                                    max_tokens=2)
+    assert out.choices[0].message.content == sim_text("next please", 2)
