@@ -13,6 +13,7 @@ generations upstream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -26,7 +27,7 @@ from meshserve.v1 import inference_pb2
 from services.common.errors import ServiceError
 
 from . import metrics, render
-from .errors import http_error
+from .errors import error_body, http_error
 from .protocol import Job
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,11 @@ class _Events:
     async def send(self, data: dict[str, Any] | str) -> None:
         text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
         await asyncio.wait_for(self._response.write(f"data: {text}\n\n".encode()), self._limit)
+
+    async def tell(self, error: dict[str, Any]) -> None:
+        """The last event of a failed stream; a client that is gone by now is not told."""
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            await self.send(error)
 
 
 class _Stream:
@@ -121,13 +127,18 @@ async def streamed(request: web.Request, job: Job, head: render.Header, rid: str
         except ServiceError as err:
             metrics.STREAM_ERRORS.labels(err.code.name.lower()).inc()
             log.info("stream %s failed after its first chunk: %s", rid, err)
-            await events.send(http_error(err).body)
+            await events.tell(http_error(err).body)
         except (TimeoutError, ConnectionError) as exc:
             reason = "slow_consumer" if isinstance(exc, TimeoutError) else "client_gone"
             metrics.STREAM_ERRORS.labels(reason).inc()
             log.info("stream %s: %s; cancelling its generation", rid, reason)
             if request.transport is not None:
                 request.transport.abort()
+        except Exception:  # a bug after the headers went out: say so in the stream
+            metrics.STREAM_ERRORS.labels("internal").inc()
+            log.exception("bug while streaming %s", rid)
+            await events.tell(error_body(f"internal error while streaming (request {rid}); the gateway "
+                                         "logged it", "server_error", None, "internal_error"))
         return response
 
 

@@ -32,6 +32,8 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/models": "models"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+#: Whether the request asked for a stream (a metrics label, set once the body is read).
+STREAM = web.RequestKey("stream", bool)
 
 
 @dataclass
@@ -74,7 +76,7 @@ async def openai_errors(request: web.Request, handler: Handler) -> web.StreamRes
         log.exception("bug answering %s %s (error id %s)", request.method, request.path, error_id)
         response = web.json_response(error_body(f"internal error (id {error_id}); the gateway logged it",
                                                 "server_error", None, "internal_error"), status=500)
-    stream = "true" if request.get("stream") else "false"
+    stream = "true" if request.get(STREAM) else "false"
     metrics.REQUESTS.labels(endpoint, str(response.status), stream).inc()
     return response
 
@@ -110,7 +112,7 @@ class Gateway:
 
     async def _generate(self, request: web.Request, job: Job, endpoint: str, prefix: str) -> web.StreamResponse:
         started = time.monotonic()
-        request["stream"] = job.stream
+        request[STREAM] = job.stream
         headers = list(request.headers.items())
         rid = request_id(headers)
         head = render.Header(id=prefix + rid, model=job.model, service_tier=job.service_tier)
