@@ -75,6 +75,15 @@ class _Http:
             await self._runner.cleanup()  # stops listening, then waits for handlers up to the grace
 
 
+def _dialable(bound: str, advertised: str) -> str:
+    """The HTTP address others can dial: a wildcard listener (0.0.0.0:8080 in a pod) takes the
+    host of the advertised gRPC address (--advertise POD_IP:PORT)."""
+    host, _, port = bound.rpartition(":")
+    if host.strip("[]") in ("", "0.0.0.0", "::"):
+        host = advertised.rpartition(":")[0]
+    return f"{host}:{port}"
+
+
 async def run(config: GatewayConfig, stop: asyncio.Event) -> None:
     upstream = Upstream(config.upstream)
     serving = Serving()
@@ -91,7 +100,7 @@ async def run(config: GatewayConfig, stop: asyncio.Event) -> None:
     def record(parts: ReplicaParts) -> cp.ReplicaInfo:
         return cp.ReplicaInfo(replica_id=config.gateway_id, address=parts.address, region=config.region,
                               metrics_address=parts.metrics_address, started_at_ms=started,
-                              http_address=http.bound)
+                              http_address=_dialable(http.bound, parts.address))
 
     try:
         async with run_replica(
