@@ -68,7 +68,9 @@ def test_greedy_matches_transformers(smol, run, hf_model):
 
 def test_repeated_system_prompt_hits_prefix_cache(smol, run):
     system = ("You are a meticulous assistant for a logistics company. Always answer in one short "
-              "sentence, mention no names, and never use lists or markdown formatting in replies.")
+              "sentence, mention no names, and never use lists or markdown formatting in replies. "
+              "Prefer metric units, state assumptions plainly, and when a shipment date is uncertain say "
+              "so instead of guessing; keep a calm, friendly and professional tone at all times.")
     first = run(collect(smol, chat("Say hello.", system=system, max_tokens=8)))
     second = run(collect(smol, chat("Say hello.", system=system, max_tokens=8)))
     other = run(collect(smol, chat("Say goodbye.", system=system, max_tokens=8)))
@@ -78,9 +80,10 @@ def test_repeated_system_prompt_hits_prefix_cache(smol, run):
     a = tok.encode_chat([("system", system), ("user", "Say hello.")])
     b = tok.encode_chat([("system", system), ("user", "Say goodbye.")])
     common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    assert common >= 32
-    # every full 16-token block of the shared system prompt is reused
-    assert other[-1].usage.cached_tokens == common // 16 * 16
+    bs = smol.config.block_size
+    assert common >= bs
+    # every full page of the shared system prompt is reused
+    assert other[-1].usage.cached_tokens == common // bs * bs
     assert tokens_of(second) == tokens_of(first)
     assert smol.load().prefix_cache_hit_rate > 0
 
@@ -259,7 +262,7 @@ def test_resume_token_ids_continue_generation(smol, run):
 def test_load_report(smol, run):
     run(collect(smol, prompt("Count: one, two,", max_tokens=8)))
     load = smol.load()
-    assert load.kv_blocks_total == 256 and load.max_running == 16
+    assert load.kv_blocks_total == 64 and load.max_running == 16
     assert load.tokens_per_second > 0 and load.queue_depth == 0
     assert smol.ready and smol.max_context == 2048
 

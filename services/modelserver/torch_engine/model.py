@@ -13,32 +13,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import ops as cpu_ops
+from .attention import TorchAttention, kernel_attention
 from .forward_batch import ForwardBatch
+from .kv_cache import KVCache
 from .linear import Linear
 from .weights import ModelArgs
 
-
-@dataclass
-class KVCache:
-    """Pages of keys and values for every layer: [layers, num_blocks, block_size, kv_heads, head_dim]."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    block_size: int
-
-    @property
-    def num_blocks(self) -> int:
-        return self.k.shape[1]
-
-    @staticmethod
-    def bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * elem
-
-    @classmethod
-    def allocate(cls, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype) -> KVCache:
-        shape = (args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim)
-        return cls(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), block_size)
+__all__ = ["KVCache", "LlamaModel"]
 
 
 @dataclass
@@ -55,10 +37,12 @@ class LlamaModel:
     """Weights plus a forward over ForwardBatch; holds no per-request state."""
 
     def __init__(self, args: ModelArgs, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                 max_positions: int, int8_max_tokens: int = 0) -> None:
-        """`int8_max_tokens` > 0 (bf16): steps of at most that many tokens use int8 weight copies."""
+                 max_positions: int, int8_max_tokens: int = 0, use_cpu_ops: bool = True) -> None:
+        """`int8_max_tokens` > 0 (bf16): steps of at most that many tokens use int8 weight copies.
+        `use_cpu_ops`: run the C++ kernels when they are built (else, or when False, plain torch)."""
         self.args = args
         self.dtype = dtype
+        self.ops = cpu_ops.load() if use_cpu_ops else None
         q8 = int8_max_tokens
 
         def w(name: str) -> torch.Tensor:
@@ -94,43 +78,36 @@ class LlamaModel:
         """Run all layers over the step's tokens, write their K/V, return float32 logits of logits_rows."""
         a = self.args
         H, KV, hd = a.num_heads, a.num_kv_heads, a.head_dim
-        G = H // KV
         inter = a.intermediate_size
-        T = b.input_ids.shape[0]
-        D = b.num_decode
+        T = b.num_tokens
+        ops = self.ops
         x = self.embed[b.input_ids]
-        cos = self.cos[b.positions].unsqueeze(1)
-        sin = self.signed_sin[b.positions].unsqueeze(1)
-        # Grouped-query trick: the G query heads sharing a KV head become G*n queries of one
-        # attention call, so K/V are never repeated. Masks are expanded once per step.
-        dec_bt = b.decode_block_tables.reshape(-1)  # index_select is ~3x faster than advanced indexing
-        dec_mask = b.decode_mask
-        spans = [(s.start_row, s.num_tokens, s.context_len, s.block_ids, s.mask.repeat(G, 1)) for s in b.prefills]
-        slots = b.slot_mapping
+        if ops is None:
+            torch_attn = TorchAttention(b, H, kv.block_size)
+            cos = self.cos[b.positions].unsqueeze(1)
+            sin = self.signed_sin[b.positions].unsqueeze(1)
+        else:
+            q = torch.empty((T, H, hd), dtype=x.dtype)
+            act = torch.empty((T, inter), dtype=x.dtype)
         for li, layer in enumerate(self.layers):
             h = F.rms_norm(x, (a.hidden_size,), layer.attn_norm, a.rms_norm_eps)
             qkv = layer.qkv(h)
-            qk = qkv[:, : (H + KV) * hd].view(T, H + KV, hd)
-            qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
-            q = qk[:, :H]
             k_cache, v_cache = kv.k[li], kv.v[li]
-            k_cache.view(-1, KV, hd).index_copy_(0, slots, qk[:, H:])
-            v_cache.view(-1, KV, hd).index_copy_(0, slots, qkv[:, (H + KV) * hd:].view(T, KV, hd))
-            attn = torch.empty((T, H * hd), dtype=x.dtype)
-            if D:
-                kg = k_cache.index_select(0, dec_bt).view(D, -1, KV, hd).transpose(1, 2)
-                vg = v_cache.index_select(0, dec_bt).view(D, -1, KV, hd).transpose(1, 2)
-                out = F.scaled_dot_product_attention(q[:D].reshape(D, KV, G, hd), kg, vg, attn_mask=dec_mask)
-                attn[:D] = out.reshape(D, H * hd)
-            for start, n, ctx, bids, mask in spans:
-                kg = k_cache.index_select(0, bids).view(-1, KV, hd)[:ctx].transpose(0, 1)
-                vg = v_cache.index_select(0, bids).view(-1, KV, hd)[:ctx].transpose(0, 1)
-                qp = q[start:start + n].reshape(n, KV, G, hd).permute(1, 2, 0, 3).reshape(KV, G * n, hd)
-                out = F.scaled_dot_product_attention(qp, kg, vg, attn_mask=mask)
-                attn[start:start + n] = out.view(KV, G, n, hd).permute(2, 0, 1, 3).reshape(n, H * hd)
-            x = x + layer.o(attn)
+            if ops is None:
+                qk = qkv[:, : (H + KV) * hd].view(T, H + KV, hd)
+                qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
+                v = qkv[:, (H + KV) * hd:].view(T, KV, hd)
+                attn = torch_attn(qk[:, :H], qk[:, H:], v, k_cache, v_cache, b.slot_mapping)
+            else:
+                ops.rope_and_cache(qkv, self.cos, self.signed_sin, b.positions, b.slot_mapping, q, k_cache, v_cache)
+                attn = kernel_attention(ops, q, k_cache, v_cache, b)
+            x = x + layer.o(attn.view(T, H * hd))
             h = F.rms_norm(x, (a.hidden_size,), layer.mlp_norm, a.rms_norm_eps)
             gu = layer.gate_up(h)
-            x = x + layer.down(F.silu(gu[:, :inter]) * gu[:, inter:])
+            if ops is None:
+                x = x + layer.down(F.silu(gu[:, :inter]) * gu[:, inter:])
+            else:
+                ops.silu_and_mul(gu, act)
+                x = x + layer.down(act)
         x = F.rms_norm(x[b.logits_rows], (a.hidden_size,), self.final_norm, a.rms_norm_eps)
         return self.lm_head(x).float()
