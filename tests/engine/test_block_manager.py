@@ -75,7 +75,7 @@ def test_pool_never_exceeded_under_random_load():
     rng = random.Random(0)
     bm = BlockManager(num_blocks=16, block_size=2)
     owners: list[list[int]] = []
-    for step in range(2000):
+    for _ in range(2000):
         if owners and rng.random() < 0.4:
             bm.free(owners.pop(rng.randrange(len(owners))))
         else:

@@ -113,7 +113,7 @@ def test_kernel_rows_do_not_depend_on_batch_or_tiling():
     OPS.paged_attention(other, q, k_cache, v_cache, b.block_tables, b.seq_starts_t, b.context_lens_t, 0.125, 3)
     assert torch.equal(full, other)
     s = len(b.context_lens) - 1  # the last sequence, alone, as decodes of its last token only
-    start, end = b.seq_starts[s], b.seq_starts[s + 1]
+    end = b.seq_starts[s + 1]
     alone = torch.empty_like(q[end - 1:end])
     OPS.paged_attention(alone, q[end - 1:end], k_cache, v_cache, b.block_tables[s:s + 1],
                         torch.tensor([0, 1], dtype=torch.int32), b.context_lens_t[s:s + 1], 0.125, 16)
@@ -152,3 +152,20 @@ def test_silu_and_mul_matches_torch(dtype):
     OPS.silu_and_mul(gu, out)
     want = torch.nn.functional.silu(gu[:, :300].float()) * gu[:, 300:].float()
     torch.testing.assert_close(out.float(), want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_matches_torch(dtype):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn((7, 576), generator=g).to(dtype)
+    delta = torch.randn((7, 576), generator=g).to(dtype)
+    w = torch.randn(576, generator=g).to(dtype)
+    want_x = x + delta
+    want = torch.nn.functional.rms_norm(want_x.float(), (576,), w.float(), 1e-5)
+    out = torch.empty_like(x)
+    OPS.add_rms_norm(x, delta, w, 1e-5, out)
+    assert torch.equal(x, want_x)
+    torch.testing.assert_close(out.float(), want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
+    OPS.add_rms_norm(x, None, w, 1e-5, out)  # no residual: x unchanged
+    assert torch.equal(x, want_x)

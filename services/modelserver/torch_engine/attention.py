@@ -76,7 +76,7 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.T
     cached = sp.ctx - n
     if cached == 0:
         return F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=True).transpose(0, 1)
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # noqa: SLF001 - the only op with LSE
     out_c, lse_c = flash(qh.unsqueeze(0), kh.repeat_interleave(G, 0).unsqueeze(0),
                          vh.repeat_interleave(G, 0).unsqueeze(0), 0.0, True)
     kp, vp = gather(k_cache, v_cache, sp.block_ids)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +11,9 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 @dataclass
 class TorchEngineConfig:
-    #: "float32", "bfloat16" or "auto" (measure a batched matmul at start and keep the faster one).
+    #: "float32", "bfloat16" or "auto": bf16 where the CPU computes it natively (AVX-512-BF16 or
+    #: AMX), float32 elsewhere. Decided from CPU flags, not timings, so every replica on the same
+    #: hardware runs the same arithmetic and gives the same answers.
     dtype: str = "auto"
     #: torch intra-op threads; 0 keeps torch's default.
     threads: int = 0
@@ -30,8 +31,17 @@ class TorchEngineConfig:
     #: requests allowed to wait for admission before generate() raises CapacityError.
     max_waiting: int = 1024
     #: steps computing at most this many tokens use weight-only int8 matmuls (bf16 only; 0 = never):
-    #: a lone decoding sequence is bound by weight bytes read, which int8 halves.
-    int8_max_tokens: int = 1
+    #: a lone decoding sequence is bound by weight bytes read, which int8 halves. Off by default
+    #: because it changes answers (logits move by up to ~1.4; see docs/architecture.md).
+    int8_max_tokens: int = 0
+    #: greedy output independent of batch composition, chunking and prefix-cache state: GEMMs run
+    #: in fixed blocks of `invariant_rows` rows, attention in the C++ kernel (required), no int8.
+    batch_invariant: bool = False
+    invariant_rows: int = 16
+    #: backpressure: a request whose consumer has this many chunks unread stops being scheduled
+    #: (it keeps its KV blocks) until it drains below `resume_chunks`.
+    pause_chunks: int = 64
+    resume_chunks: int = 16
     #: run a short generation in start() so the first real request does not pay for lazy init.
     warmup: bool = True
 
@@ -39,9 +49,14 @@ class TorchEngineConfig:
         """Fail at construction rather than deep inside the step loop."""
         if self.dtype not in ("auto", *_DTYPES):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        for name in ("block_size", "max_running", "step_token_budget", "max_waiting"):
+        for name in ("block_size", "max_running", "step_token_budget", "max_waiting", "invariant_rows",
+                     "pause_chunks", "resume_chunks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.resume_chunks >= self.pause_chunks:
+            raise ValueError(f"resume_chunks ({self.resume_chunks}) must be below pause_chunks ({self.pause_chunks})")
+        if self.batch_invariant and self.int8_max_tokens:
+            raise ValueError("batch_invariant excludes the int8 path (int8_max_tokens must be 0)")
         if self.int8_max_tokens < 0:
             raise ValueError(f"int8_max_tokens must be >= 0, got {self.int8_max_tokens}")
         if self.threads < 0 or self.kv_cache_blocks < 0 or self.kv_cache_bytes < 0 or self.max_context < 0:
@@ -60,22 +75,14 @@ class TorchEngineConfig:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """Map the config string to a dtype; "auto" times a decode-sized matmul in both and keeps the faster.
+    """Map the config string to a dtype; "auto" is bf16 where the CPU has native bf16 math.
 
-    bf16 wins by 3-4x on CPUs with AMX/AVX512-BF16 and loses badly on CPUs without, so measuring
-    beats guessing from flags.
+    bf16 wins by 3-4x on CPUs with AMX/AVX512-BF16 and loses badly on CPUs without.
     """
     if name != "auto":
         return _DTYPES[name]
-    timings = {}
-    for dt in (torch.float32, torch.bfloat16):
-        x = torch.randn(32, 576, dtype=dt)
-        w = torch.randn(1536, 576, dtype=dt)
-        with torch.inference_mode():
-            for _ in range(3):
-                torch.nn.functional.linear(x, w)
-            t0 = time.perf_counter()
-            for _ in range(20):
-                torch.nn.functional.linear(x, w)
-            timings[dt] = time.perf_counter() - t0
-    return min(timings, key=timings.__getitem__)
+    cpu = torch.cpu
+    if cpu._is_amx_tile_supported():  # noqa: SLF001 - torch exposes these CPU probes only privately
+        cpu._init_amx()  # noqa: SLF001 - Linux grants AMX tile state per process; without it: SIGILL
+        return torch.bfloat16
+    return torch.bfloat16 if cpu._is_avx512_bf16_supported() else torch.float32  # noqa: SLF001

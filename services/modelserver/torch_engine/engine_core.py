@@ -95,6 +95,18 @@ class EngineCore:
     def has_work(self) -> bool:
         return bool(self._active)
 
+    def has_runnable(self) -> bool:
+        """Work a step could do now: a request that is not paused, or one whose deadline passed."""
+        now = self.clock()
+        return any(not a.seq.paused or (a.req.deadline is not None and now >= a.req.deadline)
+                   for a in self._active.values())
+
+    def set_paused(self, request_id: str, paused: bool) -> None:
+        """Backpressure: a paused request is not scheduled and keeps its KV blocks."""
+        a = self._active.get(request_id)
+        if a is not None:
+            a.seq.paused = paused
+
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[tuple[str, GenerationChunk]]:
         """Run one engine iteration; return the chunks it produced, keyed by request id."""
@@ -124,7 +136,7 @@ class EngineCore:
             seqs = [sched.scheduled[i][0] for i in batch.logits_owner]
             actives = [self._active[by_seq[s]] for s in seqs]
             result = sample(logits, [a.row for a in actives])
-            for a, tok, lp in zip(actives, result.token_ids, result.logprobs):
+            for a, tok, lp in zip(actives, result.token_ids, result.logprobs, strict=True):
                 outputs.append(self._on_token(by_seq[a.seq], a, tok, lp))
             self._count_tokens(len(actives))
         return outputs

@@ -55,7 +55,7 @@ class Tokenizer:
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+        return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
     def save(self, folder: str) -> None:
         """Write tokenizer files in Hugging Face format (tests export GGUF models to folders)."""

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -329,11 +330,54 @@ void silu_and_mul(torch::Tensor gu, torch::Tensor out) {
   }
 }
 
+template <typename T>
+void add_rms_norm_impl(torch::Tensor& x, const torch::Tensor* delta, const torch::Tensor& w, double eps,
+                       torch::Tensor& out) {
+  const int64_t rows = x.size(0), n = x.size(1);
+  T* xp = x.data_ptr<T>();
+  const T* dp = delta ? delta->data_ptr<T>() : nullptr;
+  const T* wp = w.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+  for (int64_t r = 0; r < rows; ++r) {
+    T* xr = xp + r * n;
+    if (dp) {
+      const T* dr = dp + r * n;
+      for (int64_t i = 0; i < n; ++i) from_f(to_f(xr[i]) + to_f(dr[i]), xr + i);
+    }
+    float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < n; ++i) ss += to_f(xr[i]) * to_f(xr[i]);
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + static_cast<float>(eps));
+    T* orow = op + r * n;
+    for (int64_t i = 0; i < n; ++i) from_f(to_f(xr[i]) * inv * to_f(wp[i]), orow + i);
+  }
+}
+
+// x += delta (when given, in place, rounded to x's dtype like torch's add), then
+// out = rms_norm(x) * w per row: the residual add and the next norm in one pass over x.
+void add_rms_norm(torch::Tensor x, std::optional<torch::Tensor> delta, torch::Tensor w, double eps, torch::Tensor out) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && out.is_contiguous() && out.sizes() == x.sizes() &&
+                  w.is_contiguous() && w.numel() == x.size(1), "bad add_rms_norm shapes");
+  TORCH_CHECK(!delta || (delta->is_contiguous() && delta->sizes() == x.sizes() &&
+                         delta->scalar_type() == x.scalar_type()), "bad delta");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type() && w.scalar_type() == x.scalar_type(), "dtypes must match");
+  const torch::Tensor* d = delta ? &*delta : nullptr;
+  if (x.scalar_type() == torch::kBFloat16) {
+    add_rms_norm_impl<bf16>(x, d, w, eps, out);
+  } else if (x.scalar_type() == torch::kFloat32) {
+    add_rms_norm_impl<float>(x, d, w, eps, out);
+  } else {
+    TORCH_CHECK(false, "add_rms_norm supports float32 and bfloat16");
+  }
+}
+
 int64_t openmp_threads() { return omp_get_max_threads(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention, "paged attention over head-major KV pages (decode + prefill)");
   m.def("rope_and_cache", &rope_and_cache, "RoPE on q and k, k and v written to their cache slots");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("add_rms_norm", &add_rms_norm, "x += delta; out = rms_norm(x) * w");
   m.def("openmp_threads", &openmp_threads, "OpenMP threads the calling thread would use");
 }
