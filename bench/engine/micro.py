@@ -22,6 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
 from services.modelserver.torch_engine import ops  # noqa: E402
+from services.modelserver.torch_engine.config import resolve_dtype  # noqa: E402
 from services.modelserver.torch_engine.forward_batch import SeqSlice, build_forward_batch  # noqa: E402
 from services.modelserver.torch_engine.kv_cache import KVCache  # noqa: E402
 from services.modelserver.torch_engine.model import LlamaModel  # noqa: E402
@@ -64,32 +65,55 @@ def decode_step(model: LlamaModel, kv: KVCache, batch: int, context: int, rng: r
     return build_forward_batch(slices, bs)
 
 
+def prefill_figures(model: LlamaModel, kv: KVCache, tokens: int, chunk: int, repeats: int) -> dict:
+    """A `tokens`-long prompt prefilled cold (in `chunk`-token steps, as the engine does) against the
+    same prompt with its first half already cached (only the second half computed)."""
+    rng = random.Random(1)
+    ids = [rng.randint(1000, 40000) for _ in range(tokens)]
+    bs = kv.block_size
+    table = list(range(-(-tokens // bs)))
+
+    def run(start: int) -> None:
+        for s in range(start, tokens, chunk):
+            part = ids[s:s + chunk]
+            model.forward(build_forward_batch([SeqSlice(part, s, table, s + len(part) == tokens)], bs), kv)
+
+    cold = _time(lambda: run(0), repeats)
+    warm = _time(lambda: run(tokens // 2), repeats)
+    return {"tokens": tokens, "cold_ms": round(cold * 1e3, 1), "half_cached_ms": round(warm * 1e3, 1),
+            "speedup": round(cold / warm, 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,16,64")
     ap.add_argument("--context", type=int, default=600)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefill-tokens", type=int, default=1024)
+    ap.add_argument("--dtype", default="auto", help="auto: what the engine picks on this CPU")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     args, tensors = load_checkpoint("embedded")
-    dtype = torch.bfloat16
+    dtype = resolve_dtype(a.dtype)
     model = LlamaModel(args, tensors, dtype, 4096)
     torch_model = LlamaModel(args, tensors, dtype, 4096, use_cpu_ops=False)
     batches = [int(x) for x in a.batches.split(",")]
-    blocks = sum(-(-int(a.context * 1.5) // 64) for _ in range(max(batches))) + 8
+    blocks = sum(-(-int(a.context * 1.5) // 64) for _ in range(max(batches))) + a.prefill_tokens // 64 + 8
     kv = KVCache.allocate(args, blocks, 64, dtype)
     kv.k.normal_()
     kv.v.normal_()
-    weight_bytes = sum(t.numel() for t in tensors.values()) * 2
+    elem = torch.empty((), dtype=dtype).element_size()
+    weight_bytes = sum(t.numel() for t in tensors.values()) * elem
     bw = bandwidth_gb_s()
     out: dict = {"bandwidth_gb_s": round(bw, 1), "weight_bytes": weight_bytes, "cpu_ops": ops.status(),
+                 "dtype": str(dtype),
                  "context": a.context, "threads": a.threads, "decode": {}}
     rng = random.Random(0)
     for bsz in batches:
         b = decode_step(model, kv, bsz, a.context, rng)
-        kv_bytes = sum(b.context_lens) * 2 * args.num_layers * args.num_kv_heads * args.head_dim * 2
+        kv_bytes = sum(b.context_lens) * 2 * args.num_layers * args.num_kv_heads * args.head_dim * elem
         step_bytes = weight_bytes + kv_bytes
         row: dict = {"step_bytes": step_bytes, "roofline_ms": round(step_bytes / (bw * 1e9) * 1e3, 2)}
         for name, m in (("cpu_ops", model), ("torch", torch_model)):
@@ -104,6 +128,8 @@ def main() -> None:
             row[key] = round(_time(lambda lg=logits, r=rows: sample(lg, r), a.repeats) * 1e3, 2)
         out["decode"][str(bsz)] = row
         print(f"batch {bsz:3d}: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+    out["prefill"] = prefill_figures(model, kv, a.prefill_tokens, 512, max(1, a.repeats // 2))
+    print(f"prefill: {out['prefill']}")
     print(f"memory bandwidth {bw:.1f} GB/s; C++ ops: {ops.status()}")
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:
