@@ -16,8 +16,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MEAN_CONTEXT = 350
 
 
-def _run(python: str, script: str, args: list[str], timeout: float) -> dict:
-    before, _ = quiet.wait_for_quiet(120)
+def _run(python: str, script: str, args: list[str], timeout: float, quiet_wait: float) -> dict:
+    before, _ = quiet.wait_for_quiet(quiet_wait)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         path = f.name
     try:
@@ -35,7 +35,7 @@ def _run(python: str, script: str, args: list[str], timeout: float) -> dict:
     return out
 
 
-def run_all(python: str, quick: bool, threads: int) -> dict:
+def run_all(python: str, quick: bool, threads: int, quiet_wait: float) -> dict:
     t = str(threads)
     if quick:
         micro = ["--batches", "1,4", "--context", "128", "--repeats", "1", "--prefill-tokens", "256"]
@@ -44,9 +44,9 @@ def run_all(python: str, quick: bool, threads: int) -> dict:
         micro = ["--batches", "1,16,64", "--context", str(MEAN_CONTEXT), "--repeats", "5"]
         inv = []
     print("micro figures (forward only, roofline) ...", flush=True)
-    out = {"micro": _run(python, "micro.py", [*micro, "--threads", t], 1800)}
+    out = {"micro": _run(python, "micro.py", [*micro, "--threads", t], 1800, quiet_wait)}
     print(f"  {json.dumps(out['micro'])[:400]}", flush=True)
     print("batch-invariant mode check ...", flush=True)
-    out["invariance"] = _run(python, "invariance.py", [*inv, "--threads", t], 3600)
+    out["invariance"] = _run(python, "invariance.py", [*inv, "--threads", t], 3600, quiet_wait)
     print(f"  {json.dumps(out['invariance'])[:400]}", flush=True)
     return out

@@ -238,7 +238,7 @@ def main() -> None:
                      "workloads": {w: {"systems": {}} for w in workloads}}
     md = ""
     if not a.no_extras:
-        results.update(extras.run_all(PROJECT_PY, a.quick, THREADS))
+        results.update(extras.run_all(PROJECT_PY, a.quick, THREADS, a.quiet_wait))
         md = write(results, a.out)
     for system in systems(a.quick):
         if wanted and system.name not in wanted:

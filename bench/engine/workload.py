@@ -44,7 +44,16 @@ class Scenario:
                 "requests": [asdict(r) for r in self.requests]}
 
     def with_sampling(self, workload: str) -> Scenario:
-        return Scenario(self.name, self.requests, self.concurrency, dict(WORKLOADS[workload]))
+        """The same shapes (lengths, arrivals) under `workload`'s sampling, with fresh prompt tokens
+        so a system's prefix cache gains nothing from having run the other workload first."""
+        if workload == "greedy":
+            return Scenario(self.name, self.requests, self.concurrency, dict(WORKLOADS[workload]))
+        reqs = []
+        for r in self.requests:
+            rng = random.Random(f"{r.id}/{workload}")
+            ids = [rng.randint(*TOKEN_RANGE) for _ in r.prompt_ids]
+            reqs.append(Request(f"{r.id}-{workload}", ids, r.max_tokens, r.arrival_s))
+        return Scenario(self.name, reqs, self.concurrency, dict(WORKLOADS[workload]))
 
 
 def make_requests(n: int, seed: int, max_output: int | None = None) -> list[Request]:

@@ -4,6 +4,7 @@ transformers, llama.cpp's Q/K permutation, and clear errors for bad sources."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -31,8 +32,9 @@ def tiny_hf_model(kind: str, folder) -> torch.nn.Module:
     import transformers
 
     torch.manual_seed(0)
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    common: dict[str, Any] = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+    model: Any
     if kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=False))
         with torch.no_grad():  # random init leaves biases at zero; make them matter

@@ -8,6 +8,7 @@ dims 64/128, batches of 1-64 sequences, float32 and bfloat16.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from services.modelserver.torch_engine.attention import TILE_ROWS, TorchAttentio
 from services.modelserver.torch_engine.forward_batch import SeqSlice, build_forward_batch
 from services.modelserver.torch_engine.kv_cache import write_kv
 
-OPS = ops.load()
+OPS: Any = ops.load()
 needs_ops = pytest.mark.skipif(OPS is None, reason=f"C++ ops not built: {ops.status()}")
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 

@@ -60,5 +60,6 @@ def test_logprobs_are_raw_log_softmax_and_nonpositive():
     out = sample(x, [SamplingRow(0.0, logprobs=True), SamplingRow(1.3, top_k=5, logprobs=True)])
     ref = torch.log_softmax(x, -1)
     for i in range(2):
-        assert out.logprobs[i] <= 0.0
-        assert math.isclose(out.logprobs[i], ref[i, out.token_ids[i]].item(), rel_tol=1e-5, abs_tol=1e-6)
+        lp = out.logprobs[i]
+        assert lp is not None and lp <= 0.0
+        assert math.isclose(lp, ref[i, out.token_ids[i]].item(), rel_tol=1e-5, abs_tol=1e-6)

@@ -23,6 +23,7 @@
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -82,9 +83,14 @@ void attend(const WorkItem& w, const T* q, int64_t q_row_stride, T* out, const T
   const int G = H / KV;
   const int ntok = w.q_end - w.q_begin;
   const int R = ntok * G;
-  std::vector<float> qf(static_cast<size_t>(R) * D), acc(static_cast<size_t>(R) * D, 0.0f);
-  std::vector<float> m(R, -std::numeric_limits<float>::infinity()), l(R, 0.0f);
-  std::vector<float> kf(static_cast<size_t>(D) * B), vf(static_cast<size_t>(B) * D);
+  // Scratch reused across work items of a thread: no allocation per item in the hot loop.
+  thread_local std::vector<float> qf, acc, m, l, kf, vf;
+  qf.resize(static_cast<size_t>(R) * D);
+  acc.assign(static_cast<size_t>(R) * D, 0.0f);
+  m.assign(R, -std::numeric_limits<float>::infinity());
+  l.assign(R, 0.0f);
+  kf.resize(static_cast<size_t>(D) * B);
+  vf.resize(static_cast<size_t>(B) * D);
   for (int i = 0; i < ntok; ++i) {
     for (int g = 0; g < G; ++g) {
       const T* src = q + (w.q_begin + i) * q_row_stride + (w.kv_head * G + g) * D;
@@ -98,10 +104,19 @@ void attend(const WorkItem& w, const T* q, int64_t q_row_stride, T* out, const T
   alignas(64) float s[B];
   for (int blk = 0; blk < nblocks; ++blk) {
     const size_t off = (static_cast<size_t>(table[blk]) * KV + w.kv_head) * page;
-    const T* kp = k_cache + off;
-    const T* vp = v_cache + off;
-    for (size_t e = 0; e < page; ++e) kf[e] = to_f(kp[e]);
-    for (size_t e = 0; e < page; ++e) vf[e] = to_f(vp[e]);
+    const float* kpage;
+    const float* vpage;
+    if constexpr (std::is_same_v<T, float>) {  // already float: read the page in place
+      kpage = k_cache + off;
+      vpage = v_cache + off;
+    } else {  // widen once per page; every row of the item then reads float from L1
+      const T* kp = k_cache + off;
+      const T* vp = v_cache + off;
+      for (size_t e = 0; e < page; ++e) kf[e] = to_f(kp[e]);
+      for (size_t e = 0; e < page; ++e) vf[e] = to_f(vp[e]);
+      kpage = kf.data();
+      vpage = vf.data();
+    }
     const int base = blk * B;
     for (int i = 0; i < ntok; ++i) {
       const int pos = first_pos + i;
@@ -113,7 +128,7 @@ void attend(const WorkItem& w, const T* q, int64_t q_row_stride, T* out, const T
         for (int t = 0; t < B; ++t) s[t] = 0.0f;
         for (int d = 0; d < D; ++d) {
           const float qd = qr[d];
-          const float* kr = kf.data() + d * B;
+          const float* kr = kpage + d * B;
           for (int t = 0; t < B; ++t) s[t] += qd * kr[t];
         }
         float mx = m[r];
@@ -132,7 +147,7 @@ void attend(const WorkItem& w, const T* q, int64_t q_row_stride, T* out, const T
         for (int d = 0; d < D; ++d) ar[d] *= corr;
         for (int t = 0; t < nv; ++t) {
           const float p = s[t];
-          const float* vr = vf.data() + t * D;
+          const float* vr = vpage + t * D;
           for (int d = 0; d < D; ++d) ar[d] += p * vr[d];
         }
       }
