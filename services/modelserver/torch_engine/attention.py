@@ -20,6 +20,8 @@ from .kv_cache import gather, write_kv
 
 #: query rows (tokens x heads of one KV head) one kernel work item holds; bounds its scratch.
 TILE_ROWS = 16
+#: page sizes the C++ kernel is compiled for; other sizes run the plain-torch path.
+KERNEL_BLOCK_SIZES = (16, 32, 64, 128)
 
 
 @dataclass

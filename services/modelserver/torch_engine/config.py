@@ -55,6 +55,8 @@ class TorchEngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.resume_chunks >= self.pause_chunks:
             raise ValueError(f"resume_chunks ({self.resume_chunks}) must be below pause_chunks ({self.pause_chunks})")
+        if self.batch_invariant and self.block_size not in (16, 32, 64, 128):
+            raise ValueError(f"batch_invariant needs block_size 16, 32, 64 or 128, got {self.block_size}")
         if self.batch_invariant and self.int8_max_tokens:
             raise ValueError("batch_invariant excludes the int8 path (int8_max_tokens must be 0)")
         if self.int8_max_tokens < 0:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops as cpu_ops
-from .attention import TorchAttention, kernel_attention
+from .attention import KERNEL_BLOCK_SIZES, TorchAttention, kernel_attention
 from .forward_batch import ForwardBatch
 from .kv_cache import KVCache
 from .linear import Linear
@@ -49,7 +49,7 @@ class LlamaModel:
             raise ValueError(f"batch-invariant mode needs the C++ kernels (they are {cpu_ops.status()}) "
                              "and no int8 path")
         q8 = int8_max_tokens
-        fixed = invariant_rows
+        fixed = self.fixed_rows = invariant_rows
 
         def lin(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
             return Linear(weight, bias, q8, fixed)
@@ -85,7 +85,9 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, b: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """Run all layers over the step's tokens, write their K/V, return float32 logits of logits_rows."""
-        if self.ops is None:
+        if self.ops is None or kv.block_size not in KERNEL_BLOCK_SIZES:
+            if self.fixed_rows:
+                raise ValueError(f"batch-invariant mode needs a page size in {KERNEL_BLOCK_SIZES}")
             return self._forward_torch(b, kv)
         a = self.args
         ops = self.ops
