@@ -72,6 +72,10 @@ inline float fast_exp(float x) {
   return p * scale;
 }
 
+// Below this many multiply-adds a kernel runs on the calling thread: waking OpenMP threads costs
+// more than it saves for a few rows, and on a busy machine a descheduled thread stalls the region.
+constexpr int64_t kParallelWork = 1 << 16;
+
 struct WorkItem {
   int32_t seq, kv_head, q_begin, q_end;  // query tokens [q_begin, q_end) of the step (global rows)
 };
@@ -193,7 +197,9 @@ void run_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tens
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int64_t table_stride = block_tables.stride(0);
   const int64_t n = static_cast<int64_t>(items.size());
-#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads())
+  int64_t work = 0;
+  for (int s = 0; s < S; ++s) work += static_cast<int64_t>(ctx[s]) * (starts[s + 1] - starts[s]) * H * D;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(at::get_num_threads()) if (n > 1 && work > kParallelWork)
   for (int64_t i = 0; i < n; ++i) {
     const WorkItem& w = items[i];
     const int32_t nq = starts[w.seq + 1] - starts[w.seq];
@@ -265,7 +271,7 @@ void rope_cache_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const t
   T* qo = q_out.data_ptr<T>();
   T* kc = k_cache.data_ptr<T>();
   T* vc = v_cache.data_ptr<T>();
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads()) if (T_ * (H + 2 * KV) * D > kParallelWork)
   for (int64_t t = 0; t < T_; ++t) {
     const T* row = x + t * xs;
     const T* ct = c + pos[t] * D;
@@ -320,7 +326,7 @@ void silu_mul_impl(const torch::Tensor& gu, torch::Tensor& out) {
   const int64_t rows = gu.size(0), n = out.size(1);
   const T* x = gu.data_ptr<T>();
   T* o = out.data_ptr<T>();
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads()) if (rows * n > kParallelWork)
   for (int64_t r = 0; r < rows; ++r) {
     const T* g = x + r * 2 * n;
     const T* u = g + n;
@@ -353,7 +359,7 @@ void add_rms_norm_impl(torch::Tensor& x, const torch::Tensor* delta, const torch
   const T* dp = delta ? delta->data_ptr<T>() : nullptr;
   const T* wp = w.data_ptr<T>();
   T* op = out.data_ptr<T>();
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads())
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads()) if (rows * n > kParallelWork)
   for (int64_t r = 0; r < rows; ++r) {
     T* xr = xp + r * n;
     if (dp) {
