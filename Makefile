@@ -14,7 +14,15 @@ AGAINST ?= main
 
 all: setup
 
-setup: $(INSTALLED) $(GEN_STAMP)
+CPU_OPS_STAMP := build/.cpu_ops.stamp
+
+setup: $(INSTALLED) $(GEN_STAMP) $(CPU_OPS_STAMP)
+
+# The torch engine's C++ kernels (OpenMP, -march=native). Never fails setup: without a compiler the
+# engine runs its plain-torch path, and the script says why.
+$(CPU_OPS_STAMP): $(INSTALLED) services/modelserver/torch_engine/csrc/cpu_ops.cpp services/modelserver/torch_engine/ops.py
+	$(BIN)/python services/modelserver/torch_engine/ops.py
+	mkdir -p build && touch $@
 
 # The editable install maps the `meshserve` stub package to gen/python, so the folder must exist first.
 $(INSTALLED): pyproject.toml

@@ -95,6 +95,18 @@ class EngineCore:
     def has_work(self) -> bool:
         return bool(self._active)
 
+    def has_runnable(self) -> bool:
+        """Work a step could do now: a request that is not paused, or one whose deadline passed."""
+        now = self.clock()
+        return any(not a.seq.paused or (a.req.deadline is not None and now >= a.req.deadline)
+                   for a in self._active.values())
+
+    def set_paused(self, request_id: str, paused: bool) -> None:
+        """Backpressure: a paused request is not scheduled and keeps its KV blocks."""
+        a = self._active.get(request_id)
+        if a is not None:
+            a.seq.paused = paused
+
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[tuple[str, GenerationChunk]]:
         """Run one engine iteration; return the chunks it produced, keyed by request id."""

@@ -30,6 +30,7 @@ class Sequence:
     num_committed_blocks: int = 0  # leading blocks already published to the prefix cache
     num_cached_tokens: int = -1  # prefix-cache hit on first admission; -1 = not admitted yet
     num_preemptions: int = 0
+    paused: bool = False  # its consumer stopped reading: not scheduled, blocks kept (backpressure)
 
     @property
     def num_tokens(self) -> int:
