@@ -177,7 +177,7 @@ async def test_canary_weight_from_state_and_figures_per_side():
     assert {r.model for r in mesh.calls} == {"m@v1"}
 
 
-def ensemble(combiner: tp.EnsembleCombiner.ValueType, *targets: str, **kw) -> tp.TrafficPolicy:
+def ensemble(combiner: tp.EnsembleCombiner, *targets: str, **kw) -> tp.TrafficPolicy:
     return tp.TrafficPolicy(name="e", ensemble=tp.EnsemblePolicy(
         combiner=combiner, members=[tp.EnsembleMember(target=t) for t in targets], **kw))
 
