@@ -5,7 +5,8 @@ or wait - and says why in words `meshctl traffic list` shows.
 Roll back (at any time, once the canary has `min_requests` in the window) when its error rate
 exceeds the stable side's by more than `max_error_increase` (against 0% when the stable side has
 too few requests to compare, e.g. at a 100% step), or its TTFT p95 exceeds the stable side's by
-more than `max_ttft_increase` (only when both sides have `min_requests` first tokens). Move on when
+more than `max_ttft_increase` (only when both sides have `min_requests` first tokens, and never for
+a difference under TTFT_FLOOR_S, below which p95s of small windows are noise). Move on when
 the step has lasted `step_s` with `min_requests` on the canary and no regression; after the last
 step the canary is PROMOTED (100%).
 """
@@ -18,6 +19,7 @@ from services.common.traffic import window
 from services.common.traffic.records import Canary
 
 PROGRESSING = tp.CANARY_PHASE_PROGRESSING
+TTFT_FLOOR_S = 0.02
 
 
 def _pct(w: tp.TargetWindow) -> str:
@@ -37,7 +39,8 @@ def regression(spec: Canary, stable: tp.TargetWindow, canary: tp.TargetWindow) -
         return (f"canary error rate {_pct(canary)} exceeds stable {_pct(stable)} by more than "
                 f"{100 * spec.max_error_increase:g} points")
     enough = min(window.ttft_samples(stable), window.ttft_samples(canary)) >= spec.min_requests
-    if enough and canary.ttft_p95_s > stable.ttft_p95_s * (1 + spec.max_ttft_increase):
+    allowed = max(stable.ttft_p95_s * spec.max_ttft_increase, TTFT_FLOOR_S)
+    if enough and canary.ttft_p95_s - stable.ttft_p95_s > allowed:
         return (f"canary TTFT p95 {_ms(canary.ttft_p95_s)} exceeds stable {_ms(stable.ttft_p95_s)} by more "
                 f"than {100 * spec.max_ttft_increase:g}%")
     return ""
