@@ -146,11 +146,10 @@ def test_canary_rolls_back_on_injected_errors_and_a_healthy_one_is_promoted(mesh
     clients.deploy("good@v1", 1)
     clients.deploy("good@v2", 1)
     # TTFT p95 of a few sim requests on a loaded machine is noise: judge these on errors.
-    fast = {"step_seconds": 3, "min_requests": 5, "window_seconds": 10, "max_ttft_p95_increase": 50.0}
-    clients.set(tp.TrafficPolicy(name="can", canary=tp.CanaryPolicy(stable="can@v1", canary="can@v2",
-                                                                     steps=[50, 100], **fast)))
-    clients.set(tp.TrafficPolicy(name="good", canary=tp.CanaryPolicy(stable="good@v1", canary="good@v2",
-                                                                      steps=[30, 60], **fast)))
+    for name, steps in (("can", [50, 100]), ("good", [30, 60])):
+        clients.set(tp.TrafficPolicy(name=name, canary=tp.CanaryPolicy(
+            stable=f"{name}@v1", canary=f"{name}@v2", steps=steps, step_seconds=3, min_requests=5,
+            window_seconds=10, max_ttft_p95_increase=50.0)))
     deadline = time.monotonic() + 90
     steps_seen = set()
     while time.monotonic() < deadline:
