@@ -59,6 +59,8 @@ class SimConfig:
     # start, this share of requests fails with UNAVAILABLE before its first token.
     error_rate: float = 0.0
     error_after_s: float = 0.0
+    # A model that takes time to load (rollout tests: no traffic may reach it before READY).
+    load_s: float = 0.0
 
     def __post_init__(self) -> None:
         """Refuse values the engine cannot run with (tokens_per_second=0 would divide by zero
@@ -94,6 +96,8 @@ class SimEngine(Engine):
         self._started_at = time.monotonic()
 
     async def start(self) -> None:
+        if self.config.load_s:
+            await asyncio.sleep(self.config.load_s)
         self._ready = True
         self._started_at = time.monotonic()
         self._pump = asyncio.get_running_loop().create_task(self._admit_behind_paused(), name="sim-pump")
