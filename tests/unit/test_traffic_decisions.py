@@ -59,6 +59,7 @@ def test_rules_first_match_wins_then_default():
 def test_normalised_votes():
     assert combine.normalise("  The Answer is: Paris.\n", "text") == "the answer is: paris"
     assert combine.normalise("It is 1,024 apples", "number") == "1024"
+    assert combine.normalise("7 + 5 = 12.", "number") == "12"
     assert combine.normalise("4.50", "number") == "4.5"
     assert combine.normalise("no digits", "number") is None
     assert combine.normalise("\n\nParis!\nbecause", "first_line") == "paris"

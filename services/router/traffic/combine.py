@@ -3,7 +3,8 @@ log-probability (first success, hedging, is a race and lives in ensemble.py).
 
 Votes compare normalised answers (answer_format): `text` folds case, runs of white space and
 surrounding punctuation; `first_line` takes the first non-empty line, then folds it as `text`;
-`number` takes the first number (an answer without one never wins). Ties go to the earliest member
+`number` takes the last number (as math benchmarks grade: "7 + 5 = 12" answers 12; an answer
+without one never wins). Ties go to the earliest member
 in the policy's order, so the outcome is deterministic for the same answers.
 """
 
@@ -30,10 +31,10 @@ class MemberAnswer:
 def normalise(text: str, answer_format: str) -> str | None:
     """The comparable form of an answer, or None when it has none (no number, empty)."""
     if answer_format == "number":
-        found = _NUMBER.search(text)
-        if found is None:
+        found = _NUMBER.findall(text)
+        if not found:
             return None
-        value = found.group().replace(",", "").lstrip("+")
+        value = found[-1].replace(",", "").lstrip("+")
         if "." in value:
             value = value.rstrip("0").rstrip(".")
         return "0" if value in ("-0", "") else value
