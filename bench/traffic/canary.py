@@ -46,8 +46,8 @@ async def _watch_canary(ctl: Control, name: str, until: set[int], timeout: float
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         s = await ctl.policy(name)
-        key = (s.canary.phase, s.canary.step, s.canary_weight)
-        if not timeline or (timeline[-1]["phase"], timeline[-1]["step"], timeline[-1]["weight"]) != key:
+        key = (tp.CanaryPhase.Name(s.canary.phase), s.canary.step, s.canary_weight)
+        if not timeline or (timeline[-1].get("phase"), timeline[-1].get("step"), timeline[-1].get("weight")) != key:
             timeline.append({"at": time.time(), "phase": tp.CanaryPhase.Name(s.canary.phase),
                              "step": s.canary.step, "weight": s.canary_weight, "reason": s.canary.reason,
                              "updated_ms": s.canary.updated_ms})

@@ -51,10 +51,12 @@ def markdown(results: dict) -> str:
         lines += [f"- {t.get('phase', 'timeout')} step {t.get('step', '-')} ({t.get('weight', '-')}%): "
                   f"{t.get('reason', '')}" for t in r["timeline"]]
         rb = canary["rollback"]
-        lines += ["", f"Rollback: fault at +{rb.get('fault_at', 0):.0f}; the leader decided after "
-                  f"{_f(rb.get('rollback_s'), ' s')}, the routers' last answer from v3 came "
-                  f"{_f(rb.get('routers_off_v3_s'), ' s')} after the fault; client errors during the "
-                  f"fault: {rb.get('client_errors_after_fault_before_rollback')}. Reason: {rb.get('reason', '')}", "",
+        lines += ["", f"Rollback: the leader decided {_f(rb.get('rollback_s'), ' s')} after the fault began "
+                  f"(error_rate 0.5 on the canary at 10%; default margins); the routers' last answer from v3 came "
+                  f"{_f(rb.get('routers_off_v3_s'), ' s')} after the fault; client-visible errors in that time: "
+                  f"{rb.get('client_errors_after_fault_before_rollback')} (Envoy retries an UNAVAILABLE that "
+                  f"reached no client on another router, whose pick is usually the stable version; the canary's "
+                  f"figures count every failed attempt). Reason: {rb.get('reason', '')}", "",
                   f"Split: observed {canary['split']['observed_percent']} at "
                   f"{canary['split']['requests_per_s']:.0f} requests/s through Envoy.", ""]
     if fb:
