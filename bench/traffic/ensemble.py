@@ -25,7 +25,7 @@ from services.router.traffic.combine import MemberAnswer, combine, normalise
 from .common import Control
 
 MODEL = "smollm2"
-MAX_TOKENS = 32
+MAX_TOKENS = 24
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def questions(n: int = 50, seed: int = 12) -> list[tuple[str, str]]:
 def plan(data_dir: Path) -> MeshPlan:
     return MeshPlan(data_dir=data_dir, base_port=0, routers=1, servers=[ServerPlan(
         "server-0", [f"{MODEL}=torch:embedded"],
-        engine_options=["kv_cache_blocks=1024", "max_context=1024", "max_running=32"])])
+        engine_options=["kv_cache_blocks=2048", "max_context=512", "max_running=64"])])
 
 
 def _request(model: str, question: str, member: Member | None) -> inference_pb2.GenerateRequest:
@@ -112,8 +112,11 @@ async def run(data_dir: Path, quick: bool) -> dict:
     try:
         await ctl.set_policy(_policy())
         await ctl.wait_ready(MODEL, 1, timeout=300)
-        per_member = [await _ask_all(stub, [_request(MODEL, q, m) for q, _ in qs], 16) for m in MEMBERS]
-        served = await _ask_all(stub, [_request("qa", q, None) for q, _ in qs], 4)
+        # Every member's questions at once (the engine batches up to 64), then the ensemble, whose
+        # 12 requests in flight are 60 member requests.
+        flat = await _ask_all(stub, [_request(MODEL, q, m) for m in MEMBERS for q, _ in qs], 64)
+        per_member = [flat[i * len(qs):(i + 1) * len(qs)] for i in range(len(MEMBERS))]
+        served = await _ask_all(stub, [_request("qa", q, None) for q, _ in qs], 12)
         return _summary(qs, per_member, served)
     finally:
         await channel.close()

@@ -94,6 +94,7 @@ class Dispatcher:
         self._settings_cache: tuple[cp.RoutingPolicy | None, Settings] | None = None
         pool.on_change(self._admission.notify)
         pool.on_leave(self._forget)
+        self._known_cache: tuple[frozenset[str], frozenset[str], frozenset[str]] | None = None
         self.traffic = None if traffic is None else TrafficExecutor(
             traffic, self.serve, pool.candidates, recorder, s.retry_after_ms)
 
@@ -120,7 +121,13 @@ class Dispatcher:
     def known_models(self) -> frozenset[str]:
         """Deployments, plus the names traffic policies and version aliases answer to."""
         known = self._pool.known_models()
-        return known if self.traffic is None else known | self.traffic.table.names()
+        if self.traffic is None:
+            return known
+        names = self.traffic.table.names()
+        cached = self._known_cache
+        if cached is None or cached[0] is not known or cached[1] is not names:
+            self._known_cache = cached = (known, names, known | names)
+        return cached[2]
 
     def _reachable(self, name: str) -> list[Replica]:
         if self.traffic is None or not self.traffic.handles(name):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -168,6 +169,8 @@ def test_canary_rolls_back_on_injected_errors_and_a_healthy_one_is_promoted(mesh
     assert {clients.ask("can").served_by.deployment for _ in range(20)} == {"can@v1"}
     out = meshctl("--controlplane", mesh.controlplane, "status").stdout
     assert "ROLLED_BACK" in out and "PROMOTED" in out
+    restarted = meshctl("--controlplane", mesh.controlplane, "traffic", "restart", "good", "--reason", "again")
+    assert "restarted by an operator at step 1 (30%): again" in restarted.stdout, restarted.stderr
 
 
 def test_fallback_chain_on_errors_and_first_token_timeout(clients: Clients):
@@ -185,7 +188,7 @@ def test_fallback_chain_on_errors_and_first_token_timeout(clients: Clients):
     assert answer.served_by.route == "fbt[fallback:1]>fb@cpu" and answer.text == "one two"
 
 
-def test_rules_ensembles_and_kserve_through_envoy(clients: Clients):
+def test_rules_ensembles_and_kserve_through_envoy(mesh: LocalMesh, clients: Clients, tmp_path):
     for v in ("a", "b", "c"):
         clients.deploy(f"ens@{v}", 1)
     clients.deploy("plain@v1", 1)
@@ -193,9 +196,12 @@ def test_rules_ensembles_and_kserve_through_envoy(clients: Clients):
         combiner=tp.ENSEMBLE_COMBINER_MAJORITY, quorum=2, members=[
             tp.EnsembleMember(target="ens@a", prompt_template="other {prompt}"),
             tp.EnsembleMember(target="ens@b"), tp.EnsembleMember(target="ens@c")])))
-    clients.set(tp.TrafficPolicy(name="chat", rules=tp.RulesPolicy(default_target="plain", rules=[
-        tp.RoutingRule(name="acme", headers=[tp.HeaderMatch(name="x-tenant", values=["acme"])], target="vote"),
-        tp.RoutingRule(name="urgent", prompt_regex="(?i)URGENT", target="ens@c")])))
+    rules = {"name": "chat", "rules": {"default_target": "plain", "rules": [
+        {"name": "acme", "headers": [{"name": "x-tenant", "values": ["acme"]}], "target": "vote"},
+        {"name": "urgent", "prompt_regex": "(?i)URGENT", "target": "ens@c"}]}}
+    (tmp_path / "rules.json").write_text(json.dumps(rules))
+    applied = meshctl("--controlplane", mesh.controlplane, "traffic", "apply", "-f", str(tmp_path / "rules.json"))
+    assert applied.returncode == 0 and "traffic policy chat (rules) written" in applied.stdout, applied.stderr
     wait_for(lambda: clients.routed("chat", "chat[rule:default]>plain[alias]>plain@v1"), 15, "routers to apply rules")
     voted = clients.ask("chat", metadata=[("x-tenant", "acme")])
     assert voted.text == "one two" and voted.usage.completion_tokens == 6

@@ -42,6 +42,7 @@ class TrafficTable:
         self._policies: dict[str, Policy] = {}
         self._versions: dict[str, list[str]] = {}
         self._deployments: frozenset[str] = frozenset()
+        self._names: frozenset[str] = frozenset()
         self._logged: set[tuple[str, int, str]] = set()
         view.subscribe(self._changed)
 
@@ -69,6 +70,7 @@ class TrafficTable:
         self._policies = parsed
         self._deployments = frozenset(view.known_models())
         self._versions = self._index_versions()
+        self._names = frozenset(parsed) | {a for a in self._versions if a not in self._deployments}
 
     def _parse(self, name: str, msg: tp.TrafficPolicy) -> Policy | None:
         try:
@@ -112,9 +114,10 @@ class TrafficTable:
         self._refresh()
         return name in self._policies or (name not in self._deployments and name in self._versions)
 
-    def names(self) -> set[str]:
+    def names(self) -> frozenset[str]:
+        """Names that policies and version aliases answer to (the same object until a change)."""
         self._refresh()
-        return set(self._policies) | {a for a in self._versions if a not in self._deployments}
+        return self._names
 
     def concrete(self, name: str, available: Callable[[str], bool]) -> str:
         """The deployment a non-policy name stands for: itself, or an alias's oldest available
