@@ -5,8 +5,8 @@ in region `cpu`, as a TensorRT-LLM GPU pool spilling to a CPU torch pool would b
 stream the kill broke continues on the CPU pool after the tokens the client has). Streaming
 clients run against `fb`; the gpu server is SIGKILLed mid-run. `fallback_failed` counts requests
 that failed or whose text differs from the expected answer. The hop's cost: p50 latency of
-answers served through the fallback link after the kill, minus p50 of the same load sent straight
-to fb@cpu beforehand.
+answers served through the fallback link after the kill, minus p50 of streams sent straight to
+fb@cpu at the same time (half as many clients alongside), so both see the same machine load.
 """
 
 from __future__ import annotations
@@ -40,20 +40,20 @@ def _p50_ms(outcomes) -> float | None:
     return None if p is None else p * 1000
 
 
-async def _phase(mesh: LocalMesh, model: str, workers: int, seconds: float, kill_at: float | None = None,
-                 pid: int = 0) -> tuple[list, float | None]:
-    load = Load(mesh.envoy, model, workers, max_tokens=MAX_TOKENS, stream=True)
+async def _phase(mesh: LocalMesh, workers: int, seconds: float, kill_at: float,
+                 pid: int) -> tuple[list, list, float]:
+    """Streams on `fb` and, alongside under the same conditions, straight on fb@cpu."""
+    load = Load(mesh.envoy, "fb", workers, max_tokens=MAX_TOKENS, stream=True)
+    direct = Load(mesh.envoy, "fb@cpu", workers // 2, max_tokens=MAX_TOKENS, stream=True)
     load.start()
-    killed_at = None
-    if kill_at is not None:
-        await asyncio.sleep(kill_at)
-        os.kill(pid, signal.SIGKILL)
-        killed_at = time.time()
-        await asyncio.sleep(seconds - kill_at)
-    else:
-        await asyncio.sleep(seconds)
+    direct.start()
+    await asyncio.sleep(kill_at)
+    os.kill(pid, signal.SIGKILL)
+    killed_at = time.time()
+    await asyncio.sleep(seconds - kill_at)
     await load.stop()
-    return load.outcomes, killed_at
+    await direct.stop()
+    return load.outcomes, direct.outcomes, killed_at
 
 
 async def run(data_dir: Path, quick: bool) -> dict:
@@ -67,10 +67,9 @@ async def run(data_dir: Path, quick: bool) -> dict:
         await ctl.set_policy(tp.TrafficPolicy(name="fb", fallback=tp.FallbackPolicy(
             links=["fb@gpu", "fb@cpu"], resume_across_links=True)))
         await ctl.routed("fb", "fb[fallback:0]>fb@gpu")
-        direct, _ = await _phase(mesh, "fb@cpu", workers, 5 if quick else 10)
         run_s, kill_s = (12, 4) if quick else (25, 8)
-        outcomes, killed_at = await _phase(mesh, "fb", workers, run_s, kill_s, mesh.children["gpu-0"].pid or 0)
-        assert killed_at is not None
+        outcomes, direct_all, killed_at = await _phase(mesh, workers, run_s, kill_s, mesh.children["gpu-0"].pid or 0)
+        direct = [o for o in direct_all if o.started >= killed_at]
         failed = [o for o in outcomes if o.error or not o.text_ok]
         after = [o for o in outcomes if not o.error and o.started >= killed_at]
         via = [o for o in after if "fallback:1" in o.route]
@@ -87,7 +86,8 @@ async def run(data_dir: Path, quick: bool) -> dict:
             "fallback_hop_p50_ms": None if p50_direct is None or p50_via is None else p50_via - p50_direct,
             "fallback_hop_p50_settled_ms": None if p50_direct is None or not settled
             else (_p50_ms(settled) or 0.0) - p50_direct,
-            "direct_requests": len(direct), "max_tokens": MAX_TOKENS, "workers": workers,
+            "direct_requests": len(direct), "direct_failed": len([o for o in direct_all if o.error or not o.text_ok]),
+            "max_tokens": MAX_TOKENS, "workers": workers,
         }
     finally:
         await ctl.close()

@@ -33,7 +33,9 @@ def markdown(results: dict) -> str:
     canary, fb, ens = results.get("canary", {}), results.get("fallback", {}), results.get("ensemble", {})
     lines = [f"# Traffic policy benchmark (issue 12){' - QUICK run' if results['quick'] else ''}", "",
              f"Run {results['started']} on {results['machine']}; load average before/after: "
-             f"{results['loadavg_before']} / {results['loadavg_after']}. Took {results['seconds']:.0f}s.", "",
+             f"{results['loadavg_before']} / {results['loadavg_after']}. Took {results['seconds']:.0f}s.",
+             *([f"Phases run again later: {results['updated']} (start time and load average of each)."]
+               if results.get("updated") else []), "",
              "| figure | target | measured |", "|---|---|---|",
              f"| requests to a target not READY during a rollout | 0 | {_f(h['to_not_ready'])} "
              f"(client errors during the rollout: {_f(h['rollout_errors'])}) |",
@@ -61,9 +63,10 @@ def markdown(results: dict) -> str:
                   f"{canary['split']['requests_per_s']:.0f} requests/s through Envoy.", ""]
     if fb:
         lines += ["## Fallback", "", f"Routes: {fb['routes']}. Streams broken by the kill and resumed on "
-                  f"the CPU pool: {fb['broken_by_kill_and_resumed']}. p50 direct to fb@cpu "
-                  f"{_f(fb['p50_direct_ms'], ' ms')}, through the fallback link {_f(fb['p50_via_fallback_ms'], ' ms')} "
-                  f"({fb['max_tokens']} tokens per stream at 200 tokens/s, {fb['workers']} streaming clients).", ""]
+                  f"the CPU pool: {fb['broken_by_kill_and_resumed']}. After the kill, p50 of streams straight to "
+                  f"fb@cpu {_f(fb['p50_direct_ms'], ' ms')} (at the same time, {fb['workers'] // 2} clients), "
+                  f"through the fallback link {_f(fb['p50_via_fallback_ms'], ' ms')} ({fb['workers']} clients; "
+                  f"{fb['max_tokens']} tokens per stream at 200 tokens/s).", ""]
     if ens:
         lines += ["## Ensemble (SmolLM2-135M-Instruct, torch engine)", "",
                   f"{ens['questions']} arithmetic questions, answers compared on their last number.", "",
@@ -71,6 +74,8 @@ def markdown(results: dict) -> str:
         lines += [f"| member: {m['member']} | {m['accuracy']:.0%} |" for m in ens["members"]]
         lines += [f"| ensemble, majority vote (served) | {ens['majority_served_accuracy']:.0%} |"]
         lines += [f"| {k} over the members' answers (computed) | {v:.0%} |" for k, v in ens["offline_accuracy"].items()]
+        if ens.get("error_kinds"):
+            lines += ["", f"Errors: {ens['error_kinds']}"]
         lines += [""]
     return "\n".join(lines) + "\n"
 
