@@ -26,11 +26,15 @@ async def main(phases: list[str], quick: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-traffic-") as tmp:
         for name in phases:
             logging.info("phase %s", name)
+            run = {"started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
             try:
                 results[name] = await PHASES[name](Path(tmp) / name, quick)
-            except Exception as exc:
+            except Exception as exc:  # a failed phase is recorded, the others run
                 logging.exception("phase %s failed", name)
                 results[name] = {"failed": f"{type(exc).__name__}: {exc}"}
+            run["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+            results[name]["run"] = run
     results["seconds"] = time.monotonic() - t0
     results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     return results
@@ -46,6 +50,7 @@ def cli() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     phases = [p for p in args.phases.split(",") if p]
     results = asyncio.run(main(phases, args.quick))
+    (OUT / "traffic-last-run.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     name = "traffic" if not args.quick and (phases == list(PHASES) or args.update) else "traffic-partial"
     if args.update and (OUT / f"{name}.json").exists():
         earlier = json.loads((OUT / f"{name}.json").read_text())
