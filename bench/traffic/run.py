@@ -50,7 +50,8 @@ def cli() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     phases = [p for p in args.phases.split(",") if p]
     results = asyncio.run(main(phases, args.quick))
-    (OUT / "traffic-last-run.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    raw = Path(tempfile.gettempdir()) / "traffic-last-run.json"  # kept whatever the merge below does
+    raw.write_text(json.dumps(results, indent=2, default=str) + "\n")
     name = "traffic" if not args.quick and (phases == list(PHASES) or args.update) else "traffic-partial"
     if args.update and (OUT / f"{name}.json").exists():
         earlier = json.loads((OUT / f"{name}.json").read_text())
