@@ -10,7 +10,7 @@ GEN_STAMP := gen/python/.stamp
 DESCRIPTOR := build/meshserve.pb
 AGAINST ?= main
 
-.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos gpu-check
+.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos bench-traffic gpu-check
 
 all: setup
 
@@ -89,6 +89,11 @@ ARGS ?=
 # `ARGS="--phases 1,3"` for a subset (chaos-partial.*).
 bench-chaos: setup
 	$(BIN)/python -m bench.chaos.run $(ARGS)
+
+# Traffic policy benchmark (issue 12): canary rollout/rollback and split under load, fallback with the
+# primary pool killed, a SmolLM2 ensemble; ~6 min. bench/results/traffic.{json,md}; ARGS=--quick to check.
+bench-traffic: setup
+	$(BIN)/python -m bench.traffic.run $(ARGS)
 
 run: setup
 	$(BIN)/meshserve up --demo $(ARGS)

@@ -1,7 +1,9 @@
 """The router's request path, whatever public API received the request.
 
 InferenceService and the KServe v2 servicer validate a request into a ValidRequest and call
-`Dispatcher.stream`: admission by priority (shedding and queueing when every replica is
+`Dispatcher.stream`. A name with a traffic policy (or a version alias) goes through
+traffic/executor.py, which resolves it to deployments and calls `serve` for each; any other name
+is served directly. `serve` is one deployment's path: admission by priority (shedding and queueing when every replica is
 saturated), a pick through the routing policy, then attempts (attempt.py does one; decide.py says
 what follows it; this module applies that: relay, retry, migrate, close or fail). Failures are
 services/common/errors.py's; the status interceptor maps them.
@@ -35,6 +37,10 @@ from .policy.prefix import render
 from .pool import BackendPool
 from .replica import Replica
 from .retry_budget import RetryBudget
+from .traffic.call import Call
+from .traffic.executor import TrafficExecutor
+from .traffic.stats import CanaryRecorder, Observer
+from .traffic.table import TrafficTable
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +73,12 @@ class _Request:
     streamed: bool = False  # a chunk reached the client
     failures: int = 0
     migrations: int = 0
+    observer: Observer | None = None  # a canary side's figures (traffic/stats.py)
 
 
 class Dispatcher:
-    def __init__(self, pool: BackendPool, router_id: str, settings: DispatchSettings | None = None) -> None:
+    def __init__(self, pool: BackendPool, router_id: str, settings: DispatchSettings | None = None,
+                 traffic: TrafficTable | None = None, recorder: CanaryRecorder | None = None) -> None:
         self.settings = settings or DispatchSettings()
         self.settings.validate()
         s = self.settings
@@ -86,6 +94,9 @@ class Dispatcher:
         self._settings_cache: tuple[cp.RoutingPolicy | None, Settings] | None = None
         pool.on_change(self._admission.notify)
         pool.on_leave(self._forget)
+        self._known_cache: tuple[frozenset[str], frozenset[str], frozenset[str]] | None = None
+        self.traffic = None if traffic is None else TrafficExecutor(
+            traffic, self.serve, pool.candidates, recorder, s.retry_after_ms)
 
     def _policy_named(self, name: str) -> Policy:
         if name not in self._policies:
@@ -108,12 +119,25 @@ class Dispatcher:
         return cached[1]
 
     def known_models(self) -> frozenset[str]:
-        return self._pool.known_models()
+        """Deployments, plus the names traffic policies and version aliases answer to."""
+        known = self._pool.known_models()
+        if self.traffic is None:
+            return known
+        names = self.traffic.table.names()
+        cached = self._known_cache
+        if cached is None or cached[0] is not known or cached[1] is not names:
+            self._known_cache = cached = (known, names, known | names)
+        return cached[2]
+
+    def _reachable(self, name: str) -> list[Replica]:
+        if self.traffic is None or not self.traffic.handles(name):
+            return self._pool.candidates(name)
+        return [r for m in sorted(self.traffic.deployments(name)) for r in self._pool.candidates(m)]
 
     def models(self) -> list[ModelAvailability]:
         out = []
         for model in sorted(self.known_models()):
-            replicas = self._pool.candidates(model)
+            replicas = self._reachable(model)
             out.append(ModelAvailability(model, len(replicas), sorted({r.region for r in replicas})))
         return out
 
@@ -125,16 +149,18 @@ class Dispatcher:
         """Chunks of the answer; `timeout` is the client's remaining deadline in seconds and
         `metadata` the call's invocation metadata (for the session header)."""
         started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         model = req.model if req.model in self.known_models() else "unknown"
         code = "OK"
         try:
-            if not self._pool.candidates(req.model):
-                raise self._no_candidates(req.model)
-            state = self._start(req, timeout, metadata, started)
-            self._budget.request()
-            queued = await self._admission.admit(req.model, req.priority, state.deadline)
+            if self.traffic is not None and self.traffic.handles(req.model):
+                session = req.session_id or _metadata_value(metadata, self.routing_settings().session_header)
+                chunks = self.traffic.run(req, Call(metadata, deadline, session[:256],
+                                                    req.region or self.settings.region))
+            else:
+                chunks = self.serve(req, deadline, metadata)
             first = True
-            async with aclosing(self._attempts(state, started + queued)) as chunks:
+            async with aclosing(chunks):
                 async for chunk in chunks:
                     if first and chunk.token_ids:
                         metrics.child(metrics.TTFT, model).observe(time.monotonic() - started)
@@ -150,8 +176,28 @@ class Dispatcher:
             metrics.child(metrics.REQUESTS, model, code, req.priority.name).inc()
             metrics.child(metrics.DURATION, model).observe(time.monotonic() - started)
 
-    def _start(self, req: ValidRequest, timeout: float | None, metadata: Sequence[tuple[str, object]] | None,
-               started: float) -> _Request:
+    async def serve(self, req: ValidRequest, deadline: float | None,
+                    metadata: Sequence[tuple[str, object]] | None = None,
+                    observer: Observer | None = None) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+        """One deployment's path: admission, pick, attempts. `deadline` is on time.monotonic();
+        `observer` (a canary side) hears of every attempt and the first token."""
+        started = time.monotonic()
+        if not self._pool.candidates(req.model):
+            raise self._no_candidates(req.model)
+        state = self._start(req, deadline, metadata)
+        state.observer = observer
+        self._budget.request()
+        queued = await self._admission.admit(req.model, req.priority, state.deadline)
+        async with aclosing(self._attempts(state, started + queued)) as chunks:
+            async for chunk in chunks:
+                if observer is not None and chunk.token_ids:
+                    observer.first_token(time.monotonic() - started)
+                    observer = None
+                chunk.served_by.deployment = req.model
+                yield chunk
+
+    def _start(self, req: ValidRequest, deadline: float | None,
+               metadata: Sequence[tuple[str, object]] | None) -> _Request:
         settings = self.routing_settings()
         session = req.session_id or _metadata_value(metadata, settings.session_header)
         policy = self.policy_for(req.model)
@@ -159,8 +205,7 @@ class Dispatcher:
                              session=session[:256],
                              text=render(req.prompt or "", req.messages or ()) if policy.uses_text else "")
         return _Request(req=req, request_id=req.request_id or uuid.uuid4().hex, route=route, policy=policy,
-                        settings=settings, deadline=None if timeout is None else started + timeout,
-                        relayed=list(req.resume_token_ids))
+                        settings=settings, deadline=deadline, relayed=list(req.resume_token_ids))
 
     def _no_candidates(self, model: str) -> ServiceError:
         if model not in self.known_models():
@@ -217,6 +262,8 @@ class Dispatcher:
                 self._admission.notify()
             last = f"{replica.server_id}: {attempt.outcome.describe()}"
             decision = decide(attempt.outcome, self._progress(state), replica.server_id, last)
+            if state.observer is not None:
+                state.observer.attempt(decision.server_fault)
             if decision.server_fault:
                 replica.record_failure()
             elif attempt.outcome.done:
@@ -228,7 +275,13 @@ class Dispatcher:
                 return
             if decision.error is not None:
                 raise decision.error
+            if not self._untried(state, tried):  # fail now: a backoff could not change that
+                raise Unavailable(f"every replica of model {model!r} was tried; last: {last}",
+                                  retry_after_ms=s.retry_after_ms)
             await self._before_next(state, decision, last)
+
+    def _untried(self, state: _Request, tried: set[str]) -> bool:
+        return any(r.server_id not in tried for r in self._pool.candidates(state.req.model))
 
     def _progress(self, state: _Request) -> Progress:
         s = self.settings

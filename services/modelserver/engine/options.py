@@ -119,6 +119,12 @@ SIM = (
     _opt("max_context", int, 2048, "prompt + output tokens per request", low=1, high=1 << 24),
     _opt("hang_file", str, "", "fault injection: generation hangs while this file exists",
          server_only=True),
+    _opt("load_s", float, 0.0, "seconds the engine takes to load (a model being placed stays LOADING)",
+         low=0, high=3600),
+    _opt("error_rate", float, 0.0, "fault injection: this share of requests fails UNAVAILABLE before "
+         "the first token", low=0, high=1),
+    _opt("error_after_s", float, 0.0, "fault injection: error_rate applies from this many seconds "
+         "after the engine started", low=0, high=1e6),
 )
 TORCH = (
     _opt("dtype", str, "auto", "weights and activations; auto = bf16 where the CPU computes it natively",
