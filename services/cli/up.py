@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", action="append", default=[], metavar="DIR",
                    help="model directory of every server: deployed sources are relative to it")
     p.add_argument("--engine-option", action="append", default=[], help="key=value for engines")
+    p.add_argument("--otlp-traces-endpoint", default="", metavar="HOST:PORT",
+                   help="OTLP/gRPC collector for every process's spans, Envoy's included ('' = off)")
     p.add_argument("--demo", action="store_true",
                    help="send a demo request through Envoy once the mesh is up")
 
@@ -170,6 +172,7 @@ def up(args: argparse.Namespace) -> int:
     dir_args = [arg for d in model_dirs for arg in ("--model-dir", d)]
     plan = MeshPlan(
         data_dir=Path(args.data_dir), routers=args.routers, base_port=args.base_port,
+        otlp_endpoint=args.otlp_traces_endpoint,
         servers=[ServerPlan(f"server-{i}", zone=zones[i % len(zones)], extra_args=dir_args)
                  for i in range(args.servers)])
     stop = threading.Event()

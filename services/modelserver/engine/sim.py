@@ -183,6 +183,7 @@ class SimEngine(Engine):
             await asyncio.Event().wait()  # until the caller gives up and cancels
         rid = f"{request.request_id}#{next(self._seq)}"
         await self._admit(request, rid, len(words))
+        request.timeline.scheduled()
         start = len(request.resume_token_ids)
         completion = start
         tail = ""  # enough of the text to find a stop string that ends in the next piece

@@ -108,6 +108,8 @@ class Scheduler:
             if seq.num_cached_tokens < 0:  # first admission: the hit the client benefits from
                 seq.num_cached_tokens = num_cached
                 self.blocks.record_lookup(seq.num_tokens, num_cached)
+                if seq.timeline is not None:
+                    seq.timeline.scheduled()
             self.waiting.pop(0)
             seq.status = SeqStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.sort_key)
