@@ -14,7 +14,21 @@ AGAINST ?= main
 
 all: setup
 
-setup: $(INSTALLED) $(GEN_STAMP)
+setup: $(INSTALLED) $(GEN_STAMP) $(BIN)/prometheus
+
+# Prometheus and promtool (the monitoring test runs a real Prometheus against the local mesh):
+# Debian's `prometheus` package, unpacked into the virtualenv rather than installed, so no system
+# service is started; one already on PATH is used instead. No PyPI wheel ships the binary.
+$(BIN)/prometheus: | $(INSTALLED)
+	if command -v prometheus >/dev/null && command -v promtool >/dev/null; then \
+		ln -sf "$$(command -v prometheus)" $(BIN)/prometheus && ln -sf "$$(command -v promtool)" $(BIN)/promtool; \
+	else \
+		rm -rf build/prometheus-deb && mkdir -p build/prometheus-deb && cd build/prometheus-deb && \
+		{ apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; }; } && \
+		dpkg-deb -x prometheus_*.deb root && \
+		cp root/usr/bin/prometheus root/usr/bin/promtool ../../$(BIN)/; \
+	fi
+	$(BIN)/prometheus --version | head -1
 
 # The editable install maps the `meshserve` stub package to gen/python, so the folder must exist first.
 $(INSTALLED): pyproject.toml

@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _print_endpoints(mesh: LocalMesh, model: str) -> None:
+    from services.localmesh.prometheus import write_config
+
+    prometheus = write_config(mesh, mesh.data_dir / "prometheus")
     lines = [
         "MeshServe local mesh is up.",
         f"  public API (gRPC + JSON) via Envoy  {mesh.envoy}",
@@ -62,6 +65,7 @@ def _print_endpoints(mesh: LocalMesh, model: str) -> None:
         f"  etcd                                {mesh.etcd_endpoints}",
         *(f"  metrics {name:<27} http://{a}/metrics" for name, a in mesh.metrics.items()),
         f"  logs                                {mesh.sup.log_dir}",
+        f"  Prometheus config (rules, targets)  {prometheus}  (dashboard: deploy/grafana/meshserve.json)",
         "Try:",
         f"  meshctl --controlplane {mesh.controlplane} status",
         f"  meshctl --endpoint {mesh.envoy} generate {model} 'What is the capital of France?'",

@@ -56,6 +56,7 @@ def init_model(model: str) -> None:
     for metric in _PER_MODEL:
         child(metric, model)
     child(QUEUED, model)
+    child(QUEUE_WAIT, model)
 
 
 def forget_replica(replica_id: str) -> None:
