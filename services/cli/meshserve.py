@@ -249,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--access-log", default="/dev/stdout")
     p.set_defaults(func=cmd_envoy_config)
 
+    p = sub.add_parser("edge", help="render the Envoy config and run Envoy (the edge container)")
+    from services.cli import edge
+    edge.add_arguments(p)
+    p.set_defaults(func=edge.run)
+
     p = sub.add_parser("up", help="start the local mesh: etcd, Envoy, control plane, router, servers")
     from services.cli.up import add_arguments
     add_arguments(p)
