@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from services.common import tracing
 from services.common.validation import validate_request
 from services.modelserver.engine.base import FinishReason, GenerationRequest, Usage
+from services.modelserver.engine.sim import SimEngine
 from services.modelserver.spans import EngineTimes, trace_engine
 from services.router import spans
 from services.router.attempt import Outcome
@@ -33,6 +34,7 @@ class _Drop(SpanExporter):
 
 _DONE = Outcome(tokens=2, done=True)  # these exist per request with or without tracing
 _USAGE = Usage(2, 2)
+_ENGINE = SimEngine("echo")  # not started: only its backend name is read
 
 
 def one_request(req, replica, metadata, gen: GenerationRequest) -> None:
@@ -46,11 +48,11 @@ def one_request(req, replica, metadata, gen: GenerationRequest) -> None:
     upstream = tuple(attempt.headers()) or None
     spans.end_attempt(attempt, _DONE)
     server = tracing.server_span("modelserver.generate", upstream, attributes={"meshserve.server": "s0"})
-    times = EngineTimes("sim")
+    times = EngineTimes()
     gen.timeline.scheduled()
     times.first_token()
     times.usage, times.finish = _USAGE, FinishReason.LENGTH
-    trace_engine(server, gen, times, 2)
+    trace_engine(server, gen, times, 2, _ENGINE)
     server.end()
     span.end()
 

@@ -23,7 +23,7 @@ from . import metrics
 from .convert import chunk_to_proto, load_to_proto, request_from_proto
 from .engine.base import Engine, EngineLoad, FinishReason, GenerationChunk, GenerationRequest
 from .manager import ModelManager
-from .spans import EngineTimes, trace_engine
+from .spans import EngineTimes, generate_span, trace_engine
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +58,7 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         label, code = "unknown", "OK"
-        span = tracing.server_span("modelserver.generate", context.invocation_metadata(),
-                                   attributes={"meshserve.server": self._info().server_id})
+        span = generate_span(context, self._info().server_id)
         try:
             req = request_from_proto(request, deadline)
             engine = self._engine(req.model)
@@ -89,7 +88,7 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
         started = last = time.monotonic()
         produced = 0
         guard = SlowConsumerGuard(self._slow_consumer_s)
-        times = EngineTimes(engine.backend)
+        times = EngineTimes()
         with self._manager.track(model):
             stream = engine.generate(req)
             try:
@@ -118,7 +117,7 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
                 guard.close()
                 await stream.aclose()
                 metrics.E2E.labels(model).observe(time.monotonic() - started)
-                trace_engine(span, req, times, produced)
+                trace_engine(span, req, times, produced, engine)
         return outcome
 
     async def GetServerInfo(self, request: modelserver_pb2.GetServerInfoRequest,

@@ -13,16 +13,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import grpc
+
 from services.common import tracing
 
-from .engine.base import FinishReason, GenerationRequest, Usage
+from .engine.base import Engine, FinishReason, GenerationRequest, Usage
 
 
 @dataclass
 class EngineTimes:
     """Wall-clock marks (time.time_ns()) of one generation, and how it ended."""
 
-    backend: str
     submitted_ns: int = field(default_factory=time.time_ns)
     first_token_ns: int = 0
     usage: Usage | None = None
@@ -37,7 +38,17 @@ class EngineTimes:
         return mark if mark >= self.submitted_ns else 0
 
 
-def trace_engine(span: tracing.Span, req: GenerationRequest, times: EngineTimes, produced: int) -> None:
+def generate_span(context: grpc.aio.ServicerContext, server_id: str) -> tracing.Span:
+    """`modelserver.generate`, continuing the router's traceparent; NOOP (the metadata not even
+    read) when tracing is off."""
+    if not tracing.enabled():
+        return tracing.NOOP
+    return tracing.server_span("modelserver.generate", context.invocation_metadata(),
+                               attributes={"meshserve.server": server_id})
+
+
+def trace_engine(span: tracing.Span, req: GenerationRequest, times: EngineTimes, produced: int,
+                 engine: Engine) -> None:
     """Record the engine spans under `span` and its usage attributes; nothing when not tracing."""
     if not span.recording:
         return
@@ -45,7 +56,7 @@ def trace_engine(span: tracing.Span, req: GenerationRequest, times: EngineTimes,
     usage = times.usage
     span.set("gen_ai.request.model", req.model)
     span.set("meshserve.request_id", req.request_id)
-    span.set("meshserve.backend", times.backend)
+    span.set("meshserve.backend", engine.backend)
     span.set("meshserve.priority", req.priority.name)
     span.set("meshserve.resumed_tokens", len(req.resume_token_ids))
     span.set("gen_ai.request.max_tokens", req.sampling.max_tokens)
