@@ -17,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router", action="append", required=True,
                    help="router host:port (repeatable; with --cluster-type STRICT_DNS one DNS name "
                         "that resolves to every router, e.g. a headless service)")
+    p.add_argument("--gateway", action="append", default=[],
+                   help="OpenAI gateway HTTP host:port (repeatable, or one DNS name with STRICT_DNS; none: "
+                        "the OpenAI paths answer 503)")
     p.add_argument("--cluster-type", default="STRICT_DNS", choices=["STATIC", "STRICT_DNS"])
     p.add_argument("--descriptor", default="", help="proto descriptor set (default: the one `make gen` builds)")
     p.add_argument("--access-log", default="/dev/stdout")
@@ -35,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
     from services.localmesh.components import envoy_binary
 
     settings = EnvoySettings(
-        listen=args.listen, admin=args.admin, routers=args.router, cluster_type=args.cluster_type,
+        listen=args.listen, admin=args.admin, routers=args.router, gateways=args.gateway,
+        cluster_type=args.cluster_type,
         descriptor=Path(args.descriptor or DEFAULT_DESCRIPTOR), access_log=args.access_log,
         otlp_endpoint=args.otlp_traces_endpoint, stats_listen=args.stats_listen)
     config = Path(args.config_out)

@@ -20,6 +20,7 @@ JOBS = {
     "meshserve-controlplane": "controlplane",
     "meshserve-modelserver": "server",
     "meshserve-router": "router",
+    "meshserve-openai-gateway": "gateway",
 }
 
 
@@ -31,6 +32,8 @@ def scrape_targets(mesh: LocalMesh) -> list[dict]:
             job = "meshserve-modelserver"
         elif name.startswith("router"):
             job = "meshserve-router"
+        elif name.startswith("gateway"):
+            job = "meshserve-openai-gateway"
         else:
             job = "meshserve-controlplane"
         groups.append({"targets": [address], "labels": {"job": job, JOBS[job]: name}})

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.e2e
 
 #: Pods started per workload, in this order (etcd needs its three members for quorum).
 PODS = [("meshserve-etcd", 3), ("meshserve-controlplane", 1), ("meshserve-modelserver", 1),
-        ("meshserve-router", 1), ("meshserve-envoy", 1)]
+        ("meshserve-router", 1), ("meshserve-envoy", 1), ("meshserve-openai-gateway", 1)]
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +31,10 @@ def cluster(tmp_path_factory) -> Iterator[Loopback]:
     root = tmp_path_factory.mktemp("k8s")
     loopback = Loopback(render("cpu-dev"), root / "pods")
     sup = Supervisor(root / "logs")
+    # Envoy and the gateway name each other: every pod exists before any command line is built.
+    started = {workload: loopback.add_pods(workload, count) for workload, count in PODS}
     try:
-        for workload, count in PODS:
-            pods = loopback.add_pods(workload, count)
+        for pods in started.values():
             children = [sup.start(pod.name, loopback.argv(pod), loopback.env(pod)) for pod in pods]
             for pod, child in zip(pods, children, strict=True):
                 sup.wait_ready(child, loopback.ready_check(pod), 90, "ready (its readiness probe)")
@@ -63,10 +64,15 @@ def test_manifest_commands_serve_a_request_end_to_end(cluster):
     with post_json(edge, "/v1/generate", {"model": "echo", "prompt": "json too",
                                           "sampling": {"max_tokens": 2}}) as resp:
         assert json.loads(resp.read())["text"] == "json too"
+    body = {"model": "echo", "messages": [{"role": "user", "content": "openai via the gateway"}], "max_tokens": 3}
+    with post_json(edge, "/v1/chat/completions", body) as resp:
+        answer = json.loads(resp.read())
+    assert answer["usage"]["completion_tokens"] == 3 and answer["choices"][0]["message"]["content"]
 
 
 def test_metrics_and_edge_stats_answer_on_the_declared_ports(cluster):
-    for name in ("meshserve-controlplane-0", "meshserve-modelserver-0", "meshserve-router-0"):
+    for name in ("meshserve-controlplane-0", "meshserve-modelserver-0", "meshserve-router-0",
+                 "meshserve-openai-gateway-0"):
         assert "meshserve_" in metrics_text(cluster.address(cluster.pods[name], "metrics"))
     stats = cluster.address(cluster.pods["meshserve-envoy-0"], "stats")
     with urllib.request.urlopen(f"http://{stats}/stats/prometheus", timeout=10) as resp:

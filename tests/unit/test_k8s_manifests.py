@@ -18,7 +18,8 @@ OVERLAYS = ["cpu-dev", "gpu-trtllm"]
 #: The newest API the package knows (the GPU overlay reads node zones from pod labels, which
 #: Kubernetes copies onto pods from 1.35 on).
 VERSIONS = [kubernetes_validate.utils.latest_version()]
-MESHSERVE = {"meshserve-controlplane", "meshserve-router", "meshserve-modelserver", "meshserve-envoy"}
+MESHSERVE = {"meshserve-controlplane", "meshserve-router", "meshserve-modelserver", "meshserve-envoy",
+             "meshserve-openai-gateway"}
 
 
 @functools.cache
