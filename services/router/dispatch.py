@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from meshserve.v1 import controlplane_pb2 as cp
 from meshserve.v1 import inference_pb2
 
+from services.common import tracing
 from services.common.errors import DeadlineExceeded, NotFound, ServiceError, Unavailable
 from services.common.validation import ValidRequest
 
-from . import metrics
+from . import metrics, spans
 from .admission import Admission
 from .attempt import Attempt
 from .config import DispatchSettings
@@ -74,6 +75,7 @@ class _Request:
     failures: int = 0
     migrations: int = 0
     observer: Observer | None = None  # a canary side's figures (traffic/stats.py)
+    span: tracing.Span = tracing.NOOP  # router.request (spans.py)
 
 
 class Dispatcher:
@@ -92,6 +94,7 @@ class Dispatcher:
         self._budget = RetryBudget(s.retry_budget_ratio, s.retry_budget_floor, s.retry_budget_window_s)
         self._rng = random.Random()
         self._settings_cache: tuple[cp.RoutingPolicy | None, Settings] | None = None
+        self._counted: set[str] = set()  # models whose metrics start at zero (metrics.init_model)
         pool.on_change(self._admission.notify)
         pool.on_leave(self._forget)
         self._known_cache: tuple[frozenset[str], frozenset[str], frozenset[str]] | None = None
@@ -106,6 +109,7 @@ class Dispatcher:
     def _forget(self, replica_id: str) -> None:
         for policy in self._policies.values():
             policy.forget(replica_id)
+        metrics.forget_replica(replica_id)
 
     def policy_for(self, model: str) -> Policy:
         return self._model_policy.get(model, self._default_policy)
@@ -151,14 +155,18 @@ class Dispatcher:
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
         model = req.model if req.model in self.known_models() else "unknown"
+        if model not in self._counted:
+            self._counted.add(model)
+            metrics.init_model(model)
         code = "OK"
+        span = spans.request_span(req, metadata, self.router_id)
         try:
             if self.traffic is not None and self.traffic.handles(req.model):
                 session = req.session_id or _metadata_value(metadata, self.routing_settings().session_header)
                 chunks = self.traffic.run(req, Call(metadata, deadline, session[:256],
                                                     req.region or self.settings.region))
             else:
-                chunks = self.serve(req, deadline, metadata)
+                chunks = self.serve(req, deadline, metadata, span=span)
             first = True
             async with aclosing(chunks):
                 async for chunk in chunks:
@@ -175,19 +183,26 @@ class Dispatcher:
         finally:
             metrics.child(metrics.REQUESTS, model, code, req.priority.name).inc()
             metrics.child(metrics.DURATION, model).observe(time.monotonic() - started)
+            if code != "OK":
+                span.fail(code)
+            span.end()
 
     async def serve(self, req: ValidRequest, deadline: float | None,
                     metadata: Sequence[tuple[str, object]] | None = None,
-                    observer: Observer | None = None) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+                    observer: Observer | None = None,
+                    span: tracing.Span = tracing.NOOP) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         """One deployment's path: admission, pick, attempts. `deadline` is on time.monotonic();
-        `observer` (a canary side) hears of every attempt and the first token."""
+        `observer` (a canary side) hears of every attempt and the first token; `span` is the
+        request's trace span (its route and attempt spans hang under it)."""
         started = time.monotonic()
         if not self._pool.candidates(req.model):
             raise self._no_candidates(req.model)
         state = self._start(req, deadline, metadata)
-        state.observer = observer
+        state.observer, state.span = observer, span
+        span.set("meshserve.request_id", state.request_id)
         self._budget.request()
         queued = await self._admission.admit(req.model, req.priority, state.deadline)
+        spans.queued(span, queued)
         async with aclosing(self._attempts(state, started + queued)) as chunks:
             async for chunk in chunks:
                 if observer is not None and chunk.token_ids:
@@ -221,10 +236,12 @@ class Dispatcher:
                 raise Unavailable(f"no replica of model {state.req.model!r} is available now; retry shortly",
                                   retry_after_ms=self.settings.retry_after_ms)
             raise self._no_candidates(state.req.model)
+        started_ns = time.time_ns() if state.span.recording else 0
         pick = state.policy.pick(replicas, state.route, state.settings, exclude=tried)
         if pick is None:
             return None
         metrics.child(metrics.PICKS, pick.endpoint.server_id, pick.reason).inc()
+        spans.routed(state.span, started_ns, pick.endpoint, pick.reason, len(replicas))
         return pick.endpoint
 
     def _remaining(self, state: _Request) -> float | None:
@@ -247,8 +264,10 @@ class Dispatcher:
                 raise Unavailable(f"every replica of model {model!r} was tried; last: {last}")
             tried.add(replica.server_id)
             head = template(replica, self.router_id, state.request_id)
+            span = spans.attempt_span(state.span, replica, len(tried), len(state.relayed))
             attempt = Attempt(replica, with_resume(base, state.relayed) if state.relayed else base, head,
-                              self._remaining(state), s.first_token_timeout_s, s.stall_timeout_s)
+                              self._remaining(state), s.first_token_timeout_s, s.stall_timeout_s,
+                              span.headers())
             state.policy.sent(replica.replica_id, state.route)
             if len(tried) == 1:
                 metrics.OVERHEAD_ROUTE.observe(time.monotonic() - admitted)
@@ -260,6 +279,8 @@ class Dispatcher:
             finally:
                 state.relayed.extend(attempt.token_ids)
                 self._admission.notify()
+                metrics.child(metrics.ATTEMPTS, model, replica.server_id, attempt.outcome.label()).inc()
+                spans.end_attempt(span, attempt.outcome)
             last = f"{replica.server_id}: {attempt.outcome.describe()}"
             decision = decide(attempt.outcome, self._progress(state), replica.server_id, last)
             if state.observer is not None:

@@ -197,6 +197,7 @@ class SimEngine(Engine):
             raise EngineUnavailableError(f"injected fault: error_rate={cfg.error_rate:g} on {self.model_name}")
         rid = f"{request.request_id}#{next(self._seq)}"
         await self._admit(request, rid, len(words))
+        request.timeline.scheduled()
         start = len(request.resume_token_ids)
         completion = start
         tail = ""  # enough of the text to find a stop string that ends in the next piece

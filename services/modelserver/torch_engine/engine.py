@@ -212,7 +212,7 @@ class TorchEngine(Engine):
             raise InvalidRequestError(
                 f"request needs {need} KV blocks but the pool holds {blocks.num_blocks}; lower max_tokens")
         return CoreRequest(request_id="", prompt_ids=ids, sampling=p, priority=int(request.priority),
-                           resume_ids=resume, deadline=request.deadline)
+                           resume_ids=resume, deadline=request.deadline, timeline=request.timeline)
 
     # ---- core thread ---------------------------------------------------------------------------
     def _submit(self, kind: str, payload: object) -> None:

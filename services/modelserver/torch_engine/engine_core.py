@@ -12,7 +12,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-from ..engine.base import FinishReason, GenerationChunk, SamplingParams, Usage
+from ..engine.base import FinishReason, GenerationChunk, SamplingParams, Timeline, Usage
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .forward_batch import SeqSlice, build_forward_batch
@@ -32,6 +32,7 @@ class CoreRequest:
     priority: int = 2
     resume_ids: list[int] = field(default_factory=list)
     deadline: float | None = None  # time.monotonic() value
+    timeline: Timeline | None = None  # the scheduler marks first admission (tracing)
 
 
 @dataclass
@@ -72,7 +73,7 @@ class EngineCore:
         seq = Sequence(
             seq_id=self._arrivals, token_ids=list(req.prompt_ids) + list(req.resume_ids),
             num_prompt_tokens=len(req.prompt_ids), max_tokens=p.max_tokens, priority=int(req.priority),
-            arrival=self._arrivals, deadline=req.deadline)
+            arrival=self._arrivals, deadline=req.deadline, timeline=req.timeline)
         row = SamplingRow(p.temperature, p.top_k, p.top_p, make_generator(p.seed), p.logprobs)
         detok = IncrementalDetokenizer(self.decode, seq.token_ids, p.stop)
         self._active[req.request_id] = _Active(req, seq, row, detok, self.eos_token_ids | frozenset(p.stop_token_ids))

@@ -114,6 +114,8 @@ class Scheduler:
             if seq.num_cached_tokens < 0:  # first admission: the hit the client benefits from
                 seq.num_cached_tokens = num_cached
                 self.blocks.record_lookup(seq.num_tokens, num_cached)
+                if seq.timeline is not None:
+                    seq.timeline.scheduled()
             waiting.pop(0)
             self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
