@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import os
 import subprocess
 import sys
 import time
@@ -124,10 +125,14 @@ class EtcdCluster:
         self.sup.stop()
 
 
-def meshctl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run the real meshctl CLI as an operator would."""
+def meshctl(*args: str, timeout: float = 60, certs: Path | None = None,
+            cert_name: str = "operator") -> subprocess.CompletedProcess[str]:
+    """Run the real meshctl CLI as an operator would: with the certificate `cert_name` from
+    `certs` (a secure mesh's `certs_dir`), else in plaintext (a mesh started --insecure-dev)."""
+    env = {**os.environ, "MESHSERVE_CERTS": str(certs or ""), "MESHSERVE_CERT_NAME": cert_name,
+           "MESHSERVE_INSECURE_DEV": "" if certs else "1"}
     return subprocess.run([sys.executable, "-m", "services.cli.meshctl", *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
 
 
 @contextlib.contextmanager

@@ -95,9 +95,9 @@ def start_router(mesh: LocalMesh, name: str, *flags: str) -> str:
     address = f"127.0.0.1:{c.free_port()}"
     child = mesh.sup.start(name, c.service_argv(
         "router", "--id", name, "--listen", address, "--etcd", mesh.etcd_endpoints,
-        "--metrics", "", "--lease-ttl", str(mesh.plan.lease_ttl), *flags))
+        "--metrics", "", "--lease-ttl", str(mesh.plan.lease_ttl), *mesh.security_args(), *flags))
     mesh.children[name] = child
-    mesh.sup.wait_ready(child, lambda: c.grpc_serving(address), 60, "serving")
+    mesh.sup.wait_ready(child, lambda: mesh.serving(address), 60, "serving")
     return address
 
 

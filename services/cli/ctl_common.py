@@ -10,6 +10,8 @@ from google.protobuf.json_format import MessageToDict
 from meshserve.v1 import controlplane_pb2 as cp
 from meshserve.v1 import controlplane_pb2_grpc
 
+from services.common import grpc_util
+
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 
@@ -23,8 +25,14 @@ def emit(args, msg, text: str) -> int:
     return EXIT_OK
 
 
+def channel(args) -> grpc.Channel:
+    """A channel to the control plane with the operator's certificate (meshctl's --certs), or
+    plaintext with --insecure-dev."""
+    return grpc_util.channel(args.controlplane, options=[], tls=args.tls)
+
+
 def controlplane(args) -> controlplane_pb2_grpc.ControlPlaneServiceStub:
-    return controlplane_pb2_grpc.ControlPlaneServiceStub(grpc.insecure_channel(args.controlplane))
+    return controlplane_pb2_grpc.ControlPlaneServiceStub(channel(args))
 
 
 def age(ms: int) -> str:

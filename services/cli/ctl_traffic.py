@@ -13,12 +13,12 @@ from google.protobuf.json_format import ParseDict
 from meshserve.v1 import traffic_pb2 as tp
 from meshserve.v1 import traffic_pb2_grpc
 
-from .ctl_common import emit
+from .ctl_common import channel, emit
 from .tables import table
 
 
 def stub(args) -> traffic_pb2_grpc.TrafficServiceStub:
-    return traffic_pb2_grpc.TrafficServiceStub(grpc.insecure_channel(args.controlplane))
+    return traffic_pb2_grpc.TrafficServiceStub(channel(args))
 
 
 def _targets(p: tp.TrafficPolicy) -> str:

@@ -13,7 +13,7 @@ import sys
 
 import grpc
 
-from . import ctl_cluster, ctl_models, ctl_traffic
+from . import ctl_certs, ctl_cluster, ctl_models, ctl_traffic
 from .ctl_common import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, to_dict
 
 UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="control plane host:port (env MESHCTL_CONTROLPLANE)")
     parser.add_argument("--endpoint", default=os.environ.get("MESHCTL_ENDPOINT", "127.0.0.1:18000"),
                         help="public API (Envoy) host:port (env MESHCTL_ENDPOINT)")
+    ctl_certs.add_global_arguments(parser)
     parser.add_argument("-o", "--output", choices=["table", "json"], default="table")
     parser.add_argument("--timeout", type=float, default=None,
                         help="seconds per call (default 10, 120 for generate)")
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl_cluster.add_parsers(sub)
     ctl_models.add_parsers(sub)
     ctl_traffic.add_parsers(sub)
+    ctl_certs.add_parsers(sub)
     p = sub.add_parser("generate", help="send one request through the public endpoint")
     p.add_argument("model")
     p.add_argument("prompt")
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", default="")
     p.add_argument("--region", default="")
     p.add_argument("--priority", default="STANDARD", choices=["CRITICAL", "STANDARD", "SHEDDABLE"])
-    p.set_defaults(func=cmd_generate)
+    p.set_defaults(func=cmd_generate, needs_tls=False)  # the public edge: plaintext by configuration
     return parser
 
 
@@ -89,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.timeout is None:
         args.timeout = 120.0 if args.command == "generate" else 10.0
+    try:
+        args.tls = ctl_certs.resolve(args) if getattr(args, "needs_tls", True) else None
+    except FileNotFoundError as exc:
+        print(f"meshctl: {exc}; pass --certs DIR (or --insecure-dev for a plaintext mesh)",
+              file=sys.stderr)
+        return EXIT_USAGE
     try:
         return args.func(args)
     except argparse.ArgumentTypeError as exc:

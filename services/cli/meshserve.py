@@ -18,7 +18,7 @@ def _run_service(component: str, run: Callable[[asyncio.Event], Awaitable[None]]
                  args: argparse.Namespace, service: str, instance: str) -> int:
     """Run one service until SIGTERM/SIGINT; with --otlp-traces-endpoint its spans are exported
     (as `service`, instance `instance`) and flushed on the way out."""
-    from services.common import tracing
+    from services.common import grpc_util, tls, tracing
 
     setup_logging(component)
 
@@ -28,6 +28,7 @@ def _run_service(component: str, run: Callable[[asyncio.Event], Awaitable[None]]
         await run(stop)
 
     try:
+        grpc_util.configure_tls(tls.from_arguments(args, instance))
         tracing.configure(service, instance, args.otlp_traces_endpoint)
         asyncio.run(main())
     except Exception as exc:
@@ -157,6 +158,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser, listen: str) -> None:
+    from services.common import tls
+
+    tls.add_arguments(p)
     p.add_argument("--id", default="", help="replica id (default: kind-host-pid)")
     p.add_argument("--listen", default=listen, help="host:port to serve gRPC on")
     p.add_argument("--advertise", default="", help="address others dial (default: --listen)")

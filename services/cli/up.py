@@ -15,7 +15,7 @@ from pathlib import Path
 
 import grpc
 
-from services.common import ports
+from services.common import grpc_util, ports
 from services.common.logging_setup import setup_logging
 from services.localmesh.mesh import LocalMesh, MeshPlan, ServerPlan
 from services.localmesh.processes import StartError
@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-option", action="append", default=[], help="key=value for engines")
     p.add_argument("--otlp-traces-endpoint", default="", metavar="HOST:PORT",
                    help="OTLP/gRPC collector for every process's spans, Envoy's included ('' = off)")
+    p.add_argument("--insecure-dev", action="store_true",
+                   help="plaintext gRPC and etcd everywhere, no certificates (development only; "
+                        "default: mTLS with a CA in DATA_DIR/certs, made on first start)")
     p.add_argument("--demo", action="store_true",
                    help="send a demo request through Envoy once the mesh is up")
 
@@ -70,9 +73,13 @@ def _print_endpoints(mesh: LocalMesh, model: str) -> None:
         f"  etcd                                {mesh.etcd_endpoints}",
         *(f"  metrics {name:<27} http://{a}/metrics" for name, a in mesh.metrics.items()),
         f"  logs                                {mesh.sup.log_dir}",
+        (f"  certificates (mTLS on every hop)    {mesh.certs_dir}  (meshctl uses operator.crt; "
+         "`meshctl certs list`)" if mesh.plan.secure else
+         "  *** PLAINTEXT (--insecure-dev): no mTLS, anyone on this host can call every port ***"),
         f"  Prometheus config (rules, targets)  {prometheus}  (dashboard: deploy/grafana/meshserve.json)",
         "Try:",
-        f"  meshctl --controlplane {mesh.controlplane} status",
+        f"  meshctl --controlplane {mesh.controlplane}"
+        f"{'' if mesh.plan.secure else ' --insecure-dev'} status",
         f"  meshctl --endpoint {mesh.envoy} generate {model} 'What is the capital of France?'",
         f"  curl -s -X POST http://{mesh.envoy}/v1/generate -d "
         f"'{{\"model\":\"{model}\","
@@ -118,7 +125,7 @@ def _deploy(mesh: LocalMesh, models: list[str], replicas: int, options: list[str
     from services.modelserver.engine import ModelSpec
     from services.modelserver.engine.options import known
 
-    with grpc.insecure_channel(mesh.controlplane) as channel:
+    with grpc_util.channel(mesh.controlplane, options=[], tls=mesh.operator_tls) as channel:
         stub = controlplane_pb2_grpc.ControlPlaneServiceStub(channel)
         for text in models:
             m = ModelSpec.parse(text)
@@ -185,7 +192,7 @@ def up(args: argparse.Namespace) -> int:
     plan = MeshPlan(
         data_dir=Path(args.data_dir), routers=args.routers, base_port=args.base_port,
         otlp_endpoint=args.otlp_traces_endpoint,
-        gateways=args.gateways,
+        gateways=args.gateways, secure=not args.insecure_dev,
         servers=[ServerPlan(f"server-{i}", zone=zones[i % len(zones)], extra_args=dir_args)
                  for i in range(args.servers)])
     stop = threading.Event()
@@ -193,6 +200,9 @@ def up(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     mesh = LocalMesh(plan)
     _warn_ephemeral(mesh)
+    if args.insecure_dev:
+        from services.common.tls import INSECURE_WARNING
+        print(f"meshserve up: {INSECURE_WARNING}", file=sys.stderr, flush=True)
     try:
         print(f"starting the local mesh in {mesh.data_dir} ...", flush=True)
         mesh.start()

@@ -37,6 +37,11 @@ class EnvoySettings:
     #: host:port of each OpenAI gateway's HTTP listener (or one DNS name with STRICT_DNS). Empty:
     #: the OpenAI paths answer 503 in OpenAI's error shape.
     gateways: list[str] = field(default_factory=list)
+    #: mTLS to the routers: Envoy's certificate, key and the mesh CA (PEM files; '' = plaintext
+    #: upstream, only with --insecure-dev). The public listener is not affected.
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_ca: str = ""
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -125,9 +130,40 @@ _ADMIN_CLUSTER = """\
 """
 
 
+# Envoy -> router over mTLS: Envoy presents its own certificate and accepts only a router's
+# (its SPIFFE id under /router/), so nothing else on the network can pose as a router.
+_ROUTER_TLS = """\
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        common_tls_context:
+          alpn_protocols: ["h2"]
+          tls_certificates:
+          - certificate_chain: { filename: "$cert" }
+            private_key: { filename: "$key" }
+          validation_context:
+            trusted_ca: { filename: "$ca" }
+            match_typed_subject_alt_names:
+            - san_type: URI
+              matcher: { prefix: "spiffe://meshserve.local/router/" }
+"""
+
+
+def _router_tls(settings: EnvoySettings) -> str:
+    files = (settings.tls_cert, settings.tls_key, settings.tls_ca)
+    if not any(files):
+        return ""
+    if not all(files) or any(ch in f for f in files for ch in '"\n'):
+        raise ValueError("tls_cert, tls_key and tls_ca go together (plain file paths)")
+    return string.Template(_ROUTER_TLS).substitute(cert=settings.tls_cert, key=settings.tls_key,
+                                                   ca=settings.tls_ca)
+
+
 def _optional_parts(settings: EnvoySettings) -> dict[str, str]:
-    """Tracing and the stats listener: present only when configured."""
-    parts = {"tracing": "", "stats_listener": "", "extra_clusters": ""}
+    """Tracing, the stats listener and upstream TLS: present only when configured."""
+    parts = {"tracing": "", "stats_listener": "", "extra_clusters": "",
+             "router_tls": _router_tls(settings)}
     if settings.otlp_endpoint:
         host, port = _split(settings.otlp_endpoint.removeprefix("http://"))
         parts["tracing"] = _TRACING

@@ -19,6 +19,10 @@ import aetcd
 import aetcd.exceptions
 import aetcd.rpc
 
+from . import grpc_util
+from .etcd_tls import new_client as _new_client
+from .tls import TlsFiles
+
 log = logging.getLogger(__name__)
 
 #: etcd refuses transactions with more operations than this (its --max-txn-ops is 128).
@@ -31,7 +35,7 @@ EtcdError = (aetcd.exceptions.ClientError, asyncio.TimeoutError, OSError)
 def parse_endpoints(spec: str | list[str]) -> list[str]:
     """'127.0.0.1:2379,127.0.0.1:22379' -> ['127.0.0.1:2379', '127.0.0.1:22379']."""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out = [e.strip().removeprefix("http://") for e in items if e.strip()]
+    out = [e.strip().removeprefix("http://").removeprefix("https://") for e in items if e.strip()]
     if not out:
         raise ValueError("at least one etcd endpoint is needed (host:port)")
     for e in out:
@@ -61,17 +65,20 @@ def _grpc_target(endpoints: list[str]) -> tuple[str, int]:
 
 
 class EtcdClient:
-    """One connection to an etcd cluster, shared by a process's components."""
+    """One connection to an etcd cluster, shared by a process's components.
 
-    def __init__(self, endpoints: str | list[str], timeout: float = 3.0) -> None:
+    `tls`: client certificate files; by default the process's own (grpc_util.configure_tls),
+    None when it runs plaintext."""
+
+    def __init__(self, endpoints: str | list[str], timeout: float = 3.0,
+                 tls: TlsFiles | None | bool = True) -> None:
         self.endpoints = parse_endpoints(endpoints)
+        self.tls = grpc_util.current_tls() if tls is True else (tls or None)
         host, port = _grpc_target(self.endpoints)
-        self._client = aetcd.Client(
-            host=host, port=port, timeout=timeout,
-            options={"grpc.lb_policy_name": "round_robin",
-                     "grpc.initial_reconnect_backoff_ms": 200,
-                     "grpc.max_reconnect_backoff_ms": 2000},
-        )
+        self._client = _new_client(host, port, timeout,
+                                   {"grpc.lb_policy_name": "round_robin",
+                                    "grpc.initial_reconnect_backoff_ms": 200,
+                                    "grpc.max_reconnect_backoff_ms": 2000}, self.tls)
         self.timeout = timeout
 
     async def connect(self) -> None:
@@ -131,7 +138,7 @@ class EtcdClient:
 
     async def _one_member(self, ep: str) -> dict:
         host, _, port = ep.rpartition(":")
-        single = aetcd.Client(host=host, port=int(port), timeout=min(self.timeout, 2.0))
+        single = _new_client(host, int(port), min(self.timeout, 2.0), {}, self.tls)
         try:
             await single.connect()
             resp = await single.maintenancestub.Status(

@@ -1,4 +1,13 @@
-"""What every MeshServe gRPC server shares: health, reflection, limits and error mapping."""
+"""What every MeshServe gRPC server and channel shares: health, reflection, limits, error mapping
+and credentials.
+
+This is the one place that makes gRPC credentials. A process states its TLS identity once
+(`configure_tls`, from `--tls-dir` / `--insecure-dev`); every listener it binds then requires a
+client certificate signed by the mesh CA, and every channel it opens presents its own. Server
+credentials are dynamic: gRPC asks `_ServerCertificates` before each new handshake, which
+re-reads the files when they changed, so a rotated certificate is served without a restart.
+Channels read the files when they are made, so new channels use a rotated certificate.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +20,26 @@ from grpc_reflection.v1alpha import reflection
 
 from .ports import PortInUseError, check_port_free
 from .status_interceptor import StatusInterceptor
+from .tls import TlsFiles
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHANNEL_OPTIONS", "FLOW_CONTROL_OPTIONS", "SERVER_OPTIONS", "PortInUseError", "bind",
-           "check_port_free", "new_server", "set_serving"]
+__all__ = ["CHANNEL_OPTIONS", "FLOW_CONTROL_OPTIONS", "SERVER_OPTIONS", "PortInUseError", "aio_channel",
+           "bind", "channel", "channel_credentials", "check_port_free", "configure_tls",
+           "current_tls", "new_server", "set_serving"]
+
+#: This process's TLS identity; None = plaintext (--insecure-dev, or a unit test's own servers).
+_tls: TlsFiles | None = None
+
+
+def configure_tls(files: TlsFiles | None) -> None:
+    """Set the process's identity before it binds or dials anything (meshserve.py does)."""
+    global _tls
+    _tls = files
+
+
+def current_tls() -> TlsFiles | None:
+    return _tls
 
 #: Largest request a server accepts (an oversize request gets RESOURCE_EXHAUSTED from gRPC itself,
 #: and the services reject prompts above their own character limit with INVALID_ARGUMENT).
@@ -67,13 +91,79 @@ def new_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.ai
     return server, health_servicer
 
 
+class _ServerCertificates:
+    """gRPC's certificate-config fetcher: a new config when the files changed, else None."""
+
+    def __init__(self, files: TlsFiles) -> None:
+        self.files = files
+        self.stamp = files.stamp()
+
+    def initial(self) -> grpc.ServerCertificateConfiguration:
+        return self._config()
+
+    def _config(self) -> grpc.ServerCertificateConfiguration:
+        ca, cert, key = self.files.read()
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def __call__(self) -> grpc.ServerCertificateConfiguration | None:
+        try:
+            stamp = self.files.stamp()
+            if stamp == self.stamp:
+                return None
+            config = self._config()
+        except (OSError, ValueError) as exc:  # mid-rotation: keep serving the last good files
+            log.warning("TLS files not reloaded (%s); still serving the previous certificate", exc)
+            return None
+        self.stamp = stamp
+        log.info("TLS certificate reloaded from %s", self.files.cert)
+        return config
+
+
+def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
+    """mTLS: a client certificate signed by the mesh CA is required; reloaded on change."""
+    fetcher = _ServerCertificates(files)
+    return grpc.dynamic_ssl_server_credentials(fetcher.initial(), fetcher,
+                                               require_client_authentication=True)
+
+
+def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
+    ca, cert, key = files.read()
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                        certificate_chain=cert)
+
+
+def aio_channel(target: str, options: list[tuple[str, object]] | None = None,
+                tls: TlsFiles | None | bool = True) -> grpc.aio.Channel:
+    """An asyncio channel with this process's identity (`tls=True`), given files, or plaintext
+    (`tls=None`: only for the public edge, which is plaintext by configuration)."""
+    files = _tls if tls is True else (tls or None)
+    opts = list(CHANNEL_OPTIONS if options is None else options)
+    if files is None:
+        return grpc.aio.insecure_channel(target, options=opts)
+    return grpc.aio.secure_channel(target, channel_credentials(files), options=opts)
+
+
+def channel(target: str, options: list[tuple[str, object]] | None = None,
+            tls: TlsFiles | None | bool = True) -> grpc.Channel:
+    """The blocking twin of aio_channel (CLIs, readiness checks)."""
+    files = _tls if tls is True else (tls or None)
+    opts = list(CHANNEL_OPTIONS if options is None else options)
+    if files is None:
+        return grpc.insecure_channel(target, options=opts)
+    return grpc.secure_channel(target, channel_credentials(files), options=opts)
+
+
 def bind(server: grpc.aio.Server, address: str) -> int:
-    """Bind an insecure port, refusing loudly when another listener has it (gRPC itself would
-    share it or fail with a vague message); TIME_WAIT leftovers of a previous run do not count."""
+    """Bind a port (mTLS when the process has an identity), refusing loudly when another
+    listener has it (gRPC itself would share it or fail with a vague message); TIME_WAIT
+    leftovers of a previous run do not count."""
     host, _, port = address.rpartition(":")
     if int(port) != 0:
         check_port_free(host.strip("[]") or "0.0.0.0", int(port))
-    bound = server.add_insecure_port(address)
+    if _tls is None:
+        bound = server.add_insecure_port(address)
+    else:
+        bound = server.add_secure_port(address, server_credentials(_tls))
     if bound == 0:
         raise PortInUseError(f"could not bind {address}")
     return bound

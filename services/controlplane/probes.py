@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshserve.v1 import common_pb2, modelserver_pb2, modelserver_pb2_grpc
 
-from services.common.grpc_util import CHANNEL_OPTIONS
+from services.common.grpc_util import aio_channel
 
 
 class ServerProbe:
@@ -34,7 +34,7 @@ class ServerProbe:
         if known is None or known[0] != address:
             if known is not None:
                 self._close_later(known[1])
-            known = (address, grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS))
+            known = (address, aio_channel(address))
             self._channels[server_id] = known
         return known[1]
 

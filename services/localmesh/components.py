@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import sys
 import urllib.request
 from pathlib import Path
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common import ports
+from services.common import grpc_util, ports
+from services.common.tls import TlsFiles
 
 
 def etcd_binary() -> str:
@@ -50,18 +51,27 @@ def envoy_binary() -> str:
 
 
 def etcd_argv(name: str, data_dir: Path, client: str, peer: str,
-              initial_cluster: dict[str, str], new_cluster: bool = True) -> list[str]:
-    """One etcd member; initial_cluster maps member name -> peer host:port."""
-    cluster = ",".join(f"{n}=http://{p}" for n, p in initial_cluster.items())
-    return [
+              initial_cluster: dict[str, str], new_cluster: bool = True,
+              tls: TlsFiles | None = None) -> list[str]:
+    """One etcd member; initial_cluster maps member name -> peer host:port. With `tls` clients
+    and peers both need a certificate signed by the mesh CA (mTLS on both ports)."""
+    scheme = "https" if tls else "http"
+    cluster = ",".join(f"{n}={scheme}://{p}" for n, p in initial_cluster.items())
+    argv = [
         etcd_binary(), "--name", name, "--data-dir", str(data_dir),
-        "--listen-client-urls", f"http://{client}", "--advertise-client-urls", f"http://{client}",
-        "--listen-peer-urls", f"http://{peer}", "--initial-advertise-peer-urls", f"http://{peer}",
+        "--listen-client-urls", f"{scheme}://{client}", "--advertise-client-urls", f"{scheme}://{client}",
+        "--listen-peer-urls", f"{scheme}://{peer}", "--initial-advertise-peer-urls", f"{scheme}://{peer}",
         "--initial-cluster", cluster, "--initial-cluster-token", "meshserve-local",
         "--initial-cluster-state", "new" if new_cluster else "existing",
         "--heartbeat-interval", "100", "--election-timeout", "1000",
         "--log-level", "warn", "--logger", "zap",
     ]
+    if tls:
+        files = {"cert-file": tls.cert, "key-file": tls.key, "trusted-ca-file": tls.ca}
+        for prefix in ("", "peer-"):
+            argv += [x for k, v in files.items() for x in (f"--{prefix}{k}", str(v))]
+        argv += ["--client-cert-auth", "--peer-client-cert-auth"]
+    return argv
 
 
 def service_argv(kind: str, *args: str) -> list[str]:
@@ -75,13 +85,22 @@ def envoy_argv(config_path: Path, base_id: int, log_path: Path) -> list[str]:
             "--parent-shutdown-time-s", "3"]
 
 
-def etcd_healthy(client: str) -> bool:
-    with urllib.request.urlopen(f"http://{client}/health", timeout=1.0) as resp:
+def client_ssl_context(tls: TlsFiles) -> ssl.SSLContext:
+    """An HTTPS client context that trusts the mesh CA and presents `tls`'s certificate."""
+    ctx = ssl.create_default_context(cafile=str(tls.ca))
+    ctx.load_cert_chain(str(tls.cert), str(tls.key))
+    return ctx
+
+
+def etcd_healthy(client: str, tls: TlsFiles | None = None) -> bool:
+    scheme, ctx = ("https", client_ssl_context(tls)) if tls else ("http", None)
+    with urllib.request.urlopen(f"{scheme}://{client}/health", timeout=1.0, context=ctx) as resp:
         return json.loads(resp.read()).get("health") == "true"
 
 
-def grpc_serving(address: str, service: str = "", timeout: float = 1.0) -> bool:
-    with grpc.insecure_channel(address) as channel:
+def grpc_serving(address: str, service: str = "", timeout: float = 1.0,
+                 tls: TlsFiles | None = None) -> bool:
+    with grpc_util.channel(address, options=[], tls=tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return resp.status == health_pb2.HealthCheckResponse.SERVING

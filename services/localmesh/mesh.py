@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from services.common import certs
 from services.common import ports as port_rules
 from services.common.envoy_config import EnvoySettings, render
+from services.common.tls import TlsFiles
 
 from . import components as c
 from .processes import Child, StartError, Supervisor
@@ -59,6 +61,10 @@ class MeshPlan:
     gateways: int = 0
     #: Extra `meshserve openai-gateway` flags for every gateway.
     gateway_args: list[str] = field(default_factory=list)
+    #: mTLS on every internal hop and etcd, certificates from a CA in `<data_dir>/certs` (made
+    #: on first start). False = --insecure-dev everywhere (tests that dial internal ports in
+    #: plaintext; `meshserve up` is secure unless told --insecure-dev).
+    secure: bool = False
 
 
 class PortPlan:
@@ -121,6 +127,36 @@ class LocalMesh:
                                                   *(f"gateway{i}" for i in range(plan.gateways))])}
         self.ports = ports
         self.children: dict[str, Child] = {}
+        self.certs_dir = self.data_dir / "certs"
+
+    # --- identities -------------------------------------------------------------------------
+
+    def components(self) -> list[tuple[str, str]]:
+        """(kind, name) of every certificate the mesh needs; `operator` is meshctl's and
+        `supervisor` is what readiness checks present."""
+        return [*((("etcd", f"etcd{i}")) for i in range(len(self.etcd_clients))),
+                *(("controlplane", f"controlplane{i}") for i in range(self.plan.controlplanes)),
+                *(("server", s.server_id) for s in self.plan.servers),
+                *(("router", f"router{i}") for i in range(self.plan.routers)),
+                *(("gateway", f"gateway{i}") for i in range(self.plan.gateways)),
+                ("envoy", "envoy"), ("operator", "operator"), ("client", "supervisor")]
+
+    def security_args(self) -> list[str]:
+        """The flags that give a service of this mesh its identity (or plaintext)."""
+        return ["--tls-dir", str(self.certs_dir)] if self.plan.secure else ["--insecure-dev"]
+
+    def tls(self, name: str) -> TlsFiles | None:
+        """Component `name`'s certificate files (None when the mesh runs plaintext)."""
+        return TlsFiles.from_dir(self.certs_dir, name) if self.plan.secure else None
+
+    @property
+    def client_tls(self) -> TlsFiles | None:
+        """What a client of the internal ports presents (readiness checks, tests)."""
+        return self.tls("supervisor")
+
+    @property
+    def operator_tls(self) -> TlsFiles | None:
+        return self.tls("operator")
 
     @property
     def controlplane(self) -> str:
@@ -135,6 +171,8 @@ class LocalMesh:
 
     def start(self) -> None:
         self.ports.check()
+        if self.plan.secure:
+            certs.ensure(self.certs_dir, self.components())
         self.sup.new_run()
         try:
             self.start_etcd()
@@ -155,15 +193,15 @@ class LocalMesh:
         for i in range(len(self.etcd_clients)):
             self._spawn_etcd(i)
         for i, client in enumerate(self.etcd_clients):
-            self.sup.wait_ready(self.children[f"etcd{i}"], partial(c.etcd_healthy, client), 30,
-                                "healthy")
+            self.sup.wait_ready(self.children[f"etcd{i}"],
+                                partial(c.etcd_healthy, client, tls=self.client_tls), 30, "healthy")
 
     def _spawn_etcd(self, i: int) -> Child:
         name = f"etcd{i}"
         cluster = {f"etcd{j}": peer for j, peer in enumerate(self.etcd_peers)}
         child = self.sup.start(name, c.etcd_argv(
             name, self.data_dir / name, self.etcd_clients[i], self.etcd_peers[i], cluster,
-            new_cluster=not (self.data_dir / name / "member").exists()))
+            new_cluster=not (self.data_dir / name / "member").exists(), tls=self.tls(name)))
         self.children[name] = child
         return child
 
@@ -173,10 +211,15 @@ class LocalMesh:
 
     def _common(self, name: str, listen: str) -> list[str]:
         args = ["--id", name, "--listen", listen, "--etcd", self.etcd_endpoints,
-                "--metrics", self.metrics[name], "--lease-ttl", str(self.plan.lease_ttl)]
+                "--metrics", self.metrics[name], "--lease-ttl", str(self.plan.lease_ttl),
+                *self.security_args()]
         if self.plan.otlp_endpoint:
             args += ["--otlp-traces-endpoint", "http://" + self.plan.otlp_endpoint.removeprefix("http://")]
         return args
+
+    def serving(self, address: str) -> bool:
+        """Whether a service of this mesh answers SERVING (over mTLS when the mesh is secure)."""
+        return c.grpc_serving(address, tls=self.client_tls)
 
     def start_controlplane(self, i: int) -> Child:
         name = f"controlplane{i}"
@@ -184,7 +227,7 @@ class LocalMesh:
             "controlplane", *self._common(name, self.controlplanes[i]),
             *self.plan.controlplane_args))
         self.children[name] = child
-        self.sup.wait_ready(child, lambda: c.grpc_serving(self.controlplanes[i]), 60, "serving")
+        self.sup.wait_ready(child, lambda: self.serving(self.controlplanes[i]), 60, "serving")
         return child
 
     def start_server(self, server: ServerPlan, wait: bool = True) -> Child:
@@ -199,7 +242,7 @@ class LocalMesh:
         child = self.sup.start(server.server_id, c.service_argv("modelserver", *args))
         self.children[server.server_id] = child
         if wait:
-            self.sup.wait_ready(child, lambda: c.grpc_serving(address), self.plan.load_timeout_s,
+            self.sup.wait_ready(child, lambda: self.serving(address), self.plan.load_timeout_s,
                                 "serving (model loaded)")
         return child
 
@@ -207,7 +250,7 @@ class LocalMesh:
         name = f"router{i}"
         self.children[name] = self.sup.start(name, c.service_argv(
             "router", *self._common(name, self.routers[i]), *self.plan.router_args))
-        self.sup.wait_ready(self.children[name], lambda: c.grpc_serving(self.routers[i]), 60,
+        self.sup.wait_ready(self.children[name], lambda: self.serving(self.routers[i]), 60,
                             "serving")
 
     def start_gateway(self, i: int) -> Child:
@@ -217,7 +260,7 @@ class LocalMesh:
             "openai-gateway", *self._common(name, self.gateways[i]), "--http", self.gateways_http[i],
             "--upstream", self.envoy, *self.plan.gateway_args))
         self.children[name] = child
-        self.sup.wait_ready(child, lambda: c.grpc_serving(self.gateways[i]), 60, "serving")
+        self.sup.wait_ready(child, lambda: self.serving(self.gateways[i]), 60, "serving")
         return child
 
     def start_envoy(self) -> None:
@@ -227,6 +270,10 @@ class LocalMesh:
             access_log=str(self.sup.log_dir / "envoy-access.log"),
             session_ring_hash=self.plan.envoy_session_ring_hash, gateways=self.gateways_http,
             otlp_endpoint=self.plan.otlp_endpoint)
+        envoy_tls = self.tls("envoy")
+        if envoy_tls is not None:
+            settings.tls_cert, settings.tls_key = str(envoy_tls.cert), str(envoy_tls.key)
+            settings.tls_ca = str(envoy_tls.ca)
         if self.plan.envoy_rate_limit_per_s is not None:
             settings.rate_limit_per_s = self.plan.envoy_rate_limit_per_s
         config.write_text(render(settings))

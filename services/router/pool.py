@@ -25,7 +25,7 @@ import grpc
 from meshserve.v1 import controlplane_pb2 as cp
 from meshserve.v1 import modelserver_pb2, modelserver_pb2_grpc
 
-from services.common.grpc_util import CHANNEL_OPTIONS
+from services.common.grpc_util import aio_channel
 from services.common.membership import MeshView
 
 from .replica import Replica, ServerLink
@@ -104,7 +104,7 @@ class BackendPool:
         self._changed()
 
     def _connect(self, info: modelserver_pb2.ServerInfo) -> ServerLink:
-        channel = grpc.aio.insecure_channel(info.address, options=CHANNEL_OPTIONS)
+        channel = aio_channel(info.address)
         link = ServerLink(info=info, channel=channel, stub=modelserver_pb2_grpc.ModelServerServiceStub(channel))
         link.load_task = self._spawn(self._follow_load(link), f"load:{info.server_id}")
         self.links[info.server_id] = link

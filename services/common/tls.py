@@ -1,0 +1,83 @@
+"""A process's TLS identity: which certificate files it presents and trusts, and who a peer is.
+
+A process runs either secure (`--tls-dir DIR`, with `--tls-name` picking `<name>.crt/.key`, by
+default its id) or, for development only, plaintext (`--insecure-dev`, which logs a loud
+warning); with neither it refuses to start, so a forgotten flag never means plaintext.
+Credentials are built from these files by `grpc_util` (the one place that makes them) and read
+anew for every new listener handshake (server) and every new channel (client), so a certificate
+replaced on disk is used without a restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .certs import CA_CERT, Identity
+
+log = logging.getLogger(__name__)
+
+INSECURE_WARNING = ("*** --insecure-dev: PLAINTEXT gRPC and etcd, no client certificates. Anyone who "
+                    "can reach these ports can read prompts and answers and change the mesh. "
+                    "For development on one machine only. ***")
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def from_dir(cls, directory: str | Path, name: str) -> TlsFiles:
+        d = Path(directory)
+        files = cls(d / CA_CERT, d / f"{name}.crt", d / f"{name}.key")
+        missing = [str(p) for p in (files.ca, files.cert, files.key) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"TLS files missing: {', '.join(missing)} (make them with "
+                                    f"`meshctl certs init` and `meshctl certs issue KIND {name}`)")
+        return files
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        """(ca, cert chain, key) as PEM bytes, read now."""
+        return self.ca.read_bytes(), self.cert.read_bytes(), self.key.read_bytes()
+
+    def stamp(self) -> tuple[float, ...]:
+        """Modification times: what changes when a certificate is rotated."""
+        return tuple(os.stat(p).st_mtime_ns for p in (self.ca, self.cert, self.key))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-dir", default=os.environ.get("MESHSERVE_TLS_DIR", ""), metavar="DIR",
+                   help="directory with ca.crt and NAME.crt/NAME.key (mTLS on every port and to "
+                        "etcd; default $MESHSERVE_TLS_DIR)")
+    p.add_argument("--tls-name", default="", metavar="NAME",
+                   help="which certificate in --tls-dir (default: --id)")
+    p.add_argument("--insecure-dev", action="store_true",
+                   help="plaintext everywhere: development only, logs a loud warning")
+
+
+def from_arguments(args: argparse.Namespace, default_name: str) -> TlsFiles | None:
+    """The files `args` ask for, or None for --insecure-dev (warned about here)."""
+    if args.insecure_dev:
+        if args.tls_dir:
+            raise ValueError("--insecure-dev and --tls-dir exclude each other")
+        log.warning(INSECURE_WARNING)
+        return None
+    if not args.tls_dir:
+        raise ValueError("no --tls-dir: MeshServe runs with mTLS (pass --tls-dir DIR, or "
+                         "--insecure-dev for plaintext on a development machine)")
+    return TlsFiles.from_dir(args.tls_dir, args.tls_name or default_name)
+
+
+def identities(auth_context: dict[str, list[bytes]]) -> list[Identity]:
+    """The mesh identities in a gRPC peer's auth context (its certificate's URI SANs)."""
+    out = []
+    for raw in auth_context.get("x509_subject_alternative_name", []):
+        ident = Identity.parse(raw.decode(errors="replace"))
+        if ident is not None:
+            out.append(ident)
+    return out
