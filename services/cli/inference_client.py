@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -24,14 +25,32 @@ def build_request(model: str, prompt: str = "", chat: bool = False, max_tokens: 
     return req
 
 
+def credentials(api_key: str) -> tuple[tuple[str, str], ...]:
+    """The metadata that authenticates a client at the edge (none without a key)."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+
 def generate(target: str, request: inference_pb2.GenerateRequest,
-             timeout: float = 120.0) -> inference_pb2.GenerateResponse:
-    with grpc.insecure_channel(target) as channel:
-        return inference_pb2_grpc.InferenceServiceStub(channel).Generate(request, timeout=timeout)
+             timeout: float = 120.0, api_key: str = "") -> inference_pb2.GenerateResponse:
+    with grpc.insecure_channel(target) as channel:  # the public edge: plaintext by configuration
+        return inference_pb2_grpc.InferenceServiceStub(channel).Generate(
+            request, timeout=timeout, metadata=credentials(api_key))
 
 
 def generate_stream(target: str, request: inference_pb2.GenerateRequest,
-                    timeout: float = 120.0) -> Iterator[inference_pb2.GenerateResponse]:
+                    timeout: float = 120.0, api_key: str = "") -> Iterator[inference_pb2.GenerateResponse]:
     """The answer as it is produced; a stream broken by a dying router resumes on another."""
     with grpc.insecure_channel(target) as channel:
-        yield from resumable.stream(inference_pb2_grpc.InferenceServiceStub(channel), request, timeout=timeout)
+        yield from resumable.stream(_Keyed(inference_pb2_grpc.InferenceServiceStub(channel), api_key),
+                                    request, timeout=timeout)
+
+
+class _Keyed:
+    """A stub whose every GenerateStream (resumes included) carries the API key."""
+
+    def __init__(self, stub: inference_pb2_grpc.InferenceServiceStub, api_key: str) -> None:
+        self._stub = stub
+        self._metadata = credentials(api_key)
+
+    def GenerateStream(self, request: inference_pb2.GenerateRequest, timeout: float | None = None) -> Any:
+        return self._stub.GenerateStream(request, timeout=timeout, metadata=self._metadata)

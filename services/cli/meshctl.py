@@ -13,7 +13,7 @@ import sys
 
 import grpc
 
-from . import ctl_certs, ctl_cluster, ctl_models, ctl_traffic
+from . import ctl_auth, ctl_certs, ctl_cluster, ctl_models, ctl_traffic
 from .ctl_common import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, to_dict
 
 UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -27,7 +27,7 @@ def cmd_generate(args) -> int:
                             region=args.region, priority=args.priority)
     if args.stream:
         last = None
-        for chunk in generate_stream(args.endpoint, request, timeout=args.timeout):
+        for chunk in generate_stream(args.endpoint, request, timeout=args.timeout, api_key=args.api_key):
             if args.output == "json":
                 print(json.dumps(to_dict(chunk)))
             else:
@@ -38,7 +38,7 @@ def cmd_generate(args) -> int:
             if last is not None:
                 _footer(last)
         return EXIT_OK
-    answer = generate(args.endpoint, request, timeout=args.timeout)
+    answer = generate(args.endpoint, request, timeout=args.timeout, api_key=args.api_key)
     if args.output == "json":
         print(json.dumps(to_dict(answer), indent=2))
     else:
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl_models.add_parsers(sub)
     ctl_traffic.add_parsers(sub)
     ctl_certs.add_parsers(sub)
+    ctl_auth.add_parsers(sub)
     p = sub.add_parser("generate", help="send one request through the public endpoint")
     p.add_argument("model")
     p.add_argument("prompt")
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--session", default="")
     p.add_argument("--region", default="")
     p.add_argument("--priority", default="STANDARD", choices=["CRITICAL", "STANDARD", "SHEDDABLE"])
+    p.add_argument("--api-key", default=os.environ.get("MESHSERVE_API_KEY", ""),
+                   help="the tenant's API key (env MESHSERVE_API_KEY; `meshctl keys create`)")
     p.set_defaults(func=cmd_generate, needs_tls=False)  # the public edge: plaintext by configuration
     return parser
 

@@ -103,7 +103,7 @@ def cmd_router(args: argparse.Namespace) -> int:
     config = RouterConfig(router_id=args.id or default_id("router"), listen=args.listen,
                           advertise=args.advertise, region=args.region, zone=args.zone,
                           etcd=args.etcd, metrics=args.metrics, lease_ttl=args.lease_ttl,
-                          dispatch=dispatch)
+                          dispatch=dispatch, authz_listen=args.authz_listen)
     return _run_service(f"router[{config.router_id}]", lambda stop: run(config, stop), args,
                         "meshserve-router", config.router_id)
 
@@ -208,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("router", help="run a router")
     _common(p, "127.0.0.1:8001")
+    p.add_argument("--authz-listen", default="", metavar="HOST:PORT",
+                   help="serve Envoy's ext_authz API-key check here (HTTP; mTLS with --tls-dir); "
+                        "'' = none")
     p.add_argument("--zone", default="", help="the router's zone (requests prefer servers there)")
     p.add_argument("--policy", default="meshserve",
                    choices=["meshserve", "least_load", "round_robin"],

@@ -57,10 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="send a demo request through Envoy once the mesh is up")
 
 
-def _print_endpoints(mesh: LocalMesh, model: str) -> None:
+def _print_endpoints(mesh: LocalMesh, model: str, api_key: str) -> None:
     from services.localmesh.prometheus import write_config
 
     prometheus = write_config(mesh, mesh.data_dir / "prometheus")
+    auth = ' -H "authorization: Bearer $MESHSERVE_API_KEY"' if api_key else ""
     lines = [
         "MeshServe local mesh is up.",
         f"  public API (gRPC + JSON) via Envoy  {mesh.envoy}",
@@ -77,14 +78,16 @@ def _print_endpoints(mesh: LocalMesh, model: str) -> None:
          "`meshctl certs list`)" if mesh.plan.secure else
          "  *** PLAINTEXT (--insecure-dev): no mTLS, anyone on this host can call every port ***"),
         f"  Prometheus config (rules, targets)  {prometheus}  (dashboard: deploy/grafana/meshserve.json)",
-        "Try:",
+        *([f"  API key of tenant {DEMO_TENANT} (every model)  {mesh.data_dir / 'demo-api-key'}",
+           "Try (the edge wants an API key):",
+           f"  export MESHSERVE_API_KEY=$(cat {mesh.data_dir / 'demo-api-key'})"] if api_key else ["Try:"]),
         f"  meshctl --controlplane {mesh.controlplane}"
         f"{'' if mesh.plan.secure else ' --insecure-dev'} status",
         f"  meshctl --endpoint {mesh.envoy} generate {model} 'What is the capital of France?'",
-        f"  curl -s -X POST http://{mesh.envoy}/v1/generate -d "
+        f"  curl -s -X POST http://{mesh.envoy}/v1/generate{auth} -d "
         f"'{{\"model\":\"{model}\","
         f"\"messages\":[{{\"role\":\"user\",\"content\":\"Hi!\"}}]}}'",
-        *([f"  curl -s http://{mesh.envoy}/v1/chat/completions -H 'content-type: application/json' -d "
+        *([f"  curl -s http://{mesh.envoy}/v1/chat/completions{auth} -H 'content-type: application/json' -d "
            f"'{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hi!\"}}]}}'"]
           if mesh.gateways else []),
         "Ctrl-C stops everything.",
@@ -154,10 +157,39 @@ def _deploy(mesh: LocalMesh, models: list[str], replicas: int, options: list[str
                          f"server logs in {mesh.sup.log_dir}")
 
 
-def _demo(mesh: LocalMesh, model: str) -> None:
+DEMO_TENANT = "demo"
+
+
+def demo_key(mesh: LocalMesh) -> str:
+    """A secure mesh's edge wants an API key: tenant `demo` (every model) gets a fresh one, kept
+    in DATA_DIR/demo-api-key (mode 0600) for the README's commands. '' when plaintext."""
+    import os
+
+    from meshserve.v1 import auth_pb2 as ap
+    from meshserve.v1 import auth_pb2_grpc
+
+    if not mesh.plan.secure:
+        return ""
+    with grpc_util.channel(mesh.controlplane, options=[], tls=mesh.operator_tls) as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        try:
+            stub.CreateTenant(ap.CreateTenantRequest(tenant=ap.Tenant(name=DEMO_TENANT, models=["*"])),
+                              timeout=10)
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+        key = stub.CreateApiKey(ap.CreateApiKeyRequest(tenant=DEMO_TENANT), timeout=10).api_key
+    path = mesh.data_dir / "demo-api-key"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(key + "\n")
+    return key
+
+
+def _demo(mesh: LocalMesh, model: str, api_key: str) -> None:
     request = build_request(model, DEMO_QUESTION, chat=True, max_tokens=32)
     try:
-        answer = generate(mesh.envoy, request, timeout=120)
+        answer = generate(mesh.envoy, request, timeout=120, api_key=api_key)
     except grpc.RpcError as exc:
         print(f"demo request failed: {exc.code().name}: {exc.details()}", flush=True)
         return
@@ -215,9 +247,14 @@ def up(args: argparse.Namespace) -> int:
         except (StartError, grpc.RpcError, ValueError) as exc:
             print(f"meshserve up: deploying {models} failed: {exc}", file=sys.stderr)
             return 1
-        _print_endpoints(mesh, models[0].split("=")[0])
+        try:
+            api_key = demo_key(mesh)
+        except grpc.RpcError as exc:
+            print(f"meshserve up: making the demo API key failed: {exc}", file=sys.stderr)
+            return 1
+        _print_endpoints(mesh, models[0].split("=")[0], api_key)
         if args.demo:
-            _demo(mesh, models[0].split("=")[0])
+            _demo(mesh, models[0].split("=")[0], api_key)
         while not stop.is_set():
             for name, child in mesh.children.items():
                 if not child.alive():

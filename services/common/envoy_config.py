@@ -42,6 +42,9 @@ class EnvoySettings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_ca: str = ""
+    #: host:port of each router's ext_authz HTTP check (`meshserve router --authz-listen`); set:
+    #: every public request needs an API key (docs/architecture.md, "Security"), else 401.
+    authz: list[str] = field(default_factory=list)
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -150,6 +153,56 @@ _ROUTER_TLS = """\
 """
 
 
+# The identity header is removed from every client request before anything else can read it;
+# then ext_authz asks a router whether the API key is good and copies the tenant it names
+# (x-meshserve-tenant) onto the request. A denial is the router's 401 with its JSON body.
+_EDGE_AUTH = """\
+          - name: envoy.filters.http.header_mutation
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
+              mutations:
+                request_mutations:
+                - remove: x-meshserve-tenant
+          - name: envoy.filters.http.ext_authz
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+              transport_api_version: V3
+              failure_mode_allow: false
+              status_on_error: { code: ServiceUnavailable }
+              http_service:
+                server_uri: { uri: "https://authz", cluster: authz, timeout: 2s }
+                path_prefix: /authz
+                authorization_request:
+                  allowed_headers:
+                    patterns: [{ exact: authorization }, { exact: x-api-key }]
+                authorization_response:
+                  allowed_upstream_headers:
+                    patterns: [{ exact: x-meshserve-tenant }]
+                  allowed_client_headers:
+                    patterns: [{ exact: content-type }, { exact: www-authenticate }]
+"""
+
+_AUTHZ_CLUSTER = """\
+  - name: authz
+    type: $cluster_type
+    connect_timeout: 1s
+    lb_policy: LEAST_REQUEST
+$tls    load_assignment:
+      cluster_name: authz
+      endpoints:
+      - lb_endpoints:
+$endpoints
+"""
+
+
+def _edge_auth(settings: EnvoySettings) -> dict[str, str]:
+    if not settings.authz:
+        return {"edge_auth": "", "authz_cluster": ""}
+    tls = _router_tls(settings).replace('          alpn_protocols: ["h2"]\n', "")
+    return {"edge_auth": _EDGE_AUTH, "authz_cluster": string.Template(_AUTHZ_CLUSTER).substitute(
+        cluster_type=settings.cluster_type, tls=tls, endpoints=_endpoints(settings.authz))}
+
+
 def _router_tls(settings: EnvoySettings) -> str:
     files = (settings.tls_cert, settings.tls_key, settings.tls_ca)
     if not any(files):
@@ -163,7 +216,7 @@ def _router_tls(settings: EnvoySettings) -> str:
 def _optional_parts(settings: EnvoySettings) -> dict[str, str]:
     """Tracing, the stats listener and upstream TLS: present only when configured."""
     parts = {"tracing": "", "stats_listener": "", "extra_clusters": "",
-             "router_tls": _router_tls(settings)}
+             "router_tls": _router_tls(settings), **_edge_auth(settings)}
     if settings.otlp_endpoint:
         host, port = _split(settings.otlp_endpoint.removeprefix("http://"))
         parts["tracing"] = _TRACING

@@ -79,10 +79,13 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def new_server(service_names: Iterable[str]) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+def new_server(service_names: Iterable[str], interceptors: Iterable[grpc.aio.ServerInterceptor] = ()
+               ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A grpc.aio server with grpc.health.v1 and reflection already registered, and the one
-    error-to-status mapping (status_interceptor.py) in front of every servicer."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=[StatusInterceptor()])
+    error-to-status mapping (status_interceptor.py) in front of every servicer and of
+    `interceptors` (which may raise the errors of errors.py like a servicer)."""
+    server = grpc.aio.server(options=SERVER_OPTIONS,
+                             interceptors=[StatusInterceptor(), *interceptors])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = list(service_names) + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

@@ -17,6 +17,9 @@ Layout (values are binary protobuf, never ad-hoc JSON):
     /meshserve/traffic/canary/<name>    CanaryState     the leader's canary steps, fenced
     /meshserve/traffic/stats/<name>/<router>  TrafficStats  a router's canary window, on its lease
     /meshserve/traffic/guard            (empty)         rewritten with every policy write
+    /meshserve/auth/tenants/<tenant>    Tenant          managed by `meshctl tenants`
+    /meshserve/auth/keys/<key-id>       ApiKey          managed by `meshctl keys` (secret hashed)
+    /meshserve/audit/<time>-<random>    AuditEvent      one per operator action
 
 Ids and model names follow services/common/names.py; keys are built only from valid ones.
 """
@@ -26,7 +29,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
-from meshserve.v1 import controlplane_pb2, modelserver_pb2, traffic_pb2
+from meshserve.v1 import auth_pb2, controlplane_pb2, modelserver_pb2, traffic_pb2
 
 from . import names
 
@@ -49,6 +52,10 @@ TRAFFIC_STATS = ROOT + "traffic/stats/"
 #: Every policy write compares and rewrites this key, so two writers that each checked the graph
 #: (cycles, references) against what they read cannot both commit.
 TRAFFIC_GUARD = ROOT + "traffic/guard"
+AUTH = ROOT + "auth/"
+TENANTS = AUTH + "tenants/"
+API_KEYS = AUTH + "keys/"
+AUDIT = ROOT + "audit/"
 
 M = TypeVar("M", bound=Message)
 
@@ -93,6 +100,19 @@ def placement_key(server_id: str, model: str) -> str:
 
 def status_key(server_id: str, model: str) -> str:
     return STATUS + _check_id("server", server_id) + "/" + _check_id("model", model)
+
+
+def tenant_key(name: str) -> str:
+    return TENANTS + names.check_name("tenant name", name)
+
+
+def api_key_key(key_id: str) -> str:
+    return API_KEYS + names.check_name("API key id", key_id)
+
+
+def audit_key(time_ms: int, suffix: str) -> str:
+    """Zero-padded time first, so a key-ordered read is a time-ordered one."""
+    return f"{AUDIT}{time_ms:016d}-{names.check_name('audit suffix', suffix)}"
 
 
 def health_key(server_id: str) -> str:
@@ -169,4 +189,7 @@ VALUE_TYPES: dict[str, type[Message]] = {
     TRAFFIC_POLICIES: traffic_pb2.TrafficPolicy,
     CANARY_STATES: traffic_pb2.CanaryState,
     TRAFFIC_STATS: traffic_pb2.TrafficStats,
+    TENANTS: auth_pb2.Tenant,
+    API_KEYS: auth_pb2.ApiKey,
+    AUDIT: auth_pb2.AuditEvent,
 }

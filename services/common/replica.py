@@ -47,14 +47,15 @@ async def run_replica(*, key: str, replica_id: str, service_names: Sequence[str]
                       listen: str, advertise: str, etcd: str, metrics: str, lease_ttl: int, grace_s: float,
                       watch_mesh: bool = True,
                       prepare: Callable[[ReplicaParts], Awaitable[None]] | None = None,
-                      drain: Callable[[], Awaitable[None]] | None = None) -> AsyncIterator[ReplicaParts]:
+                      drain: Callable[[], Awaitable[None]] | None = None,
+                      interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> AsyncIterator[ReplicaParts]:
     """Yields once the replica serves and is registered under `key`; stops everything on exit.
 
     `service_names`: the gRPC services `register` adds (for health and reflection).
     `record`: the membership record to put under `key`, built once the address is known.
     """
     client = EtcdClient(etcd)
-    server, health_servicer = new_server(service_names)
+    server, health_servicer = new_server(service_names, interceptors)
     parts = ReplicaParts(server=server, etcd=client, view=MeshView(client) if watch_mesh else None,
                          keeper=LeaseKeeper(client, ttl=lease_ttl), health=health_servicer)
     register(parts)

@@ -15,8 +15,9 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .certs import CA_CERT, Identity
+from .certs import CA_CERT, Identity, spiffe_id
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +82,17 @@ def identities(auth_context: dict[str, list[bytes]]) -> list[Identity]:
         if ident is not None:
             out.append(ident)
     return out
+
+
+def peer_identity(context: Any) -> Identity | None:
+    """The mesh identity of a gRPC call's peer (None: plaintext, or no mesh URI SAN)."""
+    found = identities(context.auth_context())
+    return found[0] if found else None
+
+
+def describe_peer(context: Any) -> str:
+    """Who called, for logs and audit records."""
+    ident = peer_identity(context)
+    if ident is not None:
+        return spiffe_id(ident.kind, ident.name)
+    return "insecure-dev" if context.auth_context().get("transport_security_type") is None else "unknown"

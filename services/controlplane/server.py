@@ -8,16 +8,19 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from meshserve.v1 import controlplane_pb2, controlplane_pb2_grpc, traffic_pb2_grpc
+from meshserve.v1 import auth_pb2_grpc, controlplane_pb2, controlplane_pb2_grpc, traffic_pb2_grpc
 
-from services.common import keyspace
+from services.common import grpc_util, keyspace
 from services.common.lifecycle import now_ms
 from services.common.replica import ReplicaParts, run_replica
 
 from . import canary, metrics
+from .auth_servicer import SERVICE_NAME as AUTH_SERVICE_NAME
+from .auth_servicer import AuthServicer
 from .election import Election
 from .halts import DEFAULT_HALT_AFTER
 from .health import HealthChecker, HealthSettings
+from .operator_gate import OperatorGate
 from .probes import ServerProbe
 from .reconciler import Reconciler
 from .servicer import ControlPlaneServicer
@@ -53,12 +56,16 @@ def _on_leadership(leading: bool) -> None:
 async def run(config: ControlPlaneConfig, stop: asyncio.Event) -> None:
     probe = ServerProbe()
     started = now_ms()
+    gate = OperatorGate(secure=grpc_util.current_tls() is not None)
 
     def register(parts: ReplicaParts) -> None:
         assert parts.view is not None
         controlplane_pb2_grpc.add_ControlPlaneServiceServicer_to_server(
             ControlPlaneServicer(parts.etcd, parts.view, config.replica_id, probe), parts.server)
         traffic_pb2_grpc.add_TrafficServiceServicer_to_server(TrafficServicer(parts.etcd, parts.view), parts.server)
+        auth = AuthServicer(parts.etcd)
+        auth_pb2_grpc.add_AuthServiceServicer_to_server(auth, parts.server)
+        gate.audit = auth.ops.audit
 
     def record(parts: ReplicaParts) -> controlplane_pb2.ReplicaInfo:
         return controlplane_pb2.ReplicaInfo(replica_id=config.replica_id, address=parts.address,
@@ -67,7 +74,8 @@ async def run(config: ControlPlaneConfig, stop: asyncio.Event) -> None:
 
     async with run_replica(
             key=keyspace.controlplane_key(config.replica_id), replica_id=config.replica_id,
-            service_names=[SERVICE_NAME, TRAFFIC_SERVICE_NAME], register=register, record=record, listen=config.listen,
+            service_names=[SERVICE_NAME, TRAFFIC_SERVICE_NAME, AUTH_SERVICE_NAME], register=register,
+            record=record, listen=config.listen, interceptors=[gate],
             advertise=config.advertise, etcd=config.etcd, metrics=config.metrics,
             lease_ttl=config.lease_ttl, grace_s=2.0) as parts:
         etcd, view = parts.etcd, parts.view

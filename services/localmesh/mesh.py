@@ -114,6 +114,9 @@ class LocalMesh:
         self.controlplanes = [f"{HOST}:{ports.take(f'controlplane{i}', 10 + i)}"
                               for i in range(plan.controlplanes)]
         self.routers = [f"{HOST}:{ports.take(f'router{i}', 20 + i)}" for i in range(plan.routers)]
+        #: Each router's ext_authz check for Envoy (secure meshes: the edge needs API keys).
+        self.authz = ([f"{HOST}:{ports.take(f'router{i}-authz', 40 + i)}" for i in range(plan.routers)]
+                      if plan.secure else [])
         self.servers = {s.server_id: f"{HOST}:{ports.take(s.server_id, 30 + i)}"
                         for i, s in enumerate(plan.servers)}
         #: Each gateway's OpenAI HTTP listener (what Envoy routes to) and its gRPC health port.
@@ -248,8 +251,9 @@ class LocalMesh:
 
     def start_router(self, i: int) -> None:
         name = f"router{i}"
+        authz = ["--authz-listen", self.authz[i]] if self.authz else []
         self.children[name] = self.sup.start(name, c.service_argv(
-            "router", *self._common(name, self.routers[i]), *self.plan.router_args))
+            "router", *self._common(name, self.routers[i]), *authz, *self.plan.router_args))
         self.sup.wait_ready(self.children[name], lambda: self.serving(self.routers[i]), 60,
                             "serving")
 
@@ -274,6 +278,7 @@ class LocalMesh:
         if envoy_tls is not None:
             settings.tls_cert, settings.tls_key = str(envoy_tls.cert), str(envoy_tls.key)
             settings.tls_ca = str(envoy_tls.ca)
+            settings.authz = self.authz
         if self.plan.envoy_rate_limit_per_s is not None:
             settings.rate_limit_per_s = self.plan.envoy_rate_limit_per_s
         config.write_text(render(settings))

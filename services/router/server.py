@@ -9,12 +9,16 @@ from inference import grpc_service_pb2_grpc as kserve_pb2_grpc
 from meshserve.v1 import controlplane_pb2 as cp
 from meshserve.v1 import inference_pb2, inference_pb2_grpc
 
-from services.common import keyspace
+from services.common import grpc_util, keyspace
+from services.common.auth_records import KeySet
+from services.common.etcd_client import PrefixMirror
 from services.common.lifecycle import now_ms
 from services.common.replica import ReplicaParts, run_replica
 
+from .access import Access
 from .config import DispatchSettings
 from .dispatch import Dispatcher
+from .edge_authz import EdgeAuthz
 from .kserve.servicer import SERVICE_NAME as KSERVE_SERVICE_NAME
 from .kserve.servicer import KServeServicer
 from .pool import BackendPool
@@ -38,6 +42,8 @@ class RouterConfig:
     shutdown_grace_s: float = 10.0
     #: The request path's knobs (policy, retries, shedding); region and zone come from above.
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
+    #: host:port of the ext_authz HTTP check Envoy calls for every public request ('' = none).
+    authz_listen: str = ""
 
 
 async def run(config: RouterConfig, stop: asyncio.Event) -> None:
@@ -46,6 +52,19 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     settings = replace(config.dispatch, region=config.region, zone=config.zone)
     settings.validate()
     started = now_ms()
+    keys = KeySet()
+    access = Access(keys, enforce=grpc_util.current_tls() is not None)
+    auth_parts: list[PrefixMirror | EdgeAuthz] = []
+
+    async def prepare(parts: ReplicaParts) -> None:
+        """Tenants and keys are known before the router reports SERVING."""
+        mirror = PrefixMirror(parts.etcd, keyspace.AUTH, keys.apply)
+        await mirror.start()
+        auth_parts.append(mirror)
+        if config.authz_listen:
+            authz = EdgeAuthz(keys, config.authz_listen, grpc_util.current_tls())
+            await authz.start()
+            auth_parts.append(authz)
 
     def register(parts: ReplicaParts) -> None:
         assert parts.view is not None
@@ -54,8 +73,9 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
         recorder = CanaryRecorder(config.router_id, parts.keeper.put, parts.keeper.delete)
         recorders.append(recorder)
         dispatcher = Dispatcher(pool, config.router_id, settings, TrafficTable(parts.view), recorder)
-        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dispatcher), parts.server)
-        kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dispatcher), parts.server)
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dispatcher, access), parts.server)
+        kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dispatcher, access),
+                                                                  parts.server)
 
     def record(parts: ReplicaParts) -> cp.ReplicaInfo:
         return cp.ReplicaInfo(replica_id=config.router_id, address=parts.address, region=config.region,
@@ -66,9 +86,11 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
                 key=keyspace.router_key(config.router_id), replica_id=config.router_id,
                 service_names=[SERVICE_NAME, KSERVE_SERVICE_NAME], register=register, record=record,
                 listen=config.listen, advertise=config.advertise, etcd=config.etcd, metrics=config.metrics,
-                lease_ttl=config.lease_ttl, grace_s=config.shutdown_grace_s):
+                lease_ttl=config.lease_ttl, grace_s=config.shutdown_grace_s, prepare=prepare):
             await stop.wait()
     finally:
+        for part in reversed(auth_parts):
+            await part.stop()
         for recorder in recorders:
             await recorder.close()
         for pool in pools:

@@ -11,17 +11,20 @@ from services.common.errors import ResourceExhausted
 from services.common.slow_consumer import SlowConsumerGuard
 from services.common.validation import validate_request
 
+from .access import Access
 from .convert import merge_chunks
 from .dispatch import Dispatcher
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, access: Access) -> None:
         self._dispatcher = dispatcher
+        self._access = access
 
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
         req = validate_request(request)
+        self._access.admit(context, req.model)
         async with aclosing(self._dispatcher.stream(req, context.time_remaining(),
                                                     context.invocation_metadata())) as chunks:
             return merge_chunks([chunk async for chunk in chunks])
@@ -30,6 +33,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                              context: grpc.aio.ServicerContext) -> None:
         """Written with context.write so a client that stops reading can be told apart and let go."""
         req = validate_request(request)
+        self._access.admit(context, req.model)
         limit = self._dispatcher.settings.slow_consumer_s
         guard = SlowConsumerGuard(limit)
         try:
@@ -45,6 +49,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def ListModels(self, request: inference_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> inference_pb2.ListModelsResponse:
         out = inference_pb2.ListModelsResponse()
+        caller = self._access.caller(context)
         for m in self._dispatcher.models():
+            if not self._access.visible(caller, m.name):
+                continue
             out.models.add(name=m.name, ready_replicas=m.ready_replicas, regions=m.regions)
         return out

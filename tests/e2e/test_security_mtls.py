@@ -18,6 +18,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshserve.v1 import inference_pb2_grpc
 
+from services.cli.inference_client import credentials
+from services.cli.up import demo_key
 from services.common import certs, grpc_util
 from services.common.tls import TlsFiles
 from services.localmesh import components as c
@@ -70,9 +72,15 @@ def served_certificate(address: str, tls: TlsFiles) -> bytes:
     return der
 
 
-def test_requests_cross_every_hop_over_mtls(mesh: LocalMesh) -> None:
+@pytest.fixture(scope="module")
+def api_key(mesh: LocalMesh) -> str:
+    return demo_key(mesh)
+
+
+def test_requests_cross_every_hop_over_mtls(mesh: LocalMesh, api_key: str) -> None:
     with grpc.insecure_channel(mesh.envoy) as ch:  # the public edge stays as configured
-        answer = inference_pb2_grpc.InferenceServiceStub(ch).Generate(ask("alpha beta", 3), timeout=30)
+        answer = inference_pb2_grpc.InferenceServiceStub(ch).Generate(
+            ask("alpha beta", 3), timeout=30, metadata=credentials(api_key))
     assert answer.text == sim_text("alpha beta", 3)
     assert answer.served_by.router_id == "router0" and answer.served_by.server_id == "server-0"
 
@@ -110,7 +118,7 @@ def test_etcd_refuses_plaintext_foreign_and_expired_clients(
         c.etcd_healthy(mesh.etcd_peers[0])
 
 
-def test_a_rotated_certificate_is_served_without_a_restart(mesh: LocalMesh) -> None:
+def test_a_rotated_certificate_is_served_without_a_restart(mesh: LocalMesh, api_key: str) -> None:
     router = mesh.routers[0]
     before = served_certificate(router, mesh.client_tls)  # type: ignore[arg-type]
     pid = mesh.children["router0"].pid
@@ -120,7 +128,7 @@ def test_a_rotated_certificate_is_served_without_a_restart(mesh: LocalMesh) -> N
     wait_for(lambda: served_certificate(router, mesh.client_tls) == fresh,  # type: ignore[arg-type]
              timeout=15, what="the router to serve its new certificate")
     assert mesh.children["router0"].pid == pid and mesh.children["router0"].alive()
-    test_requests_cross_every_hop_over_mtls(mesh)
+    test_requests_cross_every_hop_over_mtls(mesh, api_key)
 
 
 def test_a_service_without_tls_or_insecure_dev_refuses_to_start(tmp_path: Path) -> None:

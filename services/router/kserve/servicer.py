@@ -21,6 +21,7 @@ from inference import grpc_service_pb2_grpc as kserve_pb2_grpc
 from services.common.errors import InvalidArgument, NotFound, ServiceError
 from services.common.validation import ValidRequest, validate_request
 
+from ..access import Access
 from ..convert import merge_chunks
 from ..dispatch import Dispatcher
 from . import mapping
@@ -42,8 +43,9 @@ def _server_version() -> str:
 
 
 class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dispatcher: Dispatcher) -> None:
+    def __init__(self, dispatcher: Dispatcher, access: Access) -> None:
         self._dispatcher = dispatcher
+        self._access = access
         self._version = _server_version()
 
     # --- health and metadata -----------------------------------------------------------------
@@ -92,15 +94,18 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
 
     # --- inference ---------------------------------------------------------------------------
 
-    def _translate(self, request: kserve_pb2.ModelInferRequest) -> tuple[mapping.InferCall, ValidRequest]:
-        """The request as an InferCall and its validated generate request (or a ServiceError)."""
+    def _translate(self, request: kserve_pb2.ModelInferRequest,
+                   context: grpc.aio.ServicerContext) -> tuple[mapping.InferCall, ValidRequest]:
+        """The request as an InferCall and its validated generate request (or a ServiceError),
+        once the caller may call the model."""
+        self._access.admit(context, request.model_name)
         self._require_model(request.model_name)
         call = mapping.to_generate(request)
         return call, validate_request(call.generate)
 
     async def ModelInfer(self, request: kserve_pb2.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> kserve_pb2.ModelInferResponse:
-        call, req = self._translate(request)
+        call, req = self._translate(request, context)
         if call.stream:
             raise InvalidArgument("input 'stream' is true, but ModelInfer returns one response; use "
                                   "ModelStreamInfer (tritonclient: start_stream + async_stream_infer) for one "
@@ -146,7 +151,7 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
                       context: grpc.aio.ServicerContext) -> None:
         """Every response to one request on a stream, or its error, onto `out`."""
         try:
-            call, req = self._translate(request)
+            call, req = self._translate(request, context)
             stream = self._dispatcher.stream(req, context.time_remaining(), context.invocation_metadata())
             final_sent = False
             async with aclosing(stream) as chunks:
