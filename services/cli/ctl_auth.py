@@ -23,16 +23,20 @@ def _when(ms: int) -> str:
 
 
 def cmd_tenant_create(args) -> int:
-    tenant = ap.Tenant(name=args.name, models=args.model or ["*"])
-    stub(args).CreateTenant(ap.CreateTenantRequest(tenant=tenant), timeout=args.timeout)
-    print(f"tenant {args.name} may call: {', '.join(tenant.models)}")
+    tenant = ap.Tenant(name=args.name, models=args.model or ["*"], requests_per_second=args.rps,
+                       tokens_per_minute=args.tpm)
+    stub(args).CreateTenant(ap.CreateTenantRequest(tenant=tenant, replace=args.replace),
+                            timeout=args.timeout)
+    print(f"tenant {args.name} may call: {', '.join(tenant.models)}; quotas: "
+          f"{args.rps or 'unlimited'} requests/s, {args.tpm or 'unlimited'} tokens/min")
     return EXIT_OK
 
 
 def cmd_tenant_list(args) -> int:
     reply = stub(args).ListTenants(ap.ListTenantsRequest(), timeout=args.timeout)
-    return emit(args, reply, table(["TENANT", "MODELS", "CREATED"],
-                                   [[t.name, ",".join(t.models), _when(t.created_unix_ms)]
+    return emit(args, reply, table(["TENANT", "MODELS", "REQ/S", "TOKENS/MIN", "CREATED"],
+                                   [[t.name, ",".join(t.models), t.requests_per_second or "-",
+                                     t.tokens_per_minute or "-", _when(t.created_unix_ms)]
                                     for t in reply.tenants]))
 
 
@@ -79,6 +83,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("name")
     q.add_argument("--model", action="append", default=[],
                    help="a model the tenant may call (repeatable; default '*' = every model)")
+    q.add_argument("--rps", type=float, default=0.0, help="requests per second, whole mesh (0 = unlimited)")
+    q.add_argument("--tpm", type=int, default=0,
+                   help="prompt + completion tokens per minute, whole mesh (0 = unlimited)")
+    q.add_argument("--replace", action="store_true", help="change an existing tenant (keys stay)")
     q.set_defaults(func=cmd_tenant_create)
     t.add_parser("list").set_defaults(func=cmd_tenant_list)
     q = t.add_parser("delete", help="delete a tenant and revoke its keys")

@@ -24,6 +24,7 @@ KEY_PREFIX = "msk_"
 ALL_MODELS = "*"
 _KEY = re.compile(r"msk_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
 MAX_MODELS = 256
+MAX_RATE = 1e6
 
 
 def hash_secret(secret: str) -> bytes:
@@ -65,6 +66,11 @@ def check_tenant(tenant: auth_pb2.Tenant) -> auth_pb2.Tenant:
     for model in tenant.models:
         if model != ALL_MODELS:
             names.check_model_name(model)
+    if not 0 <= tenant.requests_per_second <= MAX_RATE:  # also refuses NaN
+        raise InvalidArgument(f"tenant {tenant.name}: requests_per_second must be in [0, {MAX_RATE:g}] "
+                              "(0 = unlimited)")
+    if not 0 <= tenant.tokens_per_minute <= MAX_RATE * 60_000:
+        raise InvalidArgument(f"tenant {tenant.name}: tokens_per_minute must be >= 0 (0 = unlimited)")
     return tenant
 
 

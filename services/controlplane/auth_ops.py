@@ -22,11 +22,13 @@ class AuthOps:
     def __init__(self, etcd: EtcdClient) -> None:
         self._etcd = etcd
 
-    async def create_tenant(self, tenant: auth_pb2.Tenant) -> None:
+    async def create_tenant(self, tenant: auth_pb2.Tenant, replace: bool = False) -> None:
         record = auth_pb2.Tenant()
         record.CopyFrom(auth_records.check_tenant(tenant))
         record.created_unix_ms = now_ms()
-        if not await create_if_absent(self._etcd, keyspace.tenant_key(record.name),
+        if replace:
+            await self._etcd.put(keyspace.tenant_key(record.name), keyspace.encode(record))
+        elif not await create_if_absent(self._etcd, keyspace.tenant_key(record.name),
                                       keyspace.encode(record), lease=0):
             raise AlreadyExists(f"tenant {record.name} exists; delete it first to change it")
 

@@ -18,7 +18,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self.ops = AuthOps(etcd)
 
     async def CreateTenant(self, request: auth_pb2.CreateTenantRequest, context) -> auth_pb2.CreateTenantResponse:
-        await self.ops.create_tenant(request.tenant)
+        await self.ops.create_tenant(request.tenant, request.replace)
         return auth_pb2.CreateTenantResponse()
 
     async def ListTenants(self, request: auth_pb2.ListTenantsRequest, context) -> auth_pb2.ListTenantsResponse:

@@ -13,12 +13,17 @@ With --insecure-dev nobody can be told apart: nothing is enforced (development o
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
+
+from meshserve.v1 import inference_pb2
 
 from services.common.auth_records import KeySet
 from services.common.errors import PermissionDenied, Unauthenticated
 from services.common.tls import describe_peer, peer_identity
+
+from .quota import TenantQuotas
 
 TENANT_HEADER = "x-meshserve-tenant"
 HOW_TO_AUTHENTICATE = ("send an API key as `authorization: Bearer msk_...` (an operator makes one "
@@ -32,9 +37,10 @@ class Caller:
 
 
 class Access:
-    def __init__(self, keys: KeySet, enforce: bool) -> None:
+    def __init__(self, keys: KeySet, enforce: bool, quotas: TenantQuotas | None = None) -> None:
         self.keys = keys
         self.enforce = enforce
+        self.quotas = quotas
 
     def caller(self, context: Any) -> Caller:
         if not self.enforce:
@@ -57,10 +63,21 @@ class Access:
                                    "grants models per tenant (`meshctl tenants create`)")
 
     def admit(self, context: Any, model: str) -> Caller:
-        """The caller, once it may call `model` (else Unauthenticated / PermissionDenied)."""
+        """The caller, once it may call `model` and its tenant is within quota (else
+        Unauthenticated / PermissionDenied / ResourceExhausted with retry-after)."""
         caller = self.caller(context)
         self.check_model(caller, model)
+        if caller.tenant is not None and self.quotas is not None:
+            self.quotas.admit(caller.tenant)
         return caller
+
+    async def meter(self, caller: Caller, chunks: AsyncIterator[inference_pb2.GenerateResponse]
+                    ) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+        """The chunks, unchanged; the usage of the last one is charged to the caller's tenant."""
+        async for chunk in chunks:
+            if chunk.finish_reason and caller.tenant is not None and self.quotas is not None:
+                self.quotas.charge(caller.tenant, chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+            yield chunk
 
     def visible(self, caller: Caller, model: str) -> bool:
         return caller.tenant is None or self.keys.may_call(caller.tenant, model)

@@ -13,6 +13,7 @@ from services.common import grpc_util, keyspace
 from services.common.auth_records import KeySet
 from services.common.etcd_client import PrefixMirror
 from services.common.lifecycle import now_ms
+from services.common.membership import MeshView
 from services.common.replica import ReplicaParts, run_replica
 
 from .access import Access
@@ -22,6 +23,7 @@ from .edge_authz import EdgeAuthz
 from .kserve.servicer import SERVICE_NAME as KSERVE_SERVICE_NAME
 from .kserve.servicer import KServeServicer
 from .pool import BackendPool
+from .quota import TenantQuotas
 from .servicer import InferenceServicer
 from .traffic.stats import CanaryRecorder
 from .traffic.table import TrafficTable
@@ -53,7 +55,9 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     settings.validate()
     started = now_ms()
     keys = KeySet()
-    access = Access(keys, enforce=grpc_util.current_tls() is not None)
+    views: list[MeshView] = []
+    quotas = TenantQuotas(keys, routers=lambda: len(views[0].routers) if views else 1)
+    access = Access(keys, enforce=grpc_util.current_tls() is not None, quotas=quotas)
     auth_parts: list[PrefixMirror | EdgeAuthz] = []
 
     async def prepare(parts: ReplicaParts) -> None:
@@ -68,6 +72,7 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
 
     def register(parts: ReplicaParts) -> None:
         assert parts.view is not None
+        views.append(parts.view)
         pool = BackendPool(parts.view, hang_timeout_s=settings.hang_timeout_s)
         pools.append(pool)
         recorder = CanaryRecorder(config.router_id, parts.keeper.put, parts.keeper.delete)

@@ -24,21 +24,21 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(self, request: inference_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
         req = validate_request(request)
-        self._access.admit(context, req.model)
-        async with aclosing(self._dispatcher.stream(req, context.time_remaining(),
-                                                    context.invocation_metadata())) as chunks:
+        caller = self._access.admit(context, req.model)
+        async with aclosing(self._access.meter(caller, self._dispatcher.stream(
+                req, context.time_remaining(), context.invocation_metadata()))) as chunks:
             return merge_chunks([chunk async for chunk in chunks])
 
     async def GenerateStream(self, request: inference_pb2.GenerateRequest,
                              context: grpc.aio.ServicerContext) -> None:
         """Written with context.write so a client that stops reading can be told apart and let go."""
         req = validate_request(request)
-        self._access.admit(context, req.model)
+        caller = self._access.admit(context, req.model)
         limit = self._dispatcher.settings.slow_consumer_s
         guard = SlowConsumerGuard(limit)
         try:
-            async with aclosing(self._dispatcher.stream(req, context.time_remaining(),
-                                                        context.invocation_metadata())) as chunks:
+            async with aclosing(self._access.meter(caller, self._dispatcher.stream(
+                    req, context.time_remaining(), context.invocation_metadata()))) as chunks:
                 async for chunk in chunks:
                     if not await guard.write(context, chunk):
                         raise ResourceExhausted(f"the client read nothing for {limit:g}s; the request was "

@@ -21,7 +21,7 @@ from inference import grpc_service_pb2_grpc as kserve_pb2_grpc
 from services.common.errors import InvalidArgument, NotFound, ServiceError
 from services.common.validation import ValidRequest, validate_request
 
-from ..access import Access
+from ..access import Access, Caller
 from ..convert import merge_chunks
 from ..dispatch import Dispatcher
 from . import mapping
@@ -95,23 +95,23 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
     # --- inference ---------------------------------------------------------------------------
 
     def _translate(self, request: kserve_pb2.ModelInferRequest,
-                   context: grpc.aio.ServicerContext) -> tuple[mapping.InferCall, ValidRequest]:
+                   context: grpc.aio.ServicerContext) -> tuple[mapping.InferCall, ValidRequest, Caller]:
         """The request as an InferCall and its validated generate request (or a ServiceError),
         once the caller may call the model."""
-        self._access.admit(context, request.model_name)
+        caller = self._access.admit(context, request.model_name)
         self._require_model(request.model_name)
         call = mapping.to_generate(request)
-        return call, validate_request(call.generate)
+        return call, validate_request(call.generate), caller
 
     async def ModelInfer(self, request: kserve_pb2.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> kserve_pb2.ModelInferResponse:
-        call, req = self._translate(request, context)
+        call, req, caller = self._translate(request, context)
         if call.stream:
             raise InvalidArgument("input 'stream' is true, but ModelInfer returns one response; use "
                                   "ModelStreamInfer (tritonclient: start_stream + async_stream_infer) for one "
                                   "response per token, or set stream=false")
-        async with aclosing(self._dispatcher.stream(req, context.time_remaining(),
-                                                    context.invocation_metadata())) as chunks:
+        async with aclosing(self._access.meter(caller, self._dispatcher.stream(
+                req, context.time_remaining(), context.invocation_metadata()))) as chunks:
             return mapping.to_infer_response(call, merge_chunks([c async for c in chunks]))
 
     async def ModelStreamInfer(self, request_iterator: AsyncIterator[kserve_pb2.ModelInferRequest],
@@ -151,8 +151,9 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
                       context: grpc.aio.ServicerContext) -> None:
         """Every response to one request on a stream, or its error, onto `out`."""
         try:
-            call, req = self._translate(request, context)
-            stream = self._dispatcher.stream(req, context.time_remaining(), context.invocation_metadata())
+            call, req, caller = self._translate(request, context)
+            stream = self._access.meter(caller, self._dispatcher.stream(
+                req, context.time_remaining(), context.invocation_metadata()))
             final_sent = False
             async with aclosing(stream) as chunks:
                 if call.stream:
