@@ -9,9 +9,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import grpc
 from meshserve.v1 import inference_pb2, modelserver_pb2
 
+from services.common.grpc_util import aio_channel
 from services.localmesh.mesh import MeshPlan, ServerPlan
 from tests.helpers import running_mesh
 
@@ -49,10 +49,14 @@ class Clients:
     requests are serialized once, and answers are drained as bytes, never parsed (a failure
     still arrives as a gRPC status)."""
 
-    def __init__(self, mesh) -> None:
+    def __init__(self, mesh, api_key: str = "") -> None:
         self.targets = {"direct": mesh.servers["server-0"], "router": mesh.routers[0],
                         "envoy": mesh.envoy}
-        self._channels = {k: grpc.aio.insecure_channel(a) for k, a in self.targets.items()}
+        # Internal ports with the mesh's client certificate when it runs mTLS; Envoy's public
+        # listener stays plaintext and wants the API key then.
+        self._channels = {k: aio_channel(a, options=[], tls=None if k == "envoy" else mesh.client_tls)
+                          for k, a in self.targets.items()}
+        self._metadata = {"envoy": (("authorization", f"Bearer {api_key}"),) if api_key else ()}
         public = _method(inference_pb2, "InferenceService", "GenerateStream")
         self._calls = {
             "direct": (self._channels["direct"].unary_stream(
@@ -63,9 +67,10 @@ class Clients:
 
     def caller(self, path: str):
         call, payload = self._calls[path]
+        metadata = self._metadata.get(path, ())
 
         async def one() -> None:
-            async for _ in call(payload, timeout=10):
+            async for _ in call(payload, timeout=10, metadata=metadata):
                 pass
         return one
 

@@ -49,6 +49,9 @@ def markdown(d: dict) -> str:
                       f"{c['loadavg_1m_at_start']} at the start (anything above the router "
                       "bench's own processes is other work competing for the same cores).", ""]
         lines += _cpu_split(d["overhead"])
+    if "mtls_overhead" in d:
+        from .mtls import markdown as mtls_markdown
+        lines += mtls_markdown(d["mtls_overhead"])
     if "multiturn" in d:
         m = d["multiturn"]
         w = m.get("workload", {})

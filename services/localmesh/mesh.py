@@ -19,6 +19,7 @@ from services.common.envoy_config import EnvoySettings, render
 from services.common.tls import TlsFiles
 
 from . import components as c
+from . import etcd_auth
 from .processes import Child, StartError, Supervisor
 
 log = logging.getLogger(__name__)
@@ -135,14 +136,15 @@ class LocalMesh:
     # --- identities -------------------------------------------------------------------------
 
     def components(self) -> list[tuple[str, str]]:
-        """(kind, name) of every certificate the mesh needs; `operator` is meshctl's and
-        `supervisor` is what readiness checks present."""
+        """(kind, name) of every certificate the mesh needs; `operator` is meshctl's,
+        `supervisor` is what readiness checks present and `root` sets up etcd's auth."""
         return [*((("etcd", f"etcd{i}")) for i in range(len(self.etcd_clients))),
                 *(("controlplane", f"controlplane{i}") for i in range(self.plan.controlplanes)),
                 *(("server", s.server_id) for s in self.plan.servers),
                 *(("router", f"router{i}") for i in range(self.plan.routers)),
                 *(("gateway", f"gateway{i}") for i in range(self.plan.gateways)),
-                ("envoy", "envoy"), ("operator", "operator"), ("client", "supervisor")]
+                ("envoy", "envoy"), ("operator", "operator"), ("client", "supervisor"),
+                ("client", "root")]
 
     def security_args(self) -> list[str]:
         """The flags that give a service of this mesh its identity (or plaintext)."""
@@ -198,6 +200,9 @@ class LocalMesh:
         for i, client in enumerate(self.etcd_clients):
             self.sup.wait_ready(self.children[f"etcd{i}"],
                                 partial(c.etcd_healthy, client, tls=self.client_tls), 30, "healthy")
+        root = self.tls("root")
+        if root is not None:  # a user and role per component, then auth on (etcd_roles.py)
+            etcd_auth.enable(self.etcd_clients[0], root, self.components())
 
     def _spawn_etcd(self, i: int) -> Child:
         name = f"etcd{i}"

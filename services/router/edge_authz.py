@@ -96,7 +96,9 @@ class EdgeAuthz:
         if self.tls is not None:
             self._ssl = self._context(self.tls)
             self._reload = asyncio.create_task(self._follow_rotation(self.tls), name="authz-tls")
-        await web.TCPSite(self._runner, host, int(port), ssl_context=self._ssl).start()
+        # Envoy holds keep-alive connections; a stopping router waits at most a second for them.
+        await web.TCPSite(self._runner, host, int(port), ssl_context=self._ssl,
+                          shutdown_timeout=1.0).start()
         log.info("edge authz (ext_authz for Envoy) on %s", self.listen)
 
     async def stop(self) -> None:

@@ -70,6 +70,11 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
             await authz.start()
             auth_parts.append(authz)
 
+    async def stop_auth() -> None:
+        """Before etcd closes (run_replica's drain step), so the mirror's watch ends cleanly."""
+        while auth_parts:
+            await auth_parts.pop().stop()
+
     def register(parts: ReplicaParts) -> None:
         assert parts.view is not None
         views.append(parts.view)
@@ -91,11 +96,11 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
                 key=keyspace.router_key(config.router_id), replica_id=config.router_id,
                 service_names=[SERVICE_NAME, KSERVE_SERVICE_NAME], register=register, record=record,
                 listen=config.listen, advertise=config.advertise, etcd=config.etcd, metrics=config.metrics,
-                lease_ttl=config.lease_ttl, grace_s=config.shutdown_grace_s, prepare=prepare):
+                lease_ttl=config.lease_ttl, grace_s=config.shutdown_grace_s, prepare=prepare,
+                drain=stop_auth):
             await stop.wait()
     finally:
-        for part in reversed(auth_parts):
-            await part.stop()
+        await stop_auth()
         for recorder in recorders:
             await recorder.close()
         for pool in pools:

@@ -1,7 +1,7 @@
 """mTLS on every internal hop of a real secure mesh (etcd, control plane, model server, router,
 Envoy upstream): a request through the edge still works, while plaintext, a client certificate
 from another CA and an expired one are refused on every port; a certificate replaced on disk is
-served without a restart."""
+served without a restart; etcd's auth keeps each component to its own keys."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import aetcd.exceptions
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,7 +21,8 @@ from meshserve.v1 import inference_pb2_grpc
 
 from services.cli.inference_client import credentials
 from services.cli.up import demo_key
-from services.common import certs, grpc_util
+from services.common import certs, grpc_util, keyspace
+from services.common.etcd_client import EtcdClient
 from services.common.tls import TlsFiles
 from services.localmesh import components as c
 from services.localmesh.mesh import LocalMesh, MeshPlan, ServerPlan
@@ -86,9 +88,9 @@ def test_requests_cross_every_hop_over_mtls(mesh: LocalMesh, api_key: str) -> No
 
 
 def test_meshctl_needs_the_operator_certificate(mesh: LocalMesh) -> None:
-    ok = meshctl("--controlplane", mesh.controlplane, "servers", certs=mesh.certs_dir)
+    ok = meshctl("--controlplane", mesh.controlplane, "status", certs=mesh.certs_dir)
     assert ok.returncode == 0, ok.stderr
-    assert "server-0" in ok.stdout
+    assert "server-0" in ok.stdout and "unhealthy" not in ok.stdout.lower(), ok.stdout
     plain = meshctl("--controlplane", mesh.controlplane, "--timeout", "3", "servers")
     assert plain.returncode == 3, plain.stdout + plain.stderr
 
@@ -138,3 +140,30 @@ def test_a_service_without_tls_or_insecure_dev_refuses_to_start(tmp_path: Path) 
                           env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert done.returncode != 0
     assert "--tls-dir" in done.stdout + done.stderr
+
+
+async def test_etcd_auth_confines_each_component_to_its_keys(mesh: LocalMesh) -> None:
+    """etcd takes each certificate's CN as the user: a model server writes only its own keys."""
+    async def put(identity: str, key: str) -> bool:
+        client = EtcdClient(mesh.etcd_endpoints, tls=mesh.tls(identity))
+        try:
+            await client.put(key, b"x")
+            return True
+        except aetcd.exceptions.ClientError as exc:
+            assert "permission denied" in str(exc).lower(), exc
+            return False
+        finally:
+            await client.close()
+
+    assert not await put("server-0", keyspace.server_key("server-1"))
+    assert not await put("server-0", keyspace.status_key("server-1", "echo"))
+    assert not await put("server-0", keyspace.model_key("echo"))
+    assert not await put("router0", keyspace.model_key("echo"))
+    assert not await put("supervisor", keyspace.drain_key("server-0"))
+    assert await put("server-0", keyspace.status_key("server-0", "scratch"))
+    assert await put("controlplane0", keyspace.status_key("server-0", "scratch"))
+    client = EtcdClient(mesh.etcd_endpoints, tls=mesh.tls("controlplane0"))
+    try:
+        await client.delete(keyspace.status_key("server-0", "scratch"))
+    finally:
+        await client.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from meshserve.v1 import auth_pb2
 
@@ -19,7 +21,7 @@ class Clock:
         return self.now
 
 
-def quotas(routers: list[int], **limits: float) -> tuple[TenantQuotas, Clock]:
+def quotas(routers: list[int], **limits: Any) -> tuple[TenantQuotas, Clock]:
     keys = KeySet()
     keys.apply(keyspace.tenant_key("t"), keyspace.encode(auth_pb2.Tenant(name="t", models=["*"], **limits)))
     clock = Clock()
