@@ -25,7 +25,8 @@ SECONDS = 3.0
 ROUNDS = 3
 
 
-async def _measure(clients: Clients) -> dict:
+async def _measure(mesh, api_key: str) -> dict:
+    clients = Clients(mesh, api_key=api_key)
     for path in clients.targets:  # warm connections (TLS handshakes) and code paths
         await open_loop(50, 1.0, clients.caller(path))
     out: dict = {}
@@ -50,7 +51,7 @@ def _one(secure: bool) -> dict:
         plan = MeshPlan(data_dir=Path(tmp), base_port=0, lease_ttl=5, secure=secure,
                         servers=[ServerPlan("server-0", [f"{MODEL}=sim"], engine_options=SIM)])
         with running_mesh(plan) as mesh:
-            result = asyncio.run(_measure(Clients(mesh, api_key=demo_key(mesh))))
+            result = asyncio.run(_measure(mesh, demo_key(mesh)))
     for rate, paths in result.items():
         progress(f"mtls {label} {rate}/s: " + ", ".join(
             f"{p} p50 {v['p50_ms']:.2f} p99 {v['p99_ms']:.2f} ms" for p, v in paths.items()))
