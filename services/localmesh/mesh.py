@@ -174,8 +174,23 @@ class LocalMesh:
 
     # --- starting ---------------------------------------------------------------------------
 
+    def _check_mode(self) -> None:
+        """A data dir whose etcd had auth turned on cannot serve a plaintext mesh: every write
+        would be refused (no user name), so say so before starting anything."""
+        marker = self.data_dir / "security-mode"
+        has_etcd = any((self.data_dir / f"etcd{i}" / "member").exists()
+                       for i in range(len(self.etcd_clients)))
+        if (not self.plan.secure and has_etcd and marker.exists()
+                and marker.read_text().strip() == "mtls"):
+            raise StartError(f"{self.data_dir} holds the etcd data of a secure mesh (etcd auth is on "
+                             "in it); start it without --insecure-dev, or use another --data-dir "
+                             f"(or remove {self.data_dir}/etcd*)")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text("mtls\n" if self.plan.secure else "insecure-dev\n")
+
     def start(self) -> None:
         self.ports.check()
+        self._check_mode()
         if self.plan.secure:
             certs.ensure(self.certs_dir, self.components())
         self.sup.new_run()

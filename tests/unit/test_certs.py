@@ -56,3 +56,14 @@ def test_peer_identities_come_only_from_mesh_uris() -> None:
                                              b"spiffe://elsewhere/envoy/envoy",
                                              b"spiffe://meshserve.local/root/x"]}
     assert [(i.kind, i.name) for i in identities(ctx)] == [("envoy", "envoy")]
+
+
+def test_a_secure_mesh_data_dir_refuses_a_plaintext_start(tmp_path: Path) -> None:
+    """etcd auth is on in such a data dir: plaintext services could write nothing."""
+    from services.localmesh.mesh import LocalMesh, MeshPlan
+    from services.localmesh.processes import StartError
+
+    (tmp_path / "etcd0" / "member").mkdir(parents=True)
+    (tmp_path / "security-mode").write_text("mtls\n")
+    with pytest.raises(StartError, match="secure mesh"):
+        LocalMesh(MeshPlan(data_dir=tmp_path, servers=[], secure=False)).start()
