@@ -134,7 +134,9 @@ _ADMIN_CLUSTER = """\
 
 
 # Envoy -> router over mTLS: Envoy presents its own certificate and accepts only a router's
-# (its SPIFFE id under /router/), so nothing else on the network can pose as a router.
+# (its SPIFFE id under /router/), so nothing else on the network can pose as a router. The
+# certificate and CA come through file-based SDS watching the certificate directory, so a pair
+# renamed into place (`meshctl certs issue`) is used for new connections without a restart.
 _ROUTER_TLS = """\
     transport_socket:
       name: envoy.transport_sockets.tls
@@ -142,15 +144,53 @@ _ROUTER_TLS = """\
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         common_tls_context:
           alpn_protocols: ["h2"]
-          tls_certificates:
-          - certificate_chain: { filename: "$cert" }
-            private_key: { filename: "$key" }
-          validation_context:
-            trusted_ca: { filename: "$ca" }
-            match_typed_subject_alt_names:
-            - san_type: URI
-              matcher: { prefix: "spiffe://meshserve.local/router/" }
+          tls_certificate_sds_secret_configs:
+          - name: mesh_identity
+            sds_config:
+              resource_api_version: V3
+              path_config_source:
+                path: "$sds_identity"
+                watched_directory: { path: "$watch" }
+          combined_validation_context:
+            default_validation_context:
+              match_typed_subject_alt_names:
+              - san_type: URI
+                matcher: { prefix: "spiffe://meshserve.local/router/" }
+            validation_context_sds_secret_config:
+              name: mesh_ca
+              sds_config:
+                resource_api_version: V3
+                path_config_source:
+                  path: "$sds_ca"
+                  watched_directory: { path: "$watch" }
 """
+
+_SDS_IDENTITY = """\
+resources:
+- "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret
+  name: mesh_identity
+  tls_certificate:
+    certificate_chain: { filename: "$cert" }
+    private_key: { filename: "$key" }
+"""
+
+_SDS_CA = """\
+resources:
+- "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret
+  name: mesh_ca
+  validation_context:
+    trusted_ca: { filename: "$ca" }
+"""
+
+
+def sds_files(settings: EnvoySettings) -> dict[str, str]:
+    """The SDS files the rendered config points at (file name -> text; written next to the
+    certificates), empty without upstream TLS."""
+    if not settings.tls_cert:
+        return {}
+    return {"envoy-sds-identity.yaml": string.Template(_SDS_IDENTITY).substitute(
+                cert=settings.tls_cert, key=settings.tls_key),
+            "envoy-sds-ca.yaml": string.Template(_SDS_CA).substitute(ca=settings.tls_ca)}
 
 
 # The identity header is removed from every client request before anything else can read it;
@@ -169,12 +209,11 @@ _EDGE_AUTH = """\
               transport_api_version: V3
               failure_mode_allow: false
               status_on_error: { code: ServiceUnavailable }
+              allowed_headers:
+                patterns: [{ exact: authorization }, { exact: x-api-key }]
               http_service:
                 server_uri: { uri: "https://authz", cluster: authz, timeout: 2s }
                 path_prefix: /authz
-                authorization_request:
-                  allowed_headers:
-                    patterns: [{ exact: authorization }, { exact: x-api-key }]
                 authorization_response:
                   allowed_upstream_headers:
                     patterns: [{ exact: x-meshserve-tenant }]
@@ -209,8 +248,10 @@ def _router_tls(settings: EnvoySettings) -> str:
         return ""
     if not all(files) or any(ch in f for f in files for ch in '"\n'):
         raise ValueError("tls_cert, tls_key and tls_ca go together (plain file paths)")
-    return string.Template(_ROUTER_TLS).substitute(cert=settings.tls_cert, key=settings.tls_key,
-                                                   ca=settings.tls_ca)
+    watch = str(Path(settings.tls_cert).parent)
+    return string.Template(_ROUTER_TLS).substitute(
+        sds_identity=f"{watch}/envoy-sds-identity.yaml", sds_ca=f"{watch}/envoy-sds-ca.yaml",
+        watch=watch)
 
 
 def _optional_parts(settings: EnvoySettings) -> dict[str, str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from services.common import certs
 from services.common import ports as port_rules
-from services.common.envoy_config import EnvoySettings, render
+from services.common.envoy_config import EnvoySettings, render, sds_files
 from services.common.tls import TlsFiles
 
 from . import components as c
@@ -299,6 +299,8 @@ class LocalMesh:
             settings.tls_cert, settings.tls_key = str(envoy_tls.cert), str(envoy_tls.key)
             settings.tls_ca = str(envoy_tls.ca)
             settings.authz = self.authz
+            for name, text in sds_files(settings).items():
+                (self.certs_dir / name).write_text(text)
         if self.plan.envoy_rate_limit_per_s is not None:
             settings.rate_limit_per_s = self.plan.envoy_rate_limit_per_s
         config.write_text(render(settings))

@@ -6,16 +6,19 @@ served without a restart; etcd's auth keeps each component to its own keys."""
 from __future__ import annotations
 
 import datetime
+import json
 import socket
 import ssl
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import aetcd.exceptions
 import grpc
 import pytest
+from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from meshserve.v1 import inference_pb2_grpc
 
@@ -167,3 +170,21 @@ async def test_etcd_auth_confines_each_component_to_its_keys(mesh: LocalMesh) ->
         await client.delete(keyspace.status_key("server-0", "scratch"))
     finally:
         await client.close()
+
+
+def envoy_serials(mesh: LocalMesh) -> set[int]:
+    """Serial numbers of the certificates Envoy holds now (its admin /certs, in hex)."""
+    with urllib.request.urlopen(f"http://{mesh.envoy_admin}/certs", timeout=5) as resp:
+        data = json.loads(resp.read())
+    return {int(c["serial_number"], 16) for entry in data.get("certificates", [])
+            for c in entry.get("cert_chain", []) if c.get("serial_number")}
+
+
+def test_envoy_takes_a_rotated_certificate_without_a_restart(mesh: LocalMesh, api_key: str) -> None:
+    pid = mesh.children["envoy"].pid
+    certs.issue(mesh.certs_dir, "envoy", "envoy")
+    fresh = x509.load_pem_x509_certificate((mesh.certs_dir / "envoy.crt").read_bytes())
+    wait_for(lambda: fresh.serial_number in envoy_serials(mesh), timeout=15,
+             what="Envoy to load its new certificate")
+    assert mesh.children["envoy"].pid == pid and mesh.children["envoy"].alive()
+    test_requests_cross_every_hop_over_mtls(mesh, api_key)
