@@ -80,3 +80,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q = csub.add_parser("list", help="certificates in the directory with identity and expiry")
     q.add_argument("--dir", default=default_dir)
     q.set_defaults(func=cmd_list, needs_tls=False)
+
+
+def cmd_jwt_token(args: argparse.Namespace) -> int:
+    from services.common import jwt_local
+
+    print(jwt_local.token(Path(args.dir), args.tenant, ttl_s=args.ttl))
+    return EXIT_OK
+
+
+def add_jwt_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("jwt", help="the local mesh's development JWT issuer (Envoy checks its JWKS)")
+    jsub = p.add_subparsers(dest="jwt_command", required=True)
+    q = jsub.add_parser("token", help="print a signed token for a tenant (send as authorization: Bearer)")
+    q.add_argument("tenant")
+    q.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
+    q.add_argument("--dir", default=os.environ.get("MESHSERVE_CERTS", str(DEFAULT_DIR)))
+    q.set_defaults(func=cmd_jwt_token, needs_tls=False)

@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl_models.add_parsers(sub)
     ctl_traffic.add_parsers(sub)
     ctl_certs.add_parsers(sub)
+    ctl_certs.add_jwt_parser(sub)
     ctl_auth.add_parsers(sub)
     p = sub.add_parser("generate", help="send one request through the public endpoint")
     p.add_argument("model")
