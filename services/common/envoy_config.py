@@ -45,6 +45,9 @@ class EnvoySettings:
     #: host:port of each router's ext_authz HTTP check (`meshserve router --authz-listen`); set:
     #: every public request needs an API key (docs/architecture.md, "Security"), else 401.
     authz: list[str] = field(default_factory=list)
+    #: With `authz`: a JWKS file; tokens it verifies (issuer/audience of jwt_local.py) name the
+    #: tenant in their `tenant` claim, as an alternative to an API key ('' = API keys only).
+    jwks: str = ""
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -203,14 +206,15 @@ _EDGE_AUTH = """\
               mutations:
                 request_mutations:
                 - remove: x-meshserve-tenant
-          - name: envoy.filters.http.ext_authz
+                - remove: x-meshserve-jwt-tenant
+${jwt}          - name: envoy.filters.http.ext_authz
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
               transport_api_version: V3
               failure_mode_allow: false
               status_on_error: { code: ServiceUnavailable }
               allowed_headers:
-                patterns: [{ exact: authorization }, { exact: x-api-key }]
+                patterns: [{ exact: authorization }, { exact: x-api-key }, { exact: x-meshserve-jwt-tenant }]
               http_service:
                 server_uri: { uri: "https://authz", cluster: authz, timeout: 2s }
                 path_prefix: /authz
@@ -219,6 +223,28 @@ _EDGE_AUTH = """\
                     patterns: [{ exact: x-meshserve-tenant }]
                   allowed_client_headers:
                     patterns: [{ exact: content-type }, { exact: www-authenticate }]
+"""
+
+# A valid token's `tenant` claim becomes x-meshserve-jwt-tenant (its client-sent copy was removed
+# above); a missing or failed token passes on to ext_authz, which then wants an API key, so a bad
+# token is never enough and an API key sent as `Bearer msk_...` still works.
+_JWT = """\
+          - name: envoy.filters.http.jwt_authn
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
+              providers:
+                meshserve:
+                  issuer: $issuer
+                  audiences: [$audience]
+                  local_jwks: { filename: "$jwks" }
+                  from_headers: [{ name: authorization, value_prefix: "Bearer " }]
+                  forward: true  # the OpenAI gateway passes it on to its inner call
+                  claim_to_headers: [{ header_name: x-meshserve-jwt-tenant, claim_name: tenant }]
+              rules:
+              - match: { prefix: "/" }
+                requires:
+                  requires_any:
+                    requirements: [{ provider_name: meshserve }, { allow_missing_or_failed: {} }]
 """
 
 _AUTHZ_CLUSTER = """\
@@ -238,8 +264,14 @@ def _edge_auth(settings: EnvoySettings) -> dict[str, str]:
     if not settings.authz:
         return {"edge_auth": "", "authz_cluster": ""}
     tls = _router_tls(settings).replace('          alpn_protocols: ["h2"]\n', "")
-    return {"edge_auth": _EDGE_AUTH, "authz_cluster": string.Template(_AUTHZ_CLUSTER).substitute(
-        cluster_type=settings.cluster_type, tls=tls, endpoints=_endpoints(settings.authz))}
+    jwt = ""
+    if settings.jwks:
+        from .jwt_local import AUDIENCE, ISSUER
+
+        jwt = string.Template(_JWT).substitute(issuer=ISSUER, audience=AUDIENCE, jwks=settings.jwks)
+    return {"edge_auth": string.Template(_EDGE_AUTH).substitute(jwt=jwt),
+            "authz_cluster": string.Template(_AUTHZ_CLUSTER).substitute(
+                cluster_type=settings.cluster_type, tls=tls, endpoints=_endpoints(settings.authz))}
 
 
 def _router_tls(settings: EnvoySettings) -> str:

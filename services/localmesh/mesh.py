@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from services.common import certs
+from services.common import certs, jwt_local
 from services.common import ports as port_rules
 from services.common.envoy_config import EnvoySettings, render, sds_files
 from services.common.tls import TlsFiles
@@ -299,6 +299,7 @@ class LocalMesh:
             settings.tls_cert, settings.tls_key = str(envoy_tls.cert), str(envoy_tls.key)
             settings.tls_ca = str(envoy_tls.ca)
             settings.authz = self.authz
+            settings.jwks = str(jwt_local.ensure_issuer(self.certs_dir))
             for name, text in sds_files(settings).items():
                 (self.certs_dir / name).write_text(text)
         if self.plan.envoy_rate_limit_per_s is not None:

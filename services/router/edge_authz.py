@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 CHECKS = Counter("meshserve_router_edge_auth_total", "Edge API-key checks answered for Envoy",
                  ["outcome"])
-for _outcome in ("ok", "unauthenticated", "refused_peer"):
+JWT_TENANT_HEADER = "x-meshserve-jwt-tenant"
+for _outcome in ("ok", "ok_jwt", "unauthenticated", "refused_peer"):
     CHECKS.labels(_outcome)
 
 UNAUTHENTICATED_BODY = json.dumps({"error": {
@@ -58,12 +59,21 @@ class EdgeAuthz:
         if self.tls is not None and not _peer_is_envoy(request):
             CHECKS.labels("refused_peer").inc()
             return web.Response(status=403, text="only Envoy asks this service")
-        tenant = self.keys.authenticate(key_from_headers({k.lower(): v for k, v in request.headers.items()}))
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        # Set only by Envoy's jwt_authn from a verified token (the client's copy is removed first).
+        claimed = headers.get(JWT_TENANT_HEADER, "")
+        tenant: str | None
+        if claimed:
+            tenant = claimed if claimed in self.keys.tenants else None
+            outcome = "ok_jwt" if tenant else "unauthenticated"
+        else:
+            tenant = self.keys.authenticate(key_from_headers(headers))
+            outcome = "ok" if tenant else "unauthenticated"
         if tenant is None:
             CHECKS.labels("unauthenticated").inc()
             return web.Response(status=401, text=UNAUTHENTICATED_BODY, content_type="application/json",
                                 headers={"www-authenticate": 'Bearer realm="meshserve"'})
-        CHECKS.labels("ok").inc()
+        CHECKS.labels(outcome).inc()
         return web.Response(status=200, headers={TENANT_HEADER: tenant})
 
     def _context(self, files: TlsFiles) -> ssl.SSLContext:

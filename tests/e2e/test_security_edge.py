@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from meshserve.v1 import inference_pb2_grpc
 
-from services.common import keyspace
+from services.common import jwt_local, keyspace
 from services.common.etcd_client import EtcdClient
 from services.localmesh.mesh import LocalMesh, MeshPlan, ServerPlan
 from tests.helpers import ask, meshctl, running_mesh, sim_text, wait_for
@@ -138,3 +140,21 @@ def test_only_operators_change_the_mesh_and_every_change_is_audited(mesh: LocalM
     assert ("CreateTenant", "operator", "OK") in seen
     assert ("RevokeApiKey", "operator", "OK") in seen
     assert all("msk_" not in e.get("detail", "") for e in events)
+
+
+def test_a_signed_token_names_the_tenant_like_a_key(mesh: LocalMesh, keys: dict[str, str],
+                                                     tmp_path: Path) -> None:
+    token = jwt_local.token(mesh.certs_dir, "alpha")
+    assert call(mesh, "echo", token) == sim_text("red green", 2)
+    assert code_of(mesh, "other", token) == grpc.StatusCode.PERMISSION_DENIED
+    expired = jwt_local.token(mesh.certs_dir, "wide", ttl_s=60, now=time.time() - 3600)
+    assert code_of(mesh, "other", expired) == grpc.StatusCode.UNAUTHENTICATED
+    (tmp_path / "other").mkdir()
+    jwt_local.ensure_issuer(tmp_path / "other")
+    foreign = jwt_local.token(tmp_path / "other", "wide")
+    assert code_of(mesh, "other", foreign) == grpc.StatusCode.UNAUTHENTICATED
+    claim = (("x-meshserve-jwt-tenant", "wide"),)
+    assert code_of(mesh, "other", extra=claim) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(mesh, "other", token, claim) == grpc.StatusCode.PERMISSION_DENIED
+    ghost = jwt_local.token(mesh.certs_dir, "no-such-tenant")
+    assert code_of(mesh, "echo", ghost) == grpc.StatusCode.UNAUTHENTICATED
