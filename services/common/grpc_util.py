@@ -18,9 +18,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from .errors import PermissionDenied
 from .ports import PortInUseError, check_port_free
 from .status_interceptor import StatusInterceptor
-from .tls import TlsFiles
+from .tls import TlsFiles, describe_peer, peer_identity
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,17 @@ class _ServerCertificates:
         self.stamp = stamp
         log.info("TLS certificate reloaded from %s", self.files.cert)
         return config
+
+
+def require_peer(context: grpc.aio.ServicerContext, kinds: frozenset[str], what: str) -> None:
+    """PermissionDenied unless the caller's certificate names one of `kinds` (mesh identity
+    kinds, certs.KINDS); nothing is checked in a plaintext process (--insecure-dev)."""
+    if _tls is None:
+        return
+    ident = peer_identity(context)
+    if ident is None or ident.kind not in kinds:
+        raise PermissionDenied(f"{what} answers only {', '.join(sorted(kinds))} identities; the caller "
+                               f"is {describe_peer(context)}")
 
 
 def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:

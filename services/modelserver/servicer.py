@@ -17,6 +17,7 @@ from meshserve.v1 import modelserver_pb2, modelserver_pb2_grpc
 
 from services.common import tracing
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
+from services.common.grpc_util import require_peer
 from services.common.slow_consumer import SlowConsumerGuard
 
 from . import metrics
@@ -34,6 +35,11 @@ LOAD_HEARTBEAT_S = 1.0
 #: already paused it; this frees its engine slot and KV blocks).
 DEFAULT_SLOW_CONSUMER_S = 60.0
 
+
+#: Who may call a model server: routers (requests, load), the control plane (probes) and
+#: `client` tools (readiness checks, benchmarks). Not Envoy, gateways or tenants: everything from
+#: outside goes through a router, where authentication, authorisation and quotas are.
+CALLERS = frozenset({"router", "controlplane", "client"})
 
 class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
     def __init__(self, manager: ModelManager, info: Callable[[], modelserver_pb2.ServerInfo],
@@ -55,6 +61,7 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
 
     async def Generate(self, request: modelserver_pb2.ModelServerServiceGenerateRequest,
                        context: grpc.aio.ServicerContext) -> None:
+        require_peer(context, CALLERS, "a model server")
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         label, code = "unknown", "OK"
@@ -122,6 +129,7 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
 
     async def GetServerInfo(self, request: modelserver_pb2.GetServerInfoRequest,
                             context: grpc.aio.ServicerContext) -> modelserver_pb2.GetServerInfoResponse:
+        require_peer(context, CALLERS, "a model server")
         return modelserver_pb2.GetServerInfoResponse(info=self._info())
 
     def loads(self) -> dict[str, EngineLoad]:
@@ -138,6 +146,7 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
 
     async def StreamLoad(self, request: modelserver_pb2.StreamLoadRequest,
                          context: grpc.aio.ServicerContext) -> AsyncIterator[modelserver_pb2.StreamLoadResponse]:
+        require_peer(context, CALLERS, "a model server")
         if request.interval_ms < 0:
             raise InvalidArgument(f"interval_ms must be >= 0 (0 = {DEFAULT_LOAD_INTERVAL_MS}), got "
                                   f"{request.interval_ms}")

@@ -156,5 +156,7 @@ def test_a_signed_token_names_the_tenant_like_a_key(mesh: LocalMesh, keys: dict[
     claim = (("x-meshserve-jwt-tenant", "wide"),)
     assert code_of(mesh, "other", extra=claim) == grpc.StatusCode.UNAUTHENTICATED
     assert code_of(mesh, "other", token, claim) == grpc.StatusCode.PERMISSION_DENIED
+    status, body = post(mesh, "/v1/chat/completions", CHAT, token)  # via the OpenAI gateway
+    assert status == 200, body
     ghost = jwt_local.token(mesh.certs_dir, "no-such-tenant")
     assert code_of(mesh, "echo", ghost) == grpc.StatusCode.UNAUTHENTICATED

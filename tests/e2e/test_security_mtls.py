@@ -20,7 +20,7 @@ import grpc
 import pytest
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from meshserve.v1 import inference_pb2_grpc
+from meshserve.v1 import inference_pb2_grpc, modelserver_pb2, modelserver_pb2_grpc
 
 from services.cli.inference_client import credentials
 from services.cli.up import demo_key
@@ -188,3 +188,17 @@ def test_envoy_takes_a_rotated_certificate_without_a_restart(mesh: LocalMesh, ap
              what="Envoy to load its new certificate")
     assert mesh.children["envoy"].pid == pid and mesh.children["envoy"].alive()
     test_requests_cross_every_hop_over_mtls(mesh, api_key)
+
+
+def test_only_routers_the_control_plane_and_tools_call_model_servers(mesh: LocalMesh) -> None:
+    request = modelserver_pb2.ModelServerServiceGenerateRequest(model="echo", prompt="a b")
+    request.sampling.max_tokens = 1
+    for identity, allowed in [("router0", True), ("envoy", False), ("operator", False)]:
+        with grpc_util.channel(mesh.servers["server-0"], options=[], tls=mesh.tls(identity)) as ch:
+            stub = modelserver_pb2_grpc.ModelServerServiceStub(ch)
+            if allowed:
+                assert [c.text for c in stub.Generate(request, timeout=10)]
+                continue
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Generate(request, timeout=10))
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, identity
