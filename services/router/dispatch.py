@@ -35,6 +35,7 @@ from .policy.prefix import render
 from .pool import BackendPool
 from .replica import Replica
 from .retry_budget import RetryBudget
+from .stats import RouterStats
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +84,14 @@ class Dispatcher:
                                     s.retry_after_ms)
         self._budget = RetryBudget(s.retry_budget_ratio, s.retry_budget_floor, s.retry_budget_window_s)
         self._rng = random.Random()
+        self.stats = RouterStats()  # demand figures for the control plane's autoscaler
         self._settings_cache: tuple[cp.RoutingPolicy | None, Settings] | None = None
         pool.on_change(self._admission.notify)
         pool.on_leave(self._forget)
+
+    @property
+    def admission(self) -> Admission:
+        return self._admission
 
     def _policy_named(self, name: str) -> Policy:
         if name not in self._policies:
@@ -127,17 +133,24 @@ class Dispatcher:
         started = time.monotonic()
         model = req.model if req.model in self.known_models() else "unknown"
         code = "OK"
+        serving = False
         try:
+            if model != "unknown":
+                self.stats.arrived(model)
+            activation = 0.0
             if not self._pool.candidates(req.model):
-                raise self._no_candidates(req.model)
+                activation = await self._activate(req, timeout, started)
             state = self._start(req, timeout, metadata, started)
             self._budget.request()
             queued = await self._admission.admit(req.model, req.priority, state.deadline)
-            first = True
-            async with aclosing(self._attempts(state, started + queued)) as chunks:
+            self.stats.started(model)
+            serving, first = True, True
+            async with aclosing(self._attempts(state, started + activation + queued)) as chunks:
                 async for chunk in chunks:
                     if first and chunk.token_ids:
-                        metrics.child(metrics.TTFT, model).observe(time.monotonic() - started)
+                        ttft = time.monotonic() - started
+                        metrics.child(metrics.TTFT, model).observe(ttft)
+                        self.stats.first_token(model, ttft)
                         first = False
                     yield chunk
         except ServiceError as exc:
@@ -147,6 +160,8 @@ class Dispatcher:
             code = "CANCELLED"
             raise
         finally:
+            if serving:
+                self.stats.finished(model)
             metrics.child(metrics.REQUESTS, model, code, req.priority.name).inc()
             metrics.child(metrics.DURATION, model).observe(time.monotonic() - started)
 
@@ -161,6 +176,16 @@ class Dispatcher:
         return _Request(req=req, request_id=req.request_id or uuid.uuid4().hex, route=route, policy=policy,
                         settings=settings, deadline=None if timeout is None else started + timeout,
                         relayed=list(req.resume_token_ids))
+
+    async def _activate(self, req: ValidRequest, timeout: float | None, started: float) -> float:
+        """No replica is ready. A model that scales to zero waits (bounded, with its deadline)
+        while the control plane places one; any other model gets its answer at once. Returns the
+        seconds waited."""
+        if not self._pool.scales_from_zero(req.model):
+            raise self._no_candidates(req.model)
+        deadline = None if timeout is None else started + timeout
+        return await self._admission.wait_for_replica(req.model, deadline,
+                                                      self.settings.activation_timeout_s)
 
     def _no_candidates(self, model: str) -> ServiceError:
         if model not in self.known_models():
