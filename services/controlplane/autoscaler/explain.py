@@ -44,6 +44,8 @@ def get(view: MeshView, model: str) -> asp.GetAutoscaleResponse:
     out = asp.GetAutoscaleResponse(policy=as_record(policy, record.updated_ms if record else 0),
                                    configured=configured, ready_replicas=ready,
                                    placed_replicas=placed)
+    if record is not None:
+        out.stored.CopyFrom(record)
     state = view.autoscale_states.get(model)
     if state is not None:
         out.state.CopyFrom(state)
