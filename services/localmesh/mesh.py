@@ -52,6 +52,9 @@ class MeshPlan:
     envoy_rate_limit_per_s: int | None = None
     #: Ring-hash the session header onto routers instead of least-request.
     envoy_session_ring_hash: bool = False
+    #: Servers planned (ports, ids) but not started: a server pool starts them when placement
+    #: needs them (services/localmesh/serverpool.py).
+    standby_servers: list[ServerPlan] = field(default_factory=list)
 
 
 class PortPlan:
@@ -102,7 +105,7 @@ class LocalMesh:
                               for i in range(plan.controlplanes)]
         self.routers = [f"{HOST}:{ports.take(f'router{i}', 20 + i)}" for i in range(plan.routers)]
         self.servers = {s.server_id: f"{HOST}:{ports.take(s.server_id, 30 + i)}"
-                        for i, s in enumerate(plan.servers)}
+                        for i, s in enumerate([*plan.servers, *plan.standby_servers])}
         self.metrics = {name: f"{HOST}:{ports.take(f'{name}-metrics', 50 + i)}"
                         for i, name in enumerate([*(f"controlplane{i}"
                                                     for i in range(plan.controlplanes)),
@@ -186,6 +189,12 @@ class LocalMesh:
             self.sup.wait_ready(child, lambda: c.grpc_serving(address), self.plan.load_timeout_s,
                                 "serving (model loaded)")
         return child
+
+    def stop_server(self, server_id: str) -> None:
+        """Stop one model server (it drains first) and forget it, so it can start again."""
+        child = self.children.pop(server_id, None)
+        if child is not None:
+            self.sup.stop_child(child)
 
     def start_router(self, i: int) -> None:
         name = f"router{i}"

@@ -71,9 +71,10 @@ def test_bad_budgets_are_refused(budget, words):
 
 
 def policy(**kw) -> asp.AutoscalePolicy:
-    fields = {"model": "m", "enabled": True, "min_replicas": 1, "max_replicas": 4}
-    fields.update(kw)
-    return asp.AutoscalePolicy(**fields)
+    record = asp.AutoscalePolicy(model="m", enabled=True, min_replicas=1, max_replicas=4)
+    for name, value in kw.items():
+        setattr(record, name, value)
+    return record
 
 
 @pytest.mark.parametrize("record, words", [

@@ -11,6 +11,7 @@ from services.controlplane.autoscaler.kpa import Limits, Memory, Signals, decide
 from services.controlplane.autoscaler.policy import Policy
 
 NOW = 10_000.0
+NO_LIMITS = Limits()
 P = Policy(model="m", enabled=True, min_replicas=1, max_replicas=8)
 
 
@@ -20,7 +21,7 @@ def sig(**kw) -> Signals:
     return Signals(**base)
 
 
-def run(policy: Policy = P, signals: Signals | None = None, desired: int = 1, limits: Limits = Limits(),
+def run(policy: Policy = P, signals: Signals | None = None, desired: int = 1, limits: Limits = NO_LIMITS,
         **memory):
     return decide(policy, signals or sig(), Memory(desired=desired, **memory), limits, NOW)
 

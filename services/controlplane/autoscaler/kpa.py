@@ -163,24 +163,24 @@ def _slo(p: Policy, s: Signals, m: Memory, step: _Step, now: float) -> _Step:
                  f"{p.ttft_slo_ms:.0f} ms with {s.queued:.1f} request(s) queued")
 
 
-def _lower_bound(p: Policy, s: Signals, m: Memory) -> tuple[int, str]:
-    """The fewest replicas now: min_replicas, 0 after the scale-to-zero grace."""
-    idle = (p.scale_to_zero and not s.traffic and not s.waiting_for_replica
+def _idle(p: Policy, s: Signals) -> bool:
+    """Opted in, and no traffic for the whole grace: the model goes to zero."""
+    return (p.scale_to_zero and not s.traffic and not s.waiting_for_replica
             and s.idle_s >= p.zero_grace_s and s.observed_s >= p.panic_window_s)
-    if idle or (m.desired == 0 and not s.traffic and not s.waiting_for_replica):
-        return 0, f"no traffic for {s.idle_s:.0f}s (scale to zero after {p.zero_grace_s:.0f}s)"
-    return p.floor, f"min_replicas {p.floor}"
 
 
 def _bounds(p: Policy, s: Signals, m: Memory, lim: Limits, step: _Step) -> _Step:
     out = _Step(step.desired, step.code, step.reason, step.limit, step.limit_code)
+    idle = _idle(p, s)
+    if idle and m.desired > 0 and lim.floor == 0:
+        out = _Step(0, "idle", f"no traffic for {s.idle_s:.0f}s (scale to zero after "
+                    f"{p.zero_grace_s:.0f}s)")
     if out.desired < lim.floor:
         out.desired, out.code, out.reason = lim.floor, "forecast", lim.floor_reason
-    lower, why = _lower_bound(p, s, m)
+    lower = 0 if idle or (m.desired == 0 and not s.traffic and not s.waiting_for_replica) \
+        else p.floor
     if out.desired < lower:
-        out.desired, out.code, out.reason = lower, "min", why
-    elif out.desired == 0 and lower == 0 and m.desired > 0:
-        out.code, out.reason = "idle", why
+        out.desired, out.code, out.reason = lower, "min", f"min_replicas {p.floor}"
     if out.desired > p.max_replicas:
         out.desired, out.limit, out.limit_code = p.max_replicas, f"max_replicas {p.max_replicas}", "max_replicas"
         if out.desired < m.desired:
