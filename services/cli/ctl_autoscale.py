@@ -31,7 +31,12 @@ def _stub(args) -> autoscale_pb2_grpc.AutoscaleServiceStub:
 def cmd_set(args) -> int:
     """Changes only what the flags name; the rest of the stored policy stays."""
     stub = _stub(args)
-    current = stub.GetAutoscale(asp.GetAutoscaleRequest(model=args.model), timeout=args.timeout)
+    try:
+        current = stub.GetAutoscale(asp.GetAutoscaleRequest(model=args.model), timeout=args.timeout)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        current = asp.GetAutoscaleResponse()  # the control plane says why when it is set
     record = asp.AutoscalePolicy()
     if current.configured:
         record.CopyFrom(current.stored)
