@@ -10,7 +10,8 @@ GEN_STAMP := gen/python/.stamp
 DESCRIPTOR := build/meshserve.pb
 AGAINST ?= main
 
-.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos gpu-check
+.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos \
+	bench-autoscale gpu-check
 
 all: setup
 
@@ -82,6 +83,12 @@ ARGS ?=
 # `ARGS="--phases 1,3"` for a subset (chaos-partial.*).
 bench-chaos: setup
 	$(BIN)/python -m bench.chaos.run $(ARGS)
+
+# Autoscaling benchmark (issue 13): a load ramp, scale from zero, and a compressed diurnal day
+# reactive vs predictive, on sim model servers; ~10 min. bench/results/autoscale.{json,md};
+# `make bench-autoscale ARGS=--smoke` for a short check (autoscale-smoke.*).
+bench-autoscale: setup
+	$(BIN)/python -m bench.autoscale.run $(ARGS)
 
 run: setup
 	$(BIN)/meshserve up --demo $(ARGS)

@@ -233,3 +233,13 @@ def test_a_new_leader_keeps_the_decision(mesh, auto, api):
     # It has placed with the kept decision too (its first round ran before it explained).
     placed = survivor.GetAutoscale(asp.GetAutoscaleRequest(model=MODEL), timeout=5).placed_replicas
     assert placed == before
+
+
+def test_undeploying_removes_the_policy_and_a_new_deployment_starts_afresh(mesh, auto):
+    alive = next(a for i, a in enumerate(mesh.controlplanes) if mesh.children[f"controlplane{i}"].alive())
+    ctl = controlplane_pb2_grpc.ControlPlaneServiceStub(grpc.insecure_channel(alive))
+    ctl.UndeployModel(cp.UndeployModelRequest(name=MODEL), timeout=10)
+    ctl.DeployModel(cp.DeployModelRequest(spec=cp.ModelSpec(name=MODEL, backend="sim", replicas=1)),
+                    timeout=10)
+    got = any_answers(auto).GetAutoscale(asp.GetAutoscaleRequest(model=MODEL), timeout=5)
+    assert not got.configured and not got.policy.enabled and not got.state.desired_replicas

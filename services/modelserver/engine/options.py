@@ -117,6 +117,8 @@ SIM = (
     _opt("block_size", int, 16, "tokens per simulated KV block", low=1, high=1024),
     _opt("kv_blocks_total", int, 4096, "simulated KV blocks", low=1, high=1 << 30),
     _opt("max_context", int, 2048, "prompt + output tokens per request", low=1, high=1 << 24),
+    _opt("load_seconds", float, 0.0, "time a start takes, as loading weights would (scaling "
+         "tests)", low=0, high=3600),
     _opt("hang_file", str, "", "fault injection: generation hangs while this file exists",
          server_only=True),
 )

@@ -51,6 +51,8 @@ class SimConfig:
     block_size: int = 16
     kv_blocks_total: int = 4096
     max_context: int = 2048
+    # Seconds start() takes, as loading weights would: replicas take time to become READY.
+    load_seconds: float = 0.0
     # Fault injection for failure tests: while this file exists, generation hangs (the process,
     # its lease and its gRPC health service stay up), like a wedged engine.
     hang_file: str = ""
@@ -88,6 +90,8 @@ class SimEngine(Engine):
         self._pump: asyncio.Task | None = None
 
     async def start(self) -> None:
+        if self.config.load_seconds:
+            await asyncio.sleep(self.config.load_seconds)
         self._ready = True
         self._pump = asyncio.get_running_loop().create_task(self._admit_behind_paused(), name="sim-pump")
 
