@@ -106,7 +106,8 @@ async def _backtest(ctx: Ctx, etcd: EtcdClient, lead_s: float) -> dict:
                           s.diurnal_max_replicas, s.bucket_s)
     except ValueError as exc:
         return {"error": str(exc), "buckets": len(rates)}
-    return {"buckets": len(rates), "mape": round(result.mape, 3), "rmse": round(result.rmse, 3),
+    return {"buckets": len(rates), "wape": round(result.wape, 3), "mape": round(result.mape, 3),
+            "rmse": round(result.rmse, 3),
             "reactive_short_buckets": result.reactive_short,
             "predictive_short_buckets": result.predictive_short,
             "reactive_replica_s": result.reactive_replica_s,

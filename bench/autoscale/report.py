@@ -71,8 +71,12 @@ def markdown(r: dict) -> str:
                      f"{x['replica_seconds']:.0f} | {x['peak_placed']} |")
     b = d.get("backtest", {})
     if "mape" in b:
-        lines += ["", f"Backtest on the recorded history ({b['buckets']} buckets): forecast MAPE "
-                      f"{b['mape']:.1%}, RMSE {b['rmse']:.2f} req/s; buckets short of replicas "
+        lines += ["", f"Backtest on the recorded history ({b['buckets']} buckets, `meshctl autoscale "
+                      f"backtest`): forecast WAPE {b['wape']:.1%} (MAPE {b['mape']:.1%}, night buckets "
+                      f"weigh heavily there), RMSE {b['rmse']:.2f} req/s; buckets short of replicas "
                       f"{b['reactive_short_buckets']} reactive vs {b['predictive_short_buckets']} with "
-                      f"the floor."]
+                      f"the floor. Replay: `meshctl autoscale backtest bench/results/"
+                      f"{r['settings']['name']}-trace.csv --bucket {r['settings']['bucket_s']:g} "
+                      f"--season {r['settings']['season_s']:g} --lead {r['settings']['bucket_s']:g} "
+                      f"--per-replica-rps 1.5 --max {r['settings']['diurnal_max_replicas']}`."]
     return "\n".join(lines) + "\n"

@@ -96,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{s.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{s.name}.md").write_text(markdown(result))
+    trace = result["diurnal"].get("backtest", {}).get("trace")
+    if trace:  # the recorded history, for `meshctl autoscale backtest`
+        (RESULTS / f"{s.name}-trace.csv").write_text(
+            "rate\n" + "".join(f"{r:.4f}\n" for r in trace))
     print(markdown(result))
     return 0
 

@@ -64,16 +64,25 @@ class Watcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self._once()  # decisions made since the last sample
+
+    async def _once(self) -> None:
+        async with grpc.aio.insecure_channel(self._address) as channel:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self._round(channel)
+
+    async def _round(self, channel: grpc.aio.Channel) -> None:
+        auto = autoscale_pb2_grpc.AutoscaleServiceStub(channel)
+        ctl = controlplane_pb2_grpc.ControlPlaneServiceStub(channel)
+        placements = (await ctl.ListPlacements(cp.ListPlacementsRequest(), timeout=5)).placements
+        for w in self.watches:
+            await self._sample(auto, w, placements)
 
     async def _run(self) -> None:
         async with grpc.aio.insecure_channel(self._address) as channel:
-            auto = autoscale_pb2_grpc.AutoscaleServiceStub(channel)
-            ctl = controlplane_pb2_grpc.ControlPlaneServiceStub(channel)
             while True:
                 with contextlib.suppress(grpc.aio.AioRpcError):
-                    placements = (await ctl.ListPlacements(cp.ListPlacementsRequest(), timeout=5)).placements
-                    for w in self.watches:
-                        await self._sample(auto, w, placements)
+                    await self._round(channel)
                 await asyncio.sleep(self.interval_s)
 
     async def _sample(self, auto, w: ModelWatch, placements) -> None:

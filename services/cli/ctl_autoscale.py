@@ -183,8 +183,8 @@ def cmd_backtest(args) -> int:
     print(table(["", "REACTIVE ONLY", "WITH FORECAST FLOOR"], [
         ("replica-seconds", f"{result.reactive_replica_s:.0f}", f"{result.predictive_replica_s:.0f}"),
         ("buckets short of replicas", result.reactive_short, result.predictive_short)]))
-    print(f"forecast over {result.buckets} bucket(s), {args.lead:g}s ahead: MAPE {result.mape:.1%}, "
-          f"RMSE {result.rmse:.2f} req/s")
+    print(f"forecast over {result.buckets} bucket(s), {args.lead:g}s ahead: WAPE {result.wape:.1%}, "
+          f"MAPE {result.mape:.1%}, RMSE {result.rmse:.2f} req/s")
     return EXIT_OK
 
 

@@ -33,6 +33,7 @@ class Step:
 class Result:
     buckets: int = 0
     mape: float = 0.0  # mean absolute percentage error of the forecast (buckets with rate > 0)
+    wape: float = 0.0  # absolute errors / actual requests, all buckets: quiet nights weigh little
     rmse: float = 0.0
     reactive_replica_s: float = 0.0
     predictive_replica_s: float = 0.0
@@ -90,6 +91,8 @@ def backtest(rates: Sequence[float], season: int, lead_buckets: int, per_replica
         model.update(actual)
     result.buckets = len(result.steps)
     result.mape = sum(errors) / len(errors) if errors else 0.0
+    total = sum(s.actual for s in result.steps)
+    result.wape = sum(abs(s.forecast - s.actual) for s in result.steps) / total if total else 0.0
     result.rmse = math.sqrt(sum(squares) / len(squares))
     result.reactive_replica_s = sum(s.reactive for s in result.steps) * bucket_s
     result.predictive_replica_s = sum(s.predictive for s in result.steps) * bucket_s

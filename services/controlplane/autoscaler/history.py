@@ -53,7 +53,7 @@ class RateHistory:
             for i, v in enumerate(r.rates[:SEGMENT]):
                 values[r.first_bucket + i] = float(v)
         last = self.bucket_of(now) - 1
-        known = [b for b in values if last - self.keep < b <= last]
+        known = [b for b, v in values.items() if last - self.keep < b <= last and math.isfinite(v)]
         if known:
             self.first = min(known)
             self.rates = [values.get(b, NAN) for b in range(self.first, max(known) + 1)]
