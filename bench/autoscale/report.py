@@ -7,6 +7,12 @@ def _f(v: object, fmt: str = "{:.1f}") -> str:
     return "-" if v is None else fmt.format(v) if isinstance(v, int | float) else str(v)
 
 
+def _per_replica(s: dict) -> float:
+    """Requests per second one replica serves at the target utilisation."""
+    return s["max_running"] * s["target_utilization"] / (s["max_tokens"] / s["tokens_per_second"]
+                                                        + s["first_token_latency_s"])
+
+
 def targets(r: dict) -> list[tuple[str, str, str, bool]]:
     """(what, target, measured, met)."""
     react, pred = r["diurnal"]["reactive"], r["diurnal"]["predictive"]
@@ -77,6 +83,7 @@ def markdown(r: dict) -> str:
                       f"{b['reactive_short_buckets']} reactive vs {b['predictive_short_buckets']} with "
                       f"the floor. Replay: `meshctl autoscale backtest bench/results/"
                       f"{r['settings']['name']}-trace.csv --bucket {r['settings']['bucket_s']:g} "
-                      f"--season {r['settings']['season_s']:g} --lead {r['settings']['bucket_s']:g} "
-                      f"--per-replica-rps 1.5 --max {r['settings']['diurnal_max_replicas']}`."]
+                      f"--season {r['settings']['season_s']:g} --lead {d['predictive'].get('lead_time_s', 0):.0f} "
+                      f"--per-replica-rps {_per_replica(r['settings']):.2f} "
+                      f"--max {r['settings']['diurnal_max_replicas']}`."]
     return "\n".join(lines) + "\n"
