@@ -175,8 +175,7 @@ def keda_watch(channel: grpc.Channel, seen: list[bool], stop: threading.Event) -
     stop_watch = threading.Thread(target=lambda: (stop.wait(), stream.cancel()), daemon=True)
     stop_watch.start()
     with contextlib.suppress(grpc.RpcError):  # cancelled at the end
-        for answer in stream:
-            seen.append(answer.result)
+        seen.extend(answer.result for answer in stream)
 
 
 def test_scale_to_zero_and_back_as_keda_sees_it(mesh, auto, api):

@@ -6,7 +6,7 @@ history) instead of starting over."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 from meshserve.v1 import autoscale_pb2 as asp
@@ -36,12 +36,13 @@ class FakeFeed:
     arrivals: int = 0
     waiting: int = 0
     on_waiting: object = None
-    ready: list[str] = field(default_factory=list)
+    view: MeshView | None = None
 
     def snapshot(self) -> Snapshot:
-        share = self.in_flight // max(1, len(self.ready))
+        ready = [s for (s, m) in self.view.statuses if m == MODEL] if self.view else []
+        share = self.in_flight // max(1, len(ready))
         loads = {sid: ms.LoadReport(server_id=sid, models=[ms.ModelLoad(
-            model=MODEL, running=share, max_running=10)]) for sid in self.ready}
+            model=MODEL, running=share, max_running=10)]) for sid in ready}
         return Snapshot(loads=loads, demand={MODEL: Demand(waiting_for_replica=self.waiting)},
                         arrivals={MODEL: self.arrivals})
 
@@ -65,13 +66,15 @@ async def seed(client: EtcdClient) -> None:
         scale_down_cooldown_s=5, predictive=True, bucket_s=1, season_s=4)))
 
 
-async def mark_ready(client: EtcdClient, view: MeshView, feed: FakeFeed) -> None:
-    """Servers report READY wherever the plan places the model (as model servers would)."""
-    for sid in plan_for(view).placements.get(MODEL, set()):
-        if (sid, MODEL) not in view.statuses:
-            await client.put(keyspace.status_key(sid, MODEL), keyspace.encode(cp.ModelStatus(
-                server_id=sid, model=MODEL, state=cp.MODEL_STATE_READY, managed=True)))
-    feed.ready = [s for (s, m) in view.statuses if m == MODEL]
+async def mark_ready(client: EtcdClient, view: MeshView, replicas: dict[str, int]) -> None:
+    """Servers report READY wherever the plan places the model (as model servers would), and
+    this view has seen it before the next tick."""
+    placed = plan_for(view, replicas=replicas).placements.get(MODEL, set())
+    for sid in placed - {s for (s, m) in view.statuses if m == MODEL}:
+        await client.put(keyspace.status_key(sid, MODEL), keyspace.encode(cp.ModelStatus(
+            server_id=sid, model=MODEL, state=cp.MODEL_STATE_READY, managed=True)))
+    await until(lambda: placed <= {s for (s, m) in view.statuses if m == MODEL},
+                what="statuses in the view")
 
 
 async def leader(client: EtcdClient, name: str, clock: Clock, feed: FakeFeed):
@@ -80,6 +83,7 @@ async def leader(client: EtcdClient, name: str, clock: Clock, feed: FakeFeed):
     election = Election(client, name, "127.0.0.1:1", ttl=2)
     election.start()
     await until(lambda: election.is_leader, what=f"{name} to lead")
+    feed.view = view
     return view, election, Autoscaler(client, view, election, name, feed, clock=clock)  # type: ignore[arg-type]
 
 
@@ -88,7 +92,7 @@ async def tick(scaler: Autoscaler, clock: Clock, client: EtcdClient, view: MeshV
     for _ in range(n):
         clock.t += 1.0
         await scaler.step()
-        await mark_ready(client, view, feed)
+        await mark_ready(client, view, scaler.replicas())
 
 
 async def test_decisions_persist_and_a_new_leader_continues(etcd: EtcdCluster):
