@@ -50,11 +50,13 @@ def parse_range(text: str) -> tuple[int, int]:
 class ServerPool:
     def __init__(self, mesh: LocalMesh, settings: PoolSettings,
                  capacity: Callable[[], asp.GetCapacityResponse],
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 serving: Callable[[str], bool] | None = None) -> None:
         self._mesh = mesh
         self.settings = settings
         self._capacity = capacity
         self._clock = clock
+        self._serving = serving or self._health
         self.plans: list[ServerPlan] = [*mesh.plan.servers, *mesh.plan.standby_servers]
         self.starting: dict[str, float] = {}
         self._idle_since: dict[str, float] = {}
@@ -104,7 +106,7 @@ class ServerPool:
                 self._mesh.stop_server(sid)
                 del self.starting[sid]
 
-    def _serving(self, sid: str) -> bool:
+    def _health(self, sid: str) -> bool:
         try:
             return c.grpc_serving(self._mesh.servers[sid], timeout=0.5)
         except Exception:  # noqa: BLE001 - not up yet

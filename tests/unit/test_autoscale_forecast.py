@@ -75,3 +75,21 @@ def test_history_segments_round_trip_through_etcd_records_and_trim():
     other = RateHistory("m", bucket_s=2, keep=2 * SEGMENT)
     other.load(records, t + 500)
     assert other.rates == [] and other.pending()[1]
+
+
+def test_backtest_replays_a_trace_and_the_floor_covers_what_reactive_misses(tmp_path):
+    from services.cli.meshctl import main
+    from services.controlplane.autoscaler.backtest import backtest, read_trace
+
+    series = diurnal(4 * SEASON, noise=0.2)
+    result = backtest(series, SEASON, lead_buckets=2, per_replica_rps=2.0, bucket_s=60)
+    assert result.buckets == 2 * SEASON and result.wape < 0.1
+    assert result.predictive_short < result.reactive_short
+    assert result.predictive_replica_s >= result.reactive_replica_s
+    trace = tmp_path / "trace.csv"
+    trace.write_text("time,rate\n" + "".join(f"{i * 60},{r}\n" for i, r in enumerate(series)))
+    assert read_trace(trace) == series
+    assert main(["autoscale", "backtest", str(trace), "--bucket", "60", "--season", str(60 * SEASON),
+                 "--lead", "120", "--per-replica-rps", "2"]) == 0
+    assert main(["autoscale", "backtest", str(trace), "--season", str(60 * 1000),
+                 "--per-replica-rps", "2"]) == 2  # fewer than two seasons: refused
