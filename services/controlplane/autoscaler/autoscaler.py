@@ -71,6 +71,8 @@ class Autoscaler:
         if not self._election.is_leader:
             if self.tracks:
                 log.info("no longer leading: autoscaler state stays in etcd for the next leader")
+                for name in self.tracks:
+                    metrics.forget(name)  # a follower exports no stale decisions
                 self.tracks.clear()
             return
         now = self._clock()

@@ -65,7 +65,6 @@ class SignalFeed:
         self._routers: dict[str, _Source] = {}
         self._counters: dict[tuple[str, str], int] = {}  # (router, model) -> requests_total
         self._arrivals: dict[str, int] = {}
-        self.polled = asyncio.Event()  # set after each router round (tests, wake-ups)
         self.on_waiting: Callable[[], None] = lambda: None
         self._closing: set[asyncio.Task] = set()  # channel closes in flight
 
@@ -127,8 +126,6 @@ class SignalFeed:
             for m in answer.models:
                 self._count(rid, m.model, m.requests_total)
                 waiting = waiting or m.waiting_for_replica > 0
-        self.polled.set()
-        self.polled = asyncio.Event()
         if waiting:
             self.on_waiting()
 
