@@ -51,7 +51,7 @@ def _violations(requests: list[Request], start: float, end: float, slo: float) -
 
 async def diurnal_phase(ctx: Ctx, etcd: EtcdClient) -> dict:
     s = ctx.s
-    first_load = math.ceil((time.time() + s.load_seconds + 15) / s.bucket_s) * s.bucket_s
+    first_load = math.ceil((time.time() + s.load_seconds + 40) / s.bucket_s) * s.bucket_s
     watches = []
     for model, region, predictive in RUNS:
         await seed_history(etcd, model, ctx, first_load)
