@@ -28,12 +28,13 @@ class Settings:
     # Scale to zero: a burst of requests (within the router queue's capacity of 256).
     zero_grace_s: float = 10.0
     zero_burst: int = 24
-    # Diurnal: one compressed day of `season_s` in buckets of `bucket_s`, after a warm-up of
-    # night; two earlier days of history seeded from the same trace (with Poisson noise).
+    # Diurnal: one compressed day of `season_s` in buckets of `bucket_s` from the morning ramp,
+    # after a warm-up of night; two earlier days of history seeded from the same trace (with
+    # Poisson noise). The set-up before the warm-up falls into that night too.
     season_s: float = 240.0
     bucket_s: float = 10.0
-    warmup_s: float = 30.0
-    night_rps: float = 0.3
+    warmup_s: float = 45.0
+    night_rps: float = 0.5
     day_rps: float = 4.5
     spike_rps: float = 2.0
     target_utilization: float = 0.8
@@ -44,5 +45,5 @@ class Settings:
 
 FULL = Settings()
 SMOKE = Settings(name="autoscale-smoke", ramp_up_s=20.0, ramp_hold_s=15.0, ramp_peak_rps=3.0,
-                 season_s=80.0, warmup_s=10.0, day_rps=3.0, zero_burst=8, servers_per_group=3,
+                 season_s=80.0, warmup_s=15.0, day_rps=3.0, zero_burst=8, servers_per_group=3,
                  ramp_max_replicas=3, ramp_budget=2, diurnal_max_replicas=3, load_seconds=3.0)

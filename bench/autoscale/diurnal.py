@@ -17,6 +17,7 @@ from services.controlplane.autoscaler.backtest import backtest
 from services.controlplane.autoscaler.history import RateHistory
 
 from . import traces
+from .config import Settings
 from .loadgen import Load, Request
 from .phases import Ctx, _decision, _ready
 from .watch import ModelWatch, Watcher
@@ -31,7 +32,7 @@ async def seed_history(etcd: EtcdClient, model: str, ctx: Ctx, first_load: float
     rate = traces.day(s)
     start_bucket = math.floor(first_load / s.bucket_s)
     buckets = list(range(start_bucket - 2 * season, start_bucket))
-    taus = [b * s.bucket_s - first_load + s.season_s - s.warmup_s for b in buckets]
+    taus = [b * s.bucket_s - first_load + day_offset(s) for b in buckets]
     rates = traces.noisy_rates(rate, taus, s.bucket_s, s.seed + 7)
     history = RateHistory(model, s.bucket_s, keep=3 * season)
     history.first, history.rates = buckets[0], list(rates)
@@ -40,6 +41,13 @@ async def seed_history(etcd: EtcdClient, model: str, ctx: Ctx, first_load: float
     for key, value in puts.items():
         await etcd.put(key, value)
     return rates
+
+
+def day_offset(s: Settings) -> float:
+    """Time of day when the load starts: the warm-up ends as the morning ramp begins, so the
+    measured window is one whole day from the ramp, and the set-up before the warm-up (when the
+    leader sees no traffic yet) falls into the night, as the seeded history says it should."""
+    return 0.2 * s.season_s - s.warmup_s
 
 
 def _violations(requests: list[Request], start: float, end: float, slo: float) -> tuple[int, int]:
@@ -51,7 +59,7 @@ def _violations(requests: list[Request], start: float, end: float, slo: float) -
 
 async def diurnal_phase(ctx: Ctx, etcd: EtcdClient) -> dict:
     s = ctx.s
-    first_load = math.ceil((time.time() + s.load_seconds + 40) / s.bucket_s) * s.bucket_s
+    first_load = math.ceil((time.time() + s.load_seconds + 25) / s.bucket_s) * s.bucket_s
     watches = []
     for model, region, predictive in RUNS:
         await seed_history(etcd, model, ctx, first_load)
@@ -64,7 +72,7 @@ async def diurnal_phase(ctx: Ctx, etcd: EtcdClient) -> dict:
         await ctx.until(lambda m=model: _ready(ctx, m, 1), 120, f"{model} READY")
     await asyncio.sleep(max(0.0, first_load - time.time()))
     day = traces.day(s)
-    offset = s.season_s - s.warmup_s  # the load starts this far into the (previous) day
+    offset = day_offset(s)
     times = traces.arrivals(lambda t: day(t + offset), s.warmup_s + s.season_s, s.seed + 1)
     loads = [Load(ctx.envoy, model, s.max_tokens, ctx.prompt()) for model, _, _ in RUNS]
     async with Watcher(ctx.controlplane, watches):

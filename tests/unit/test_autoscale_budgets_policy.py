@@ -102,3 +102,13 @@ def test_unset_knobs_take_kpa_like_defaults_and_set_ones_stick():
     assert (p.tolerance, p.scale_down_cooldown_s, p.max_scale_down_rate) == (0.0, 0.0, 2.0)
     shown = as_record(resolve(policy()))
     assert shown.HasField("target_utilization") and shown.target_utilization == DEFAULTS.target_utilization
+
+
+@pytest.mark.parametrize("text, memory, expected", [
+    ("*=20", False, ("", "", 20)), ("east=8", False, ("east", "", 8)),
+    ("east/east-a=4", False, ("east", "east-a", 4)), ("east=64GiB", True, ("east", "", 64 * GIB)),
+])
+def test_meshctl_budget_scopes_and_units(text, memory, expected):
+    from services.cli.ctl_autoscale import _budget
+
+    assert _budget(text, memory) == expected

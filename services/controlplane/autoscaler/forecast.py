@@ -27,7 +27,7 @@ class HoltWinters:
     trend: float = 0.0
     seasonals: list[float] = field(default_factory=list)
     seen: int = 0  # observations absorbed (including the two seasons of initialisation)
-    sse: float = 0.0  # squared one-step errors after initialisation
+    sse: float = 0.0  # squared one-step errors from the second season on
 
     @classmethod
     def start(cls, series: Sequence[float], season: int, alpha: float = 0.3, beta: float = 0.05,
@@ -65,7 +65,7 @@ class HoltWinters:
         expected = self.one_step()
         if not math.isfinite(value):
             value = max(0.0, expected)
-        elif self.seen >= 2 * self.season:
+        elif self.seen >= self.season:  # the second season on: what the grid is judged by
             self.sse += (value - expected) ** 2
         i = self.seen % self.season
         last_level = self.level
