@@ -105,6 +105,9 @@ def test_the_forecast_is_a_floor_only():
     raised = run(signals=sig(ready=2, stable_demand=10, panic_demand=10), desired=2,
                  limits=Limits(floor=4, floor_reason="forecast floor 4"))
     assert (raised.desired, raised.code, raised.reactive) == (4, "forecast", 2)
+    held = run(signals=sig(ready=3, stable_demand=1, panic_demand=1), desired=3,
+               last_scale_down=NOW - 5, limits=Limits(floor=4, floor_reason="forecast floor 4"))
+    assert (held.desired, held.limit) == (4, "")  # the cooldown that held the step is moot
     below = run(signals=sig(ready=6, stable_demand=30, panic_demand=30), desired=6,
                 limits=Limits(floor=1))
     assert below.desired == 6

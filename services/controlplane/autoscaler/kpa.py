@@ -175,12 +175,12 @@ def _bounds(p: Policy, s: Signals, m: Memory, lim: Limits, step: _Step) -> _Step
     if idle and m.desired > 0 and lim.floor == 0:
         out = _Step(0, "idle", f"no traffic for {s.idle_s:.0f}s (scale to zero after "
                     f"{p.zero_grace_s:.0f}s)")
-    if out.desired < lim.floor:
-        out.desired, out.code, out.reason = lim.floor, "forecast", lim.floor_reason
+    if out.desired < lim.floor:  # what held the reactive step back no longer matters
+        out = _Step(lim.floor, "forecast", lim.floor_reason)
     lower = 0 if idle or (m.desired == 0 and not s.traffic and not s.waiting_for_replica) \
         else p.floor
     if out.desired < lower:
-        out.desired, out.code, out.reason = lower, "min", f"min_replicas {p.floor}"
+        out = _Step(lower, "min", f"min_replicas {p.floor}")
     if out.desired > p.max_replicas:
         out.desired, out.limit, out.limit_code = p.max_replicas, f"max_replicas {p.max_replicas}", "max_replicas"
         if out.desired < m.desired:
