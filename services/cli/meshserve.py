@@ -116,6 +116,19 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     return _run_service(f"controlplane[{config.replica_id}]", lambda stop: run(config, stop))
 
 
+def cmd_openai_gateway(args: argparse.Namespace) -> int:
+    from services.openai_gateway.app import GatewaySettings
+    from services.openai_gateway.server import GatewayConfig, run
+
+    if args.slow_consumer_timeout <= 0:
+        raise ValueError("--slow-consumer-timeout must be > 0")
+    config = GatewayConfig(gateway_id=args.id or default_id("gateway"), http=args.http, upstream=args.upstream,
+                           listen=args.listen, advertise=args.advertise, region=args.region, etcd=args.etcd,
+                           metrics=args.metrics, lease_ttl=args.lease_ttl,
+                           settings=GatewaySettings(slow_consumer_s=args.slow_consumer_timeout))
+    return _run_service(f"openai-gateway[{config.gateway_id}]", lambda stop: run(config, stop))
+
+
 def cmd_envoy_config(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -124,7 +137,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     text = render(EnvoySettings(
         listen=args.listen, admin=args.admin, routers=args.router,
         descriptor=Path(args.descriptor or DEFAULT_DESCRIPTOR), cluster_type=args.cluster_type,
-        access_log=args.access_log))
+        access_log=args.access_log, gateways=args.gateway))
     sys.stdout.write(text)
     return 0
 
@@ -235,10 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "from servers and routers at this pace)")
     p.set_defaults(func=cmd_controlplane)
 
+    p = sub.add_parser("openai-gateway", help="run the OpenAI-compatible HTTP API (a client of InferenceService)")
+    _common(p, "127.0.0.1:8090")
+    p.add_argument("--http", default="127.0.0.1:8080",
+                   help="host:port of the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models); "
+                        "--listen serves gRPC health and reflection")
+    p.add_argument("--upstream", default="127.0.0.1:8000",
+                   help="InferenceService to call: Envoy's host:port (its health checks, retries and rate "
+                        "limit apply), or routers directly as a gRPC target (ipv4:H1:P1,H2:P2 or "
+                        "dns:///routers:8001, balanced round robin)")
+    p.add_argument("--slow-consumer-timeout", type=float, default=60.0,
+                   help="cancel a streamed answer whose client read nothing for this many seconds")
+    p.set_defaults(func=cmd_openai_gateway)
+
     p = sub.add_parser("envoy-config", help="print the rendered Envoy config")
     p.add_argument("--listen", default="0.0.0.0:8080")
     p.add_argument("--admin", default="127.0.0.1:9901")
     p.add_argument("--router", action="append", required=True, help="router host:port (repeatable)")
+    p.add_argument("--gateway", action="append", default=[],
+                   help="OpenAI gateway HTTP host:port (repeatable; none: the OpenAI paths answer 503)")
     p.add_argument("--descriptor", default="")
     p.add_argument("--cluster-type", default="STATIC", choices=["STATIC", "STRICT_DNS"])
     p.add_argument("--access-log", default="/dev/stdout")

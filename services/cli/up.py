@@ -44,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool-idle-s", type=float, default=60.0,
                    help="a pool server that holds no model this long is stopped (down to MIN)")
     p.add_argument("--routers", type=int, default=1)
+    p.add_argument("--gateways", type=int, default=1,
+                   help="OpenAI gateways behind Envoy's /v1/chat/completions, /v1/completions and "
+                        "/v1/models (0: none)")
     p.add_argument("--model", action="append", default=[],
                    help=f"NAME=BACKEND[:SOURCE] deployed on every server (default {DEFAULT_MODEL}); "
                         "SOURCE is 'embedded', a path under a --model-dir, or a file path whose "
@@ -59,9 +62,11 @@ def _print_endpoints(mesh: LocalMesh, model: str) -> None:
     lines = [
         "MeshServe local mesh is up.",
         f"  public API (gRPC + JSON) via Envoy  {mesh.envoy}",
+        *([f"  OpenAI API via Envoy                http://{mesh.envoy}/v1"] if mesh.gateways else []),
         f"  Envoy admin                         {mesh.envoy_admin}",
         f"  control plane (meshctl)             {mesh.controlplane}",
         *(f"  router {i}                            {r}" for i, r in enumerate(mesh.routers)),
+        *(f"  OpenAI gateway {i}                    http://{a}" for i, a in enumerate(mesh.gateways_http)),
         *(f"  model server {sid:<22} {a}" for sid, a in mesh.servers.items()),
         f"  etcd                                {mesh.etcd_endpoints}",
         *(f"  metrics {name:<27} http://{a}/metrics" for name, a in mesh.metrics.items()),
@@ -72,6 +77,9 @@ def _print_endpoints(mesh: LocalMesh, model: str) -> None:
         f"  curl -s -X POST http://{mesh.envoy}/v1/generate -d "
         f"'{{\"model\":\"{model}\","
         f"\"messages\":[{{\"role\":\"user\",\"content\":\"Hi!\"}}]}}'",
+        *([f"  curl -s http://{mesh.envoy}/v1/chat/completions -H 'content-type: application/json' -d "
+           f"'{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hi!\"}}]}}'"]
+          if mesh.gateways else []),
         "Ctrl-C stops everything.",
     ]
     print("\n".join(lines), flush=True)
@@ -204,7 +212,8 @@ def up(args: argparse.Namespace) -> int:
     planned = [ServerPlan(f"server-{i}", zone=zones[i % len(zones)], extra_args=dir_args)
                for i in range(pool.max_servers if pool else count)]
     plan = MeshPlan(data_dir=Path(args.data_dir), routers=args.routers, base_port=args.base_port,
-                    servers=planned[:count], standby_servers=planned[count:])
+                    gateways=args.gateways, servers=planned[:count],
+                    standby_servers=planned[count:])
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "envoy.yaml.tmpl"
@@ -28,6 +28,9 @@ class EnvoySettings:
     #: saves the extra work of a random router; off by default.
     session_ring_hash: bool = False
     session_header: str = "x-session-id"
+    #: host:port of each OpenAI gateway's HTTP listener (or one DNS name with STRICT_DNS). Empty:
+    #: the OpenAI paths answer 503 in OpenAI's error shape.
+    gateways: list[str] = field(default_factory=list)
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -47,6 +50,17 @@ def _hash_policy(settings: EnvoySettings) -> str:
             f"                  - header: {{ header_name: \"{header}\" }}\n")
 
 
+def _endpoints(addresses: list[str]) -> str:
+    lines = []
+    for address in addresses:
+        host, port = _split(address)
+        lines.append(
+            f"        - endpoint:\n"
+            f"            address:\n"
+            f"              socket_address: {{ address: \"{host}\", port_value: {port} }}")
+    return "\n".join(lines)
+
+
 def render(settings: EnvoySettings) -> str:
     if not settings.routers:
         raise ValueError("Envoy needs at least one router endpoint")
@@ -55,20 +69,15 @@ def render(settings: EnvoySettings) -> str:
     if not Path(settings.descriptor).is_file():
         raise FileNotFoundError(
             f"proto descriptor {settings.descriptor} is missing; run `make gen` to build it")
-    lines = []
-    for router in settings.routers:
-        host, port = _split(router)
-        lines.append(
-            f"        - endpoint:\n"
-            f"            address:\n"
-            f"              socket_address: {{ address: \"{host}\", port_value: {port} }}")
+    gateways = "\n" + _endpoints(settings.gateways) if settings.gateways else "[]"
     listen_host, listen_port = _split(settings.listen)
     admin_host, admin_port = _split(settings.admin)
     return string.Template(TEMPLATE.read_text()).substitute(
         listen_host=f'"{listen_host}"', listen_port=listen_port,
         admin_host=f'"{admin_host}"', admin_port=admin_port,
         descriptor=str(settings.descriptor), cluster_type=settings.cluster_type,
-        access_log=settings.access_log, router_endpoints="\n".join(lines),
+        access_log=settings.access_log, router_endpoints=_endpoints(settings.routers),
+        gateway_endpoints=gateways,
         hash_policy=_hash_policy(settings),
         lb_policy="RING_HASH" if settings.session_ring_hash else "LEAST_REQUEST",
         rate_limit_per_s=max(1, settings.rate_limit_per_s),

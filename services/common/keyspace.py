@@ -34,6 +34,7 @@ ROOT = "/meshserve/"
 SERVERS = ROOT + "servers/"
 ROUTERS = ROOT + "routers/"
 CONTROLPLANES = ROOT + "controlplanes/"
+GATEWAYS = ROOT + "gateways/"
 DRAIN = ROOT + "drain/"
 MODELS = ROOT + "models/"
 PLACEMENT = ROOT + "placement/"
@@ -64,6 +65,10 @@ def router_key(router_id: str) -> str:
 
 def controlplane_key(replica_id: str) -> str:
     return CONTROLPLANES + _check_id("control-plane", replica_id)
+
+
+def gateway_key(gateway_id: str) -> str:
+    return GATEWAYS + _check_id("gateway", gateway_id)
 
 
 def drain_key(server_id: str) -> str:
@@ -151,6 +156,7 @@ VALUE_TYPES: dict[str, type[Message]] = {
     SERVERS: modelserver_pb2.ServerInfo,
     ROUTERS: controlplane_pb2.ReplicaInfo,
     CONTROLPLANES: controlplane_pb2.ReplicaInfo,
+    GATEWAYS: controlplane_pb2.ReplicaInfo,
     DRAIN: controlplane_pb2.DrainRecord,
     MODELS: controlplane_pb2.ModelSpec,
     PLACEMENT: controlplane_pb2.Placement,

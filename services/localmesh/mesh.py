@@ -52,6 +52,11 @@ class MeshPlan:
     envoy_rate_limit_per_s: int | None = None
     #: Ring-hash the session header onto routers instead of least-request.
     envoy_session_ring_hash: bool = False
+    #: OpenAI gateways (`meshserve openai-gateway`) behind Envoy's /v1/chat/completions,
+    #: /v1/completions and /v1/models; `meshserve up` starts one, tests that need it ask.
+    gateways: int = 0
+    #: Extra `meshserve openai-gateway` flags for every gateway.
+    gateway_args: list[str] = field(default_factory=list)
     #: Servers planned (ports, ids) but not started: a server pool starts them when placement
     #: needs them (services/localmesh/serverpool.py).
     standby_servers: list[ServerPlan] = field(default_factory=list)
@@ -106,11 +111,15 @@ class LocalMesh:
         self.routers = [f"{HOST}:{ports.take(f'router{i}', 20 + i)}" for i in range(plan.routers)]
         self.servers = {s.server_id: f"{HOST}:{ports.take(s.server_id, 30 + i)}"
                         for i, s in enumerate([*plan.servers, *plan.standby_servers])}
+        #: Each gateway's OpenAI HTTP listener (what Envoy routes to) and its gRPC health port.
+        self.gateways_http = [f"{HOST}:{ports.take(f'gateway{i}-http', 60 + i)}" for i in range(plan.gateways)]
+        self.gateways = [f"{HOST}:{ports.take(f'gateway{i}', 70 + i)}" for i in range(plan.gateways)]
         self.metrics = {name: f"{HOST}:{ports.take(f'{name}-metrics', 50 + i)}"
                         for i, name in enumerate([*(f"controlplane{i}"
                                                     for i in range(plan.controlplanes)),
                                                   *self.servers,
-                                                  *(f"router{i}" for i in range(plan.routers))])}
+                                                  *(f"router{i}" for i in range(plan.routers)),
+                                                  *(f"gateway{i}" for i in range(plan.gateways))])}
         self.ports = ports
         self.children: dict[str, Child] = {}
 
@@ -136,6 +145,8 @@ class LocalMesh:
                 self.start_server(server)
             for i in range(self.plan.routers):
                 self.start_router(i)
+            for i in range(self.plan.gateways):
+                self.start_gateway(i)
             self.start_envoy()
         except BaseException:
             self.stop()
@@ -203,12 +214,22 @@ class LocalMesh:
         self.sup.wait_ready(self.children[name], lambda: c.grpc_serving(self.routers[i]), 60,
                             "serving")
 
+    def start_gateway(self, i: int) -> Child:
+        """An OpenAI gateway calling InferenceService through Envoy (up next, or already up)."""
+        name = f"gateway{i}"
+        child = self.sup.start(name, c.service_argv(
+            "openai-gateway", *self._common(name, self.gateways[i]), "--http", self.gateways_http[i],
+            "--upstream", self.envoy, *self.plan.gateway_args))
+        self.children[name] = child
+        self.sup.wait_ready(child, lambda: c.grpc_serving(self.gateways[i]), 60, "serving")
+        return child
+
     def start_envoy(self) -> None:
         config = self.data_dir / "envoy.yaml"
         settings = EnvoySettings(
             listen=self.envoy, admin=self.envoy_admin, routers=self.routers,
             access_log=str(self.sup.log_dir / "envoy-access.log"),
-            session_ring_hash=self.plan.envoy_session_ring_hash)
+            session_ring_hash=self.plan.envoy_session_ring_hash, gateways=self.gateways_http)
         if self.plan.envoy_rate_limit_per_s is not None:
             settings.rate_limit_per_s = self.plan.envoy_rate_limit_per_s
         config.write_text(render(settings))
@@ -219,6 +240,9 @@ class LocalMesh:
         self.sup.wait_ready(child, lambda: c.envoy_ready(self.envoy_admin), 30, "ready")
         self.sup.wait_ready(child, lambda: c.envoy_cluster_healthy(self.envoy_admin), 30,
                             "routing (a healthy router behind it)")
+        if self.gateways_http:
+            self.sup.wait_ready(child, lambda: c.envoy_cluster_healthy(self.envoy_admin, "openai_gateway"),
+                                30, "routing to a healthy OpenAI gateway")
 
     # --- stopping ---------------------------------------------------------------------------
 
