@@ -217,6 +217,9 @@ def test_a_new_leader_keeps_the_decision(mesh, auto, api):
     with load(api, clients=6):
         wait_for(lambda: desired(auto) >= 2, 60, "more replicas under load")
     before = desired(auto)
+    placed_before = wait_for(lambda: (n := any_answers(auto).GetAutoscale(
+        asp.GetAutoscaleRequest(model=MODEL), timeout=5).placed_replicas) >= 2 and n, 30,
+        "the decision's placements")
     leader = any_answers(auto).ExplainAutoscale(asp.ExplainAutoscaleRequest(model=MODEL),
                                                 timeout=5).answered_by
     mesh.sup.kill(mesh.children[leader])
@@ -230,9 +233,10 @@ def test_a_new_leader_keeps_the_decision(mesh, auto, api):
     # full stable window itself, rather than dropping to what its empty windows suggest.
     assert explained.desired_replicas == before
     assert explained.state.last_scale_up_ms > 0 and "new leader" in explained.reason
-    # It has placed with the kept decision too (its first round ran before it explained).
+    # Its first round (before it explained) placed with the kept decision: nothing was removed
+    # (one more may be placed meanwhile, once the pool's server is up).
     placed = survivor.GetAutoscale(asp.GetAutoscaleRequest(model=MODEL), timeout=5).placed_replicas
-    assert placed == before
+    assert placed >= placed_before
 
 
 def test_undeploying_removes_the_policy_and_a_new_deployment_starts_afresh(mesh, auto):
