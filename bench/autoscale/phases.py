@@ -41,7 +41,7 @@ class Ctx:
                             options={"tokens_per_second": str(s.tokens_per_second),
                                      "first_token_latency_s": str(s.first_token_latency_s),
                                      "max_running": str(s.max_running),
-                                     "load_seconds": str(s.load_seconds)})
+                                     "load_s": str(s.load_seconds)})
         await self.ctl.DeployModel(cp.DeployModelRequest(spec=spec), timeout=10)
 
     async def policy(self, **fields) -> None:

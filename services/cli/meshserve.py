@@ -14,7 +14,12 @@ from services.common.logging_setup import setup_logging
 log = logging.getLogger("meshserve")
 
 
-def _run_service(component: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+def _run_service(component: str, run: Callable[[asyncio.Event], Awaitable[None]],
+                 args: argparse.Namespace, service: str, instance: str) -> int:
+    """Run one service until SIGTERM/SIGINT; with --otlp-traces-endpoint its spans are exported
+    (as `service`, instance `instance`) and flushed on the way out."""
+    from services.common import tracing
+
     setup_logging(component)
 
     async def main() -> None:
@@ -23,10 +28,13 @@ def _run_service(component: str, run: Callable[[asyncio.Event], Awaitable[None]]
         await run(stop)
 
     try:
+        tracing.configure(service, instance, args.otlp_traces_endpoint)
         asyncio.run(main())
     except Exception as exc:
         log.error("%s failed: %s", component, exc, exc_info=log.isEnabledFor(logging.DEBUG))
         return 1
+    finally:
+        tracing.shutdown()
     return 0
 
 
@@ -74,7 +82,8 @@ def cmd_modelserver(args: argparse.Namespace) -> int:
         idle_unload_s=args.idle_unload_s, failure_backoff_s=args.failure_backoff_s,
         engine_options=options, labels=labels, model_dirs=_model_dirs(args.model_dir),
         slow_consumer_s=args.slow_consumer_timeout)
-    return _run_service(f"modelserver[{config.server_id}]", lambda stop: run(config, stop))
+    return _run_service(f"modelserver[{config.server_id}]", lambda stop: run(config, stop), args,
+                        "meshserve-modelserver", config.server_id)
 
 
 def cmd_router(args: argparse.Namespace) -> int:
@@ -95,7 +104,8 @@ def cmd_router(args: argparse.Namespace) -> int:
                           advertise=args.advertise, region=args.region, zone=args.zone,
                           etcd=args.etcd, metrics=args.metrics, lease_ttl=args.lease_ttl,
                           dispatch=dispatch)
-    return _run_service(f"router[{config.router_id}]", lambda stop: run(config, stop))
+    return _run_service(f"router[{config.router_id}]", lambda stop: run(config, stop), args,
+                        "meshserve-router", config.router_id)
 
 
 def cmd_controlplane(args: argparse.Namespace) -> int:
@@ -113,7 +123,8 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
                                 election_ttl=args.election_ttl, health=health,
                                 halt_after_failures=args.halt_after_failures,
                                 autoscale_interval_s=args.autoscale_interval)
-    return _run_service(f"controlplane[{config.replica_id}]", lambda stop: run(config, stop))
+    return _run_service(f"controlplane[{config.replica_id}]", lambda stop: run(config, stop), args,
+                        "meshserve-controlplane", config.replica_id)
 
 
 def cmd_openai_gateway(args: argparse.Namespace) -> int:
@@ -126,7 +137,8 @@ def cmd_openai_gateway(args: argparse.Namespace) -> int:
                            listen=args.listen, advertise=args.advertise, region=args.region, etcd=args.etcd,
                            metrics=args.metrics, lease_ttl=args.lease_ttl,
                            settings=GatewaySettings(slow_consumer_s=args.slow_consumer_timeout))
-    return _run_service(f"openai-gateway[{config.gateway_id}]", lambda stop: run(config, stop))
+    return _run_service(f"openai-gateway[{config.gateway_id}]", lambda stop: run(config, stop), args,
+                        "meshserve-openai-gateway", config.gateway_id)
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
@@ -157,6 +169,10 @@ def _common(p: argparse.ArgumentParser, listen: str) -> None:
     p.add_argument("--metrics", default="127.0.0.1:0",
                    help="host:port for Prometheus /metrics ('' disables; port 0 picks one)")
     p.add_argument("--lease-ttl", type=int, default=10, help="etcd lease TTL in seconds")
+    p.add_argument("--otlp-traces-endpoint", default="", metavar="URL",
+                   help="export OpenTelemetry spans to this OTLP/gRPC collector, e.g. "
+                        "http://otel-collector:4317 ('' = tracing off, the default; OTEL_TRACES_SAMPLER "
+                        "and OTEL_BSP_* variables apply)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster-type", default="STATIC", choices=["STATIC", "STRICT_DNS"])
     p.add_argument("--access-log", default="/dev/stdout")
     p.set_defaults(func=cmd_envoy_config)
+
+    p = sub.add_parser("edge", help="render the Envoy config and run Envoy (the edge container)")
+    from services.cli import edge
+    edge.add_arguments(p)
+    p.set_defaults(func=edge.run)
 
     p = sub.add_parser("up", help="start the local mesh: etcd, Envoy, control plane, router, servers")
     from services.cli.up import add_arguments

@@ -54,11 +54,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", action="append", default=[], metavar="DIR",
                    help="model directory of every server: deployed sources are relative to it")
     p.add_argument("--engine-option", action="append", default=[], help="key=value for engines")
+    p.add_argument("--otlp-traces-endpoint", default="", metavar="HOST:PORT",
+                   help="OTLP/gRPC collector for every process's spans, Envoy's included ('' = off)")
     p.add_argument("--demo", action="store_true",
                    help="send a demo request through Envoy once the mesh is up")
 
 
 def _print_endpoints(mesh: LocalMesh, model: str) -> None:
+    from services.localmesh.prometheus import write_config
+
+    prometheus = write_config(mesh, mesh.data_dir / "prometheus")
     lines = [
         "MeshServe local mesh is up.",
         f"  public API (gRPC + JSON) via Envoy  {mesh.envoy}",
@@ -71,6 +76,7 @@ def _print_endpoints(mesh: LocalMesh, model: str) -> None:
         f"  etcd                                {mesh.etcd_endpoints}",
         *(f"  metrics {name:<27} http://{a}/metrics" for name, a in mesh.metrics.items()),
         f"  logs                                {mesh.sup.log_dir}",
+        f"  Prometheus config (rules, targets)  {prometheus}  (dashboard: deploy/grafana/meshserve.json)",
         "Try:",
         f"  meshctl --controlplane {mesh.controlplane} status",
         f"  meshctl --endpoint {mesh.envoy} generate {model} 'What is the capital of France?'",
@@ -212,7 +218,8 @@ def up(args: argparse.Namespace) -> int:
     planned = [ServerPlan(f"server-{i}", zone=zones[i % len(zones)], extra_args=dir_args)
                for i in range(pool.max_servers if pool else count)]
     plan = MeshPlan(data_dir=Path(args.data_dir), routers=args.routers, base_port=args.base_port,
-                    gateways=args.gateways, servers=planned[:count],
+                    otlp_endpoint=args.otlp_traces_endpoint, gateways=args.gateways,
+                    servers=planned[:count],
                     standby_servers=planned[count:])
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -17,6 +17,10 @@ Layout (values are binary protobuf, never ad-hoc JSON):
     /meshserve/autoscale/state/<m>      AutoscaleState  the leader's decision, fenced
     /meshserve/autoscale/history/<m>/<n> RateHistory    the leader's, fenced; request-rate history
     /meshserve/settings/budgets         ScalingBudgets  region/zone caps scaling never crosses
+    /meshserve/traffic/policies/<name>  TrafficPolicy   operator intent (meshctl traffic)
+    /meshserve/traffic/canary/<name>    CanaryState     the leader's canary steps, fenced
+    /meshserve/traffic/stats/<name>/<router>  TrafficStats  a router's canary window, on its lease
+    /meshserve/traffic/guard            (empty)         rewritten with every policy write
 
 Ids and model names follow services/common/names.py; keys are built only from valid ones.
 """
@@ -26,7 +30,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
-from meshserve.v1 import autoscale_pb2, controlplane_pb2, modelserver_pb2
+from meshserve.v1 import autoscale_pb2, controlplane_pb2, modelserver_pb2, traffic_pb2
 
 from . import names
 
@@ -47,12 +51,20 @@ AUTOSCALE_POLICIES = ROOT + "autoscale/policies/"
 AUTOSCALE_STATE = ROOT + "autoscale/state/"
 AUTOSCALE_HISTORY = ROOT + "autoscale/history/"
 SCALING_BUDGETS = ROOT + "settings/budgets"
+TRAFFIC_POLICIES = ROOT + "traffic/policies/"
+CANARY_STATES = ROOT + "traffic/canary/"
+TRAFFIC_STATS = ROOT + "traffic/stats/"
+#: Every policy write compares and rewrites this key, so two writers that each checked the graph
+#: (cycles, references) against what they read cannot both commit.
+TRAFFIC_GUARD = ROOT + "traffic/guard"
 
 M = TypeVar("M", bound=Message)
 
 
 def _check_id(kind: str, ident: str) -> str:
-    return names.check_name("model name" if kind == "model" else f"{kind} id", ident)
+    if kind == "model":
+        return names.check_model_name(ident)
+    return names.check_name(f"{kind} id", ident)
 
 
 def server_key(server_id: str) -> str:
@@ -118,6 +130,22 @@ def history_key(model: str, segment: int) -> str:
     return f"{history_prefix(model)}{segment:015d}"
 
 
+def traffic_policy_key(name: str) -> str:
+    return TRAFFIC_POLICIES + names.check_name("traffic policy name", name)
+
+
+def canary_state_key(name: str) -> str:
+    return CANARY_STATES + names.check_name("traffic policy name", name)
+
+
+def traffic_stats_prefix(name: str) -> str:
+    return TRAFFIC_STATS + names.check_name("traffic policy name", name) + "/"
+
+
+def traffic_stats_key(name: str, router_id: str) -> str:
+    return traffic_stats_prefix(name) + _check_id("router", router_id)
+
+
 def pair_key(prefix: str, server_id: str, model: str) -> str:
     """The key of a (server, model) pair as read from etcd, unchecked: to delete a record whose
     ids break the naming rule (injected or written by an older version)."""
@@ -169,4 +197,7 @@ VALUE_TYPES: dict[str, type[Message]] = {
     AUTOSCALE_STATE: autoscale_pb2.AutoscaleState,
     AUTOSCALE_HISTORY: autoscale_pb2.RateHistory,
     SCALING_BUDGETS: autoscale_pb2.ScalingBudgets,
+    TRAFFIC_POLICIES: traffic_pb2.TrafficPolicy,
+    CANARY_STATES: traffic_pb2.CanaryState,
+    TRAFFIC_STATS: traffic_pb2.TrafficStats,
 }

@@ -10,13 +10,13 @@ import logging
 from dataclasses import dataclass, field
 
 from externalscaler import externalscaler_pb2_grpc
-from meshserve.v1 import autoscale_pb2_grpc, controlplane_pb2, controlplane_pb2_grpc
+from meshserve.v1 import autoscale_pb2_grpc, controlplane_pb2, controlplane_pb2_grpc, traffic_pb2_grpc
 
 from services.common import keyspace
 from services.common.lifecycle import now_ms
 from services.common.replica import ReplicaParts, run_replica
 
-from . import metrics
+from . import canary, metrics
 from .autoscaler import keda
 from .autoscaler import servicer as autoscale_servicer
 from .autoscaler.autoscaler import Autoscaler
@@ -27,6 +27,8 @@ from .health import HealthChecker, HealthSettings
 from .probes import ServerProbe
 from .reconciler import Reconciler
 from .servicer import ControlPlaneServicer
+from .traffic_servicer import SERVICE_NAME as TRAFFIC_SERVICE_NAME
+from .traffic_servicer import TrafficServicer
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ async def run(config: ControlPlaneConfig, stop: asyncio.Event) -> None:
         assert parts.view is not None
         controlplane_pb2_grpc.add_ControlPlaneServiceServicer_to_server(
             ControlPlaneServicer(parts.etcd, parts.view, config.replica_id, probe), parts.server)
+        traffic_pb2_grpc.add_TrafficServiceServicer_to_server(TrafficServicer(parts.etcd, parts.view), parts.server)
         autoscale_pb2_grpc.add_AutoscaleServiceServicer_to_server(
             autoscale_servicer.AutoscaleServicer(parts.etcd, parts.view, config.replica_id,
                                                  lambda: scalers[0] if scalers else None),
@@ -79,7 +82,8 @@ async def run(config: ControlPlaneConfig, stop: asyncio.Event) -> None:
 
     async with run_replica(
             key=keyspace.controlplane_key(config.replica_id), replica_id=config.replica_id,
-            service_names=[SERVICE_NAME, autoscale_servicer.SERVICE_NAME, keda.SERVICE_NAME],
+            service_names=[SERVICE_NAME, TRAFFIC_SERVICE_NAME, autoscale_servicer.SERVICE_NAME,
+                           keda.SERVICE_NAME],
             register=register, record=record, listen=config.listen,
             advertise=config.advertise, etcd=config.etcd, metrics=config.metrics,
             lease_ttl=config.lease_ttl, grace_s=2.0) as parts:
@@ -98,9 +102,12 @@ async def run(config: ControlPlaneConfig, stop: asyncio.Event) -> None:
         election.start()
         tasks = [asyncio.create_task(reconciler.run(), name="reconciler"),
                  asyncio.create_task(feed.run(lambda: election.is_leader), name="autoscale-signals")]
+        canary_task = asyncio.create_task(
+            canary.CanaryController(etcd, view, election, config.replica_id).run(), name="canary")
         try:
             await stop.wait()
         finally:
+            await canary.stop(canary_task)
             for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):  # it is being stopped

@@ -52,6 +52,8 @@ class MeshPlan:
     envoy_rate_limit_per_s: int | None = None
     #: Ring-hash the session header onto routers instead of least-request.
     envoy_session_ring_hash: bool = False
+    #: OTLP/gRPC collector (host:port) for the spans of every service and Envoy ('' = no tracing).
+    otlp_endpoint: str = ""
     #: OpenAI gateways (`meshserve openai-gateway`) behind Envoy's /v1/chat/completions,
     #: /v1/completions and /v1/models; `meshserve up` starts one, tests that need it ask.
     gateways: int = 0
@@ -173,8 +175,11 @@ class LocalMesh:
         return self._spawn_etcd(i)
 
     def _common(self, name: str, listen: str) -> list[str]:
-        return ["--id", name, "--listen", listen, "--etcd", self.etcd_endpoints,
+        args = ["--id", name, "--listen", listen, "--etcd", self.etcd_endpoints,
                 "--metrics", self.metrics[name], "--lease-ttl", str(self.plan.lease_ttl)]
+        if self.plan.otlp_endpoint:
+            args += ["--otlp-traces-endpoint", "http://" + self.plan.otlp_endpoint.removeprefix("http://")]
+        return args
 
     def start_controlplane(self, i: int) -> Child:
         name = f"controlplane{i}"
@@ -229,7 +234,8 @@ class LocalMesh:
         settings = EnvoySettings(
             listen=self.envoy, admin=self.envoy_admin, routers=self.routers,
             access_log=str(self.sup.log_dir / "envoy-access.log"),
-            session_ring_hash=self.plan.envoy_session_ring_hash, gateways=self.gateways_http)
+            session_ring_hash=self.plan.envoy_session_ring_hash, gateways=self.gateways_http,
+            otlp_endpoint=self.plan.otlp_endpoint)
         if self.plan.envoy_rate_limit_per_s is not None:
             settings.rate_limit_per_s = self.plan.envoy_rate_limit_per_s
         config.write_text(render(settings))

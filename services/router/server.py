@@ -21,6 +21,8 @@ from .load_servicer import SERVICE_NAME as LOAD_SERVICE_NAME
 from .load_servicer import RouterLoadServicer
 from .pool import BackendPool
 from .servicer import InferenceServicer
+from .traffic.stats import CanaryRecorder
+from .traffic.table import TrafficTable
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
@@ -42,6 +44,7 @@ class RouterConfig:
 
 async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     pools: list[BackendPool] = []
+    recorders: list[CanaryRecorder] = []
     settings = replace(config.dispatch, region=config.region, zone=config.zone)
     settings.validate()
     started = now_ms()
@@ -50,7 +53,9 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
         assert parts.view is not None
         pool = BackendPool(parts.view, hang_timeout_s=settings.hang_timeout_s)
         pools.append(pool)
-        dispatcher = Dispatcher(pool, config.router_id, settings)
+        recorder = CanaryRecorder(config.router_id, parts.keeper.put, parts.keeper.delete)
+        recorders.append(recorder)
+        dispatcher = Dispatcher(pool, config.router_id, settings, TrafficTable(parts.view), recorder)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dispatcher), parts.server)
         kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dispatcher), parts.server)
         routerload_pb2_grpc.add_RouterLoadServiceServicer_to_server(RouterLoadServicer(dispatcher), parts.server)
@@ -67,5 +72,7 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
                 lease_ttl=config.lease_ttl, grace_s=config.shutdown_grace_s):
             await stop.wait()
     finally:
+        for recorder in recorders:
+            await recorder.close()
         for pool in pools:
             await pool.close()
