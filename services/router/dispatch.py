@@ -101,7 +101,7 @@ class Dispatcher:
         pool.on_leave(self._forget)
         self._known_cache: tuple[frozenset[str], frozenset[str], frozenset[str]] | None = None
         self.traffic = None if traffic is None else TrafficExecutor(
-            traffic, self.serve, pool.candidates, recorder, s.retry_after_ms)
+            traffic, self.serve, pool.candidates, recorder, s.retry_after_ms, wakes=pool.scales_from_zero)
 
     @property
     def admission(self) -> Admission:
