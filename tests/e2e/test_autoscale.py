@@ -3,7 +3,7 @@ running, one more the server pool may start), a router and Envoy, load through E
 
 Tests run in file order against one mesh: bad settings, scaling up under load (the server pool
 starts a server) and back down (it stops it), scale to zero and back while KEDA's protocol
-watches, and a leader change that keeps the decision.
+watches, a version woken from zero through a split, and a leader change that keeps the decision.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ import pytest
 from externalscaler import externalscaler_pb2 as es
 from externalscaler import externalscaler_pb2_grpc
 from meshserve.v1 import autoscale_pb2 as asp
-from meshserve.v1 import autoscale_pb2_grpc, controlplane_pb2_grpc, inference_pb2, inference_pb2_grpc
+from meshserve.v1 import autoscale_pb2_grpc, controlplane_pb2_grpc, inference_pb2, inference_pb2_grpc, traffic_pb2_grpc
 from meshserve.v1 import controlplane_pb2 as cp
+from meshserve.v1 import traffic_pb2 as tp
 
 from services.localmesh.mesh import MeshPlan, ServerPlan
 from services.localmesh.serverpool import PoolSettings, ServerPool
@@ -208,6 +209,38 @@ def test_scale_to_zero_and_back_as_keda_sees_it(mesh, auto, api):
     finally:
         stop.set()
         watcher.join(10)
+        channel.close()
+
+
+def test_meshctl_sets_a_version_to_zero_and_a_split_wakes_it(mesh, auto, api):
+    """A NAME@VERSION deployment autoscales on its own; a request for a split over it (traffic
+    policy) counts as that version's demand and waits for it from zero."""
+    channel = grpc.insecure_channel(mesh.controlplane)
+    ctl = controlplane_pb2_grpc.ControlPlaneServiceStub(channel)
+    traffic = traffic_pb2_grpc.TrafficServiceStub(channel)
+    ctl.DeployModel(cp.DeployModelRequest(spec=cp.ModelSpec(name="tw@v1", backend="sim", replicas=1)),
+                    timeout=10)
+    traffic.SetTrafficPolicy(tp.SetTrafficPolicyRequest(policy=tp.TrafficPolicy(name="tw", split=tp.SplitPolicy(
+        targets=[tp.WeightedTarget(target="tw@v1", weight=100)]))), timeout=10)
+    try:
+        out = meshctl("--controlplane", mesh.controlplane, "autoscale", "set", "tw@v1", "--max", "1",
+                      "--scale-to-zero", "on", "--zero-grace-s", "2", "--stable-window-s", "10")
+        assert out.returncode == 0 and "0-1 replicas" in out.stdout, out.stderr
+        out = meshctl("--controlplane", mesh.controlplane, "autoscale", "get", "tw@v1")
+        assert out.returncode == 0 and re.search(r"scale_to_zero\s+yes", out.stdout), out.stdout
+
+        def version_state() -> asp.GetAutoscaleResponse:
+            return any_answers(auto).GetAutoscale(asp.GetAutoscaleRequest(model="tw@v1"), timeout=5)
+        wait_for(lambda: (g := version_state()).state.desired_replicas == 0 and g.ready_replicas == 0,
+                 90, "the version scaled to zero")
+        req = inference_pb2.GenerateRequest(model="tw", prompt="wake the version")
+        req.sampling.max_tokens = 2
+        answer = api.Generate(req, timeout=60)
+        assert (answer.text, answer.served_by.route) == ("wake the", "tw[split]>tw@v1")
+        assert version_state().state.desired_replicas == 1
+    finally:
+        traffic.DeleteTrafficPolicy(tp.DeleteTrafficPolicyRequest(name="tw"), timeout=10)
+        ctl.UndeployModel(cp.UndeployModelRequest(name="tw@v1"), timeout=10)
         channel.close()
 
 
