@@ -21,6 +21,7 @@ from meshserve.v1 import autoscale_pb2 as asp
 from meshserve.v1 import autoscale_pb2_grpc, controlplane_pb2_grpc, inference_pb2, inference_pb2_grpc, traffic_pb2_grpc
 from meshserve.v1 import controlplane_pb2 as cp
 from meshserve.v1 import traffic_pb2 as tp
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.localmesh.mesh import MeshPlan, ServerPlan
 from services.localmesh.serverpool import PoolSettings, ServerPool
@@ -162,12 +163,27 @@ def test_load_scales_up_the_pool_adds_a_server_and_both_come_back_down(mesh, aut
         assert "in flight" in explained.recent[0].reason
         out = meshctl("--controlplane", mesh.controlplane, "autoscale", "explain", MODEL)
         assert out.returncode == 0 and "desired 3" in out.stdout and "live numbers" in out.stdout
+        # The leader's gauges: desired and READY replicas, and max_replicas as the binding limit.
+        wait_for(lambda: leader_gauge(mesh, "meshserve_autoscaler_desired_replicas") == 3
+                 and leader_gauge(mesh, "meshserve_autoscaler_actual_replicas") == 3
+                 and leader_gauge(mesh, "meshserve_autoscaler_limit_binding", limit="max_replicas") == 1,
+                 30, "the leader's autoscaler gauges")
     assert not failures, f"requests failed while scaling up: {failures}"
     text = "".join(metrics_text(mesh.metrics[f"controlplane{i}"]) for i in range(2))
     assert re.search(r'meshserve_autoscaler_decisions_total\{direction="up",model="echo",'
                      r'reason="(demand|panic)"\} [1-9]', text)
     wait_for(lambda: desired(auto) == 1, 90, "back to min once load stopped")
     wait_for(lambda: "s2" not in mesh.pool.running(), 60, "the pool stopping the idle server")
+
+
+def leader_gauge(mesh, name: str, **labels: str) -> float:
+    """The highest value of an echo series among the control-plane replicas (followers export none)."""
+    found = [0.0]
+    for i in range(2):
+        for family in text_string_to_metric_families(metrics_text(mesh.metrics[f"controlplane{i}"])):
+            found += [s.value for s in family.samples if s.name == name
+                      and s.labels == {"model": MODEL, **labels}]
+    return max(found)
 
 
 def keda_watch(channel: grpc.Channel, seen: list[bool], stop: threading.Event) -> None:
