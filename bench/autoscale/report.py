@@ -84,6 +84,6 @@ def markdown(r: dict) -> str:
                       f"the floor. Replay: `meshctl autoscale backtest bench/results/"
                       f"{r['settings']['name']}-trace.csv --bucket {r['settings']['bucket_s']:g} "
                       f"--season {r['settings']['season_s']:g} --lead {d['predictive'].get('lead_time_s', 0):.0f} "
-                      f"--per-replica-rps {_per_replica(r['settings']):.2f} "
+                      f"--per-replica-rps {_per_replica(r['settings']):g} "
                       f"--max {r['settings']['diurnal_max_replicas']}`."]
     return "\n".join(lines) + "\n"
