@@ -228,6 +228,20 @@ def test_scale_to_zero_and_back_as_keda_sees_it(mesh, auto, api):
         channel.close()
 
 
+@pytest.mark.parametrize("metadata, code", [({}, grpc.StatusCode.INVALID_ARGUMENT),
+                                             ({"model": "nosuch"}, grpc.StatusCode.NOT_FOUND),
+                                             ({"model": "bad name!"}, grpc.StatusCode.INVALID_ARGUMENT)])
+def test_keda_triggers_naming_no_deployed_model_are_refused(mesh, metadata, code):
+    with grpc.insecure_channel(mesh.controlplane) as channel:
+        keda = externalscaler_pb2_grpc.ExternalScalerStub(channel)
+        ref = es.ScaledObjectRef(name="servers", namespace="llm", scalerMetadata=metadata)
+        for call in (keda.IsActive, keda.GetMetricSpec,
+                     lambda r, timeout: keda.GetMetrics(es.GetMetricsRequest(scaledObjectRef=r), timeout=timeout)):
+            with pytest.raises(grpc.RpcError) as err:
+                call(ref, timeout=5)
+            assert err.value.code() == code, err.value.details()
+
+
 def test_meshctl_sets_a_version_to_zero_and_a_split_wakes_it(mesh, auto, api):
     """A NAME@VERSION deployment autoscales on its own; a request for a split over it (traffic
     policy) counts as that version's demand and waits for it from zero."""
