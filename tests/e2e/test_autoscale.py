@@ -256,6 +256,8 @@ def test_meshctl_sets_a_version_to_zero_and_a_split_wakes_it(mesh, auto, api):
         out = meshctl("--controlplane", mesh.controlplane, "autoscale", "set", "tw@v1", "--max", "1",
                       "--scale-to-zero", "on", "--zero-grace-s", "2", "--stable-window-s", "10")
         assert out.returncode == 0 and "0-1 replicas" in out.stdout, out.stderr
+        out = meshctl("--controlplane", mesh.controlplane, "autoscale", "set", "tw", "--max", "1")
+        assert out.returncode == 1 and "INVALID_ARGUMENT" in out.stderr and "traffic policy" in out.stderr
         out = meshctl("--controlplane", mesh.controlplane, "autoscale", "get", "tw@v1")
         assert out.returncode == 0 and re.search(r"scale_to_zero\s+yes", out.stdout), out.stdout
 

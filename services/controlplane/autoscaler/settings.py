@@ -22,9 +22,7 @@ class AutoscaleSettings(Operations):
         names.check_model_name(record.model)
         spec = self._view.models.get(record.model)
         if spec is None:
-            known = ", ".join(sorted(self._view.models)) or "none"
-            raise InvalidArgument(f"unknown model {record.model!r}: deploy it first (deployed: "
-                                  f"{known})")
+            raise InvalidArgument(self._unknown(record.model))
         policy = validate(record)
         minimums = sum(r.min_replicas for r in spec.regions)
         if minimums > policy.max_replicas or (policy.scale_to_zero and minimums):
@@ -39,6 +37,17 @@ class AutoscaleSettings(Operations):
         if not result.succeeded:
             raise InvalidArgument(f"unknown model {record.model!r}: it was undeployed meanwhile")
         return as_record(policy, record.updated_ms)
+
+    def _unknown(self, name: str) -> str:
+        """Why `name` has no policy: not deployed, or a traffic-policy name / version alias, which
+        routes to deployments that each scale on their own."""
+        versions = sorted(m for m in self._view.models if names.split_version(m)[0] == name)
+        if name in self._view.traffic_policies or versions:
+            what = "a traffic policy" if name in self._view.traffic_policies else "a version alias"
+            return (f"unknown model {name!r}: it is {what}, not a deployment; autoscale each deployment "
+                    f"it routes to ({', '.join(versions) or 'its targets'}) instead")
+        known = ", ".join(sorted(self._view.models)) or "none"
+        return f"unknown model {name!r}: deploy it first (deployed: {known})"
 
     async def set_budgets(self, requested: asp.ScalingBudgets) -> asp.ScalingBudgets:
         record = asp.ScalingBudgets()
