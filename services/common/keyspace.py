@@ -38,6 +38,7 @@ HEALTH = ROOT + "health/"
 ROUTING_POLICY = ROOT + "settings/routing"
 ELECTION = ROOT + "election/controlplane"
 LOAD_FAILURES = ROOT + "loadfailures/"
+JOBWORKERS = ROOT + "jobworkers/"
 
 M = TypeVar("M", bound=Message)
 
@@ -52,6 +53,10 @@ def server_key(server_id: str) -> str:
 
 def router_key(router_id: str) -> str:
     return ROUTERS + _check_id("router", router_id)
+
+
+def jobworker_key(worker_id: str) -> str:
+    return JOBWORKERS + _check_id("job worker", worker_id)
 
 
 def controlplane_key(replica_id: str) -> str:
@@ -132,4 +137,5 @@ VALUE_TYPES: dict[str, type[Message]] = {
     ROUTING_POLICY: controlplane_pb2.RoutingPolicy,
     ELECTION: controlplane_pb2.LeaderRecord,
     LOAD_FAILURES: controlplane_pb2.LoadFailures,
+    JOBWORKERS: controlplane_pb2.ReplicaInfo,
 }
