@@ -90,8 +90,10 @@ class JobStore:
         await self._ensure()
 
     async def close(self) -> None:
+        """Close at once: messages held and not acknowledged are delivered again elsewhere (drain
+        would wait on pull subscriptions' queues)."""
         if self.nc is not None and not self.nc.is_closed:
-            await self.nc.drain()
+            await self.nc.close()
 
     async def _ensure(self) -> None:
         s, js = self.settings, self.js
