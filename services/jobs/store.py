@@ -140,8 +140,8 @@ class JobStore:
         """Write only if the key has no value: the revision, or None when it already had one."""
         try:
             return await self.kv[bucket].create(key, value, msg_ttl=ttl_s)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return None
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+            return None  # the server refused: it has a value (the client's re-read may miss a racing write)
 
     async def cas(self, bucket: str, key: str, value: bytes, last: int, ttl_s: float | None = None) -> int | None:
         """Replace the value only if its revision is still `last`: the new revision, or None when
