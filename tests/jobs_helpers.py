@@ -31,7 +31,7 @@ class JetStreamCluster:
     def start(self) -> None:
         for i in range(len(self.nodes)):
             self.start_node(i)
-        for i, node in enumerate(self.nodes):
+        for node in self.nodes:
             self.sup.wait_ready(self.children[node.name], functools.partial(nats_healthy, node), 60, "healthy")
 
     def kill(self, i: int) -> None:
