@@ -5,6 +5,9 @@ the next chunk of a prompt still being prefilled), then admits waiting sequences
 arrival, giving each a prefill chunk that fits what is left (chunked prefill keeps step latency
 bounded). When the KV pool runs dry, the least important, newest running sequence is preempted by
 recompute: its blocks are released (full ones stay in the prefix cache) and it waits again.
+Background work (SHEDDABLE: job and batch workers) yields whole steps while a more important
+request has prompt tokens to compute, so an interactive first token never waits behind batch
+decodes; the paused sequences keep their blocks and continue in the next step without it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .sequence import SeqStatus, Sequence
+
+#: Priority value of background work (Priority.SHEDDABLE).
+BACKGROUND = 3
 
 
 @dataclass
@@ -70,8 +76,12 @@ class Scheduler:
             return victim
 
         i = 0
+        pause_background = self._urgent_prefill()
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if pause_background and seq.priority >= BACKGROUND:
+                i += 1
+                continue
             n = min(seq.num_tokens - seq.num_computed, budget)
             if self._grow(seq, n):
                 scheduled[seq] = n
@@ -132,6 +142,12 @@ class Scheduler:
                 seq.num_committed_blocks = full
 
     # ---- helpers -------------------------------------------------------------------------------
+    def _urgent_prefill(self) -> bool:
+        """A request above the background band waits, or is still computing its prompt."""
+        if self.waiting and self.waiting[0].priority < BACKGROUND:
+            return True
+        return any(s.priority < BACKGROUND and s.num_tokens - s.num_computed > 1 for s in self.running)
+
     def _outranks_last_running(self, seq: Sequence) -> bool:
         return bool(self.running) and self.running[-1].priority > seq.priority
 
