@@ -10,7 +10,7 @@ GEN_STAMP := gen/python/.stamp
 DESCRIPTOR := build/meshserve.pb
 AGAINST ?= main
 
-.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos gpu-check
+.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos bench-async gpu-check
 
 all: setup
 
@@ -81,6 +81,12 @@ ARGS ?=
 # `ARGS="--phases 1,3"` for a subset (chaos-partial.*).
 bench-chaos: setup
 	$(BIN)/python -m bench.chaos.run $(ARGS)
+
+# Asynchronous serving benchmark (issue 11): durability under faults, coexistence with interactive
+# traffic (torch), cancel latency, queue throughput against etcd; ~15 min; bench/results/async.{json,md}.
+# `make bench-async ARGS=--smoke` for a short check, `ARGS="--parts queue,cancel"` for a subset.
+bench-async: setup
+	$(BIN)/python -m bench.asyncjobs.run $(ARGS)
 
 run: setup
 	$(BIN)/meshserve up --demo $(ARGS)

@@ -1,0 +1,79 @@
+"""What the async benchmark's parts share: progress lines, percentiles, batch files in and out."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import grpc
+from meshserve.v1 import controlplane_pb2 as cp
+from meshserve.v1 import controlplane_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+
+from services.localmesh.mesh import LocalMesh
+
+
+def progress(msg: str) -> None:
+    print(f"[bench-async {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def deploy(mesh: LocalMesh, name: str, backend: str, replicas: int, options: dict[str, str],
+           source: str = "") -> None:
+    ctl = controlplane_pb2_grpc.ControlPlaneServiceStub(grpc.insecure_channel(mesh.controlplane))
+    ctl.DeployModel(cp.DeployModelRequest(spec=cp.ModelSpec(name=name, backend=backend, replicas=replicas,
+                                                            source=source, options=options)), timeout=10)
+
+
+def wait_ready(mesh: LocalMesh, name: str, replicas: int, timeout: float) -> None:
+    ctl = controlplane_pb2_grpc.ControlPlaneServiceStub(grpc.insecure_channel(mesh.controlplane))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        deps = ctl.ListDeployments(cp.ListDeploymentsRequest(), timeout=10).deployments
+        if any(d.spec.name == name and d.ready_replicas >= replicas for d in deps):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"{name}: {replicas} replicas not ready within {timeout:.0f}s")
+
+
+def batch_file(n: int, model: str, max_tokens: int, prompt: Callable[[int], str]) -> bytes:
+    return "".join(json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/generate",
+                               "body": {"model": model, "prompt": prompt(i), "sampling": {"max_tokens": max_tokens}}})
+                   + "\n" for i in range(n)).encode()
+
+
+def upload(stub: jobs_pb2_grpc.JobServiceStub, data: bytes) -> jobs_pb2.File:
+    def parts() -> Iterator[jobs_pb2.UploadFileRequest]:
+        yield jobs_pb2.UploadFileRequest(header=jobs_pb2.UploadFileHeader(filename="bench.jsonl", purpose="batch"))
+        for i in range(0, len(data), 1 << 20):
+            yield jobs_pb2.UploadFileRequest(data=data[i:i + (1 << 20)])
+    return stub.UploadFile(parts(), timeout=120).file
+
+
+def get_batch(stub: jobs_pb2_grpc.JobServiceStub, batch_id: str) -> jobs_pb2.Batch | None:
+    """The batch, or None while no router answers (one was just killed)."""
+    try:
+        return stub.GetBatch(jobs_pb2.GetBatchRequest(batch_id=batch_id), timeout=10).batch
+    except grpc.RpcError as exc:
+        progress(f"GetBatch: {exc.code().name} ({exc.details()}); polling on")
+        return None
+
+
+def download(stub: jobs_pb2_grpc.JobServiceStub, file_id: str) -> list[dict]:
+    if not file_id:
+        return []
+    raw = b"".join(p.data for p in stub.DownloadFile(jobs_pb2.DownloadFileRequest(file_id=file_id), timeout=300))
+    return [json.loads(x) for x in raw.splitlines()]
