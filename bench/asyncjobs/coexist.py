@@ -84,12 +84,17 @@ def run(mesh: LocalMesh, rate: float, seconds: float, batch_lines: int) -> dict:
     after = get_batch(stub, batch.batch_id) or before
     elapsed = time.monotonic() - t0
     lines_done = after.request_counts.completed - before.request_counts.completed
-    stub.CancelBatch(jobs_pb2.CancelBatchRequest(batch_id=batch.batch_id), timeout=30)
-    while (end := get_batch(stub, batch.batch_id)) is None or end.status != jobs_pb2.BATCH_STATUS_CANCELLED:
+    try:
+        stub.CancelBatch(jobs_pb2.CancelBatchRequest(batch_id=batch.batch_id), timeout=30)
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:  # it completed first: fine
+            raise
+    while (end := get_batch(stub, batch.batch_id)) is None or end.status not in (
+            jobs_pb2.BATCH_STATUS_CANCELLED, jobs_pb2.BATCH_STATUS_COMPLETED):
         time.sleep(0.5)
     tokens = sum(o["response"]["body"]["usage"].get("completion_tokens", 0)
                  for o in download(stub, end.output_file_id))
-    lifetime = (end.cancelling_at_ms - end.in_progress_at_ms) / 1000
+    lifetime = ((end.cancelling_at_ms or end.finalizing_at_ms) - end.in_progress_at_ms) / 1000
     a2 = _window(mesh, "A again (batch cancelled)", rate, seconds, 3)
     baseline = pct(a1["ttfts"] + a2["ttfts"], 99)
     return {

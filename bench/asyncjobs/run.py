@@ -52,7 +52,7 @@ def _durable_parts(root: Path, args: argparse.Namespace, out: dict) -> None:
 def _coexist_part(root: Path, args: argparse.Namespace) -> dict:
     plan = MeshPlan(data_dir=root, base_port=0, lease_ttl=5, load_timeout_s=600, jetstream_nodes=1, job_workers=1,
                     servers=[ServerPlan(f"server-{i}", engine_options=["threads=1"]) for i in range(2)],
-                    job_worker_args=["--fill", "0.5"])
+                    job_worker_args=["--fill", "0.5", "--max-in-flight", "4"])
     with running_mesh(plan) as mesh:
         deploy(mesh, coexist.MODEL, "torch", 2, {"threads": "1"}, source="embedded")
         progress("coexist: loading SmolLM2 on 2 torch servers ...")
