@@ -69,8 +69,8 @@ async def _jetstream(urls: tuple[str, ...], jobs: int, workers: int) -> dict:
         while done < jobs:
             try:
                 msgs = await sub.fetch(1, timeout=0.5)
-            except nats.errors.TimeoutError:
-                continue
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                continue  # nothing to fetch right now
             except StoreErrors as exc:
                 errors.append(type(exc).__name__)
                 continue
