@@ -69,7 +69,7 @@ async def _jetstream(urls: tuple[str, ...], jobs: int, workers: int) -> dict:
         while done < jobs:
             try:
                 msgs = await sub.fetch(1, timeout=0.5)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            except (nats.errors.TimeoutError, TimeoutError):
                 continue  # nothing to fetch right now
             except StoreErrors as exc:
                 errors.append(type(exc).__name__)
