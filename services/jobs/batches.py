@@ -86,7 +86,7 @@ class BatchKeeper:
         sub = await self._sub("planner", PLAN_SUBJECT)
         try:
             msgs = await sub.fetch(1, timeout=1.0)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, TimeoutError):
             return
         await self.plan(msgs[0])
 
@@ -221,7 +221,7 @@ class BatchKeeper:
         sub = await self._sub("dead-letters", "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>", DEAD)
         try:
             msgs = await sub.fetch(1, timeout=1.0)
-        except nats.errors.TimeoutError:
+        except (nats.errors.TimeoutError, TimeoutError):
             return
         advisory = json.loads(msgs[0].data)
         seq, deliveries = int(advisory.get("stream_seq", 0)), advisory.get("deliveries", 0)

@@ -177,7 +177,7 @@ class JobApi:
             while True:
                 try:
                     entry = await watcher.updates(timeout=30.0)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):
                     continue
                 if entry is None or not entry.value or entry.operation in ("DEL", "PURGE"):
                     if entry is not None:

@@ -179,7 +179,7 @@ class JobStore:
             while left > 0:
                 try:
                     msgs = await sub.fetch(min(left, 512), timeout=self.settings.timeout_s)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):
                     break
                 for msg in msgs:
                     yield msg

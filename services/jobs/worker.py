@@ -149,7 +149,7 @@ class JobWorker:
             last = i == len(r.BAND_ORDER) - 1
             try:
                 msgs = await subs[band].fetch(1, timeout=0.5 if last else 0.05)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, TimeoutError):
                 continue
             if msgs:
                 return msgs[0]
