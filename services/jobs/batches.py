@@ -30,7 +30,7 @@ from nats.js import JetStreamContext
 
 from services.router.pool import BackendPool
 
-from . import jsonl
+from . import jsonl, metrics
 from . import records as r
 from .batches_api import BatchApi, batch_key, decode_batch, file_key, line_counts
 from .jobs_api import decode_job, job_key
@@ -246,6 +246,7 @@ class BatchKeeper:
     async def _dead(self, item: jobs_pb2.WorkItem, deliveries: int) -> None:
         why = f"delivered {deliveries} times without finishing (workers died or timed out running it)"
         log.warning("dead letter: %s %s", item.job_id or f"{item.batch_id} line {item.line}", why)
+        metrics.DEAD_LETTERS.inc()
         if item.batch_id:
             await write_outcome(self.store, item.batch_id, line_failed(item.custom_id, item.line, "max_deliveries",
                                                                        why, self.worker_id))

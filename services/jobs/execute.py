@@ -26,6 +26,8 @@ from services.router.convert import merge_chunks
 from services.router.dispatch import Dispatcher
 from services.router.policy.prefix import render
 
+from . import metrics
+
 #: Lines whose first this-many prompt characters agree share a session, hence a replica.
 PREFIX_CHARS = 256
 #: Failures that running again will not fix: the job fails at once.
@@ -81,6 +83,7 @@ class Executor:
                 return await self._once(valid, remaining, started)
             except ResourceExhausted:
                 self.backoffs += 1
+                metrics.BACKOFFS.inc()
                 await keepalive()
                 await asyncio.sleep(pause * (0.5 + random.random() / 2))
                 pause = min(self._backoff_max_s, pause * 2)

@@ -16,6 +16,7 @@ import logging
 from meshserve.v1 import jobs_pb2
 from nats.aio.msg import Msg
 
+from . import metrics
 from . import records as r
 from .batches_api import batch_key, decode_batch
 from .execute import Failure
@@ -100,7 +101,9 @@ class LineRunner:
             raise
         finally:
             keepalive.cancel()
-        if not await write_outcome(store, item.batch_id, outcome):
+        written = await write_outcome(store, item.batch_id, outcome)
+        metrics.LINES.labels("duplicate" if not written else "error" if outcome.error_code else "ok").inc()
+        if not written:
             self.duplicates_suppressed += 1
             log.info("line %s of %s already had an outcome; this run's is dropped", item.line, item.batch_id)
         await msg.ack()

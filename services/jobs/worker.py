@@ -26,6 +26,7 @@ from nats.js import JetStreamContext
 
 from services.router.pool import BackendPool
 
+from . import metrics
 from . import records as r
 from .capacity import free_slots
 from .execute import Executor, Failure
@@ -87,6 +88,7 @@ class JobWorker:
         self.in_flight = 0
         self._starting: dict[str, int] = {}
         self._feeders: dict[str, asyncio.Task] = {}
+        self._handlers: set[asyncio.Task] = set()
         self._line_runner = line_runner
         self._room = asyncio.Event()
         pool.on_change(self._room.set)
@@ -103,8 +105,10 @@ class JobWorker:
                     await asyncio.wait_for(stop.wait(), 1.0)
         finally:
             await sub.unsubscribe()
-            for task in self._feeders.values():
-                task.cancel()
+            for task in [*self._feeders.values(), *self._handlers]:
+                task.cancel()  # work in flight goes back to the queue at once (negative ack)
+            if self._handlers:
+                await asyncio.wait(self._handlers, timeout=5.0)
 
     def _sync_feeders(self) -> None:
         models = self.pool.known_models()
@@ -157,6 +161,7 @@ class JobWorker:
 
     def _start(self, model: str, msg: Msg) -> None:
         self.in_flight += 1
+        metrics.IN_FLIGHT.inc()
         self._starting[model] = self._starting.get(model, 0) + 1
         started = False
 
@@ -178,9 +183,12 @@ class JobWorker:
             finally:
                 on_started()
                 self.in_flight -= 1
+                metrics.IN_FLIGHT.dec()
                 self._room.set()
 
-        asyncio.get_running_loop().create_task(handle(), name=f"work:{model}")
+        task = asyncio.get_running_loop().create_task(handle(), name=f"work:{model}")
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
 
     async def _handle(self, msg: Msg, started: Callable[[], None]) -> None:
         try:
@@ -277,8 +285,10 @@ class JobWorker:
         written = await self.store.cas(JOBS, job_key(job.job_id), record.SerializeToString(), revision,
                                        ttl_s=job.retention_s)
         if written is None:
+            metrics.FENCED.inc()
             log.info("job %s: result not written, another writer holds it now (fenced)", job.job_id)
             return False
+        metrics.JOBS.labels(r.state_name(state)).inc()
         return True
 
     async def release(self, msg: Msg, task: asyncio.Task) -> None:
