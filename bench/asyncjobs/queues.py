@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -87,7 +88,7 @@ async def _jetstream(urls: tuple[str, ...], jobs: int, workers: int) -> dict:
     elapsed = time.perf_counter() - t0
     await store.close()
     return {"jobs": jobs, "seconds": round(elapsed, 2), "jobs_per_s": round(jobs / elapsed, 1),
-            "transient_errors": len(errors)}
+            "transient_errors": len(errors), "transient_error_kinds": dict(Counter(errors))}
 
 
 async def _etcd(endpoints: str, jobs: int, workers: int) -> dict:
@@ -134,7 +135,7 @@ async def _etcd(endpoints: str, jobs: int, workers: int) -> dict:
     elapsed = time.perf_counter() - t0
     await client.close()
     return {"jobs": jobs, "seconds": round(elapsed, 2), "jobs_per_s": round(jobs / elapsed, 1),
-            "transient_errors": len(errors)}
+            "transient_errors": len(errors), "transient_error_kinds": dict(Counter(errors))}
 
 
 def run(root: Path, jobs: int, workers: int) -> dict:
