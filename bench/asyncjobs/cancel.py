@@ -1,4 +1,5 @@
-"""Cancel latency: jobs queued and running on a slow sim model are cancelled one by one.
+"""Cancel latency: jobs queued and running on a slow sim model (5 tokens/s, 2 replicas of 8 slots,
+filled to 75 % by the workers) are cancelled one by one.
 
 A queued job's cancel is done when CancelJob returns (its record is CANCELLED; no worker may run
 it after). A running job's cancel is done when the model server has ended its generation: the
@@ -32,13 +33,15 @@ def _cancelled_at_servers(mesh: LocalMesh) -> int:
 
 
 def run(mesh: LocalMesh, jobs: int = 24, timeout_s: float = 120.0) -> dict:
-    deploy(mesh, MODEL, "sim", 2, {"max_running": "8", "tokens_per_second": "2"})
+    # 5 tokens/s: the sim engine counts a sequence idle for 0.5 s between chunks as paused (not
+    # running), which would make the replicas look empty and let workers take every job.
+    deploy(mesh, MODEL, "sim", 2, {"max_running": "8", "tokens_per_second": "5"})
     wait_ready(mesh, MODEL, 2, 60)
     stub = jobs_pb2_grpc.JobServiceStub(grpc.insecure_channel(mesh.envoy))
     ids = []
     for i in range(jobs):
         req = inference_pb2.GenerateRequest(model=MODEL, prompt=f"tick tock {i}")
-        req.sampling.max_tokens = 400
+        req.sampling.max_tokens = 1000
         ids.append(stub.SubmitJob(jobs_pb2.SubmitJobRequest(request=req), timeout=10).job.job_id)
 
     def states() -> list[int]:

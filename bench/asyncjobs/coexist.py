@@ -72,8 +72,9 @@ def run(mesh: LocalMesh, rate: float, seconds: float, batch_lines: int) -> dict:
     stub = jobs_pb2_grpc.JobServiceStub(grpc.insecure_channel(mesh.envoy))
     _window(mesh, "warm-up", rate, min(10.0, seconds), 99)
     a1 = _window(mesh, "A (no batch)", rate, seconds, 1)
-    system = "You are a careful assistant. Answer in one short sentence. "
-    data = batch_file(batch_lines, MODEL, 48, lambda i: system + f"Write a fact about the number {i}.")
+    system = "You are a careful assistant. Answer in two or three sentences."
+    data = batch_file(batch_lines, MODEL, 48, lambda i: f"Tell me something interesting about the number {i}.",
+                      system=system)
     batch = stub.CreateBatch(jobs_pb2.CreateBatchRequest(input_file_id=upload(stub, data).file_id), timeout=30).batch
     while (b := get_batch(stub, batch.batch_id)) is None or b.status == jobs_pb2.BATCH_STATUS_VALIDATING:
         time.sleep(0.5)

@@ -49,9 +49,15 @@ def wait_ready(mesh: LocalMesh, name: str, replicas: int, timeout: float) -> Non
     raise TimeoutError(f"{name}: {replicas} replicas not ready within {timeout:.0f}s")
 
 
-def batch_file(n: int, model: str, max_tokens: int, prompt: Callable[[int], str]) -> bytes:
-    return "".join(json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/generate",
-                               "body": {"model": model, "prompt": prompt(i), "sampling": {"max_tokens": max_tokens}}})
+def batch_file(n: int, model: str, max_tokens: int, prompt: Callable[[int], str], system: str = "") -> bytes:
+    """n lines; with `system`, each line is a chat (that system message, then prompt(i) as the user's)."""
+    def body(i: int) -> dict:
+        if system:
+            return {"model": model, "messages": [{"role": "system", "content": system},
+                                                 {"role": "user", "content": prompt(i)}],
+                    "sampling": {"max_tokens": max_tokens}}
+        return {"model": model, "prompt": prompt(i), "sampling": {"max_tokens": max_tokens}}
+    return "".join(json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/generate", "body": body(i)})
                    + "\n" for i in range(n)).encode()
 
 

@@ -69,7 +69,7 @@ def main() -> None:
     unknown = set(args.parts) - set(PARTS)
     if unknown:
         p.error(f"unknown parts {sorted(unknown)}")
-    args.lines, args.cancel_jobs, args.queue_jobs = (300, 12, 300) if args.smoke else (5000, 24, 3000)
+    args.lines, args.cancel_jobs, args.queue_jobs = (300, 24, 300) if args.smoke else (5000, 36, 3000)
     args.rate, args.window, args.batch_lines = (0.5, 15.0, 60) if args.smoke else (1.0, 60.0, 600)
     name = "async-smoke" if args.smoke else "async" if set(args.parts) == set(PARTS) else "async-partial"
     out: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_before": loadavg()},

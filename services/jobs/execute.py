@@ -28,8 +28,9 @@ from services.router.policy.prefix import render
 
 from . import metrics
 
-#: Lines whose first this-many prompt characters agree share a session, hence a replica.
-PREFIX_CHARS = 256
+#: Lines whose first this-many prompt characters agree share a session, hence a replica: one prefix
+#: block of the router's (~16 tokens), so lines that share a system prompt or few-shot block meet.
+PREFIX_CHARS = 64
 #: Failures that running again will not fix: the job fails at once.
 FINAL_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE",
                          "PERMISSION_DENIED", "UNAUTHENTICATED", "UNIMPLEMENTED"})

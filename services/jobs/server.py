@@ -76,6 +76,18 @@ class RouterJobs:
             await self.store.close()
 
 
+async def _count_peers(parts: ReplicaParts, worker: JobWorker, stop: asyncio.Event) -> None:
+    """How many job workers are registered (each takes its share of the spare capacity)."""
+    while not stop.is_set():
+        try:
+            found, _ = await parts.etcd.get_prefix(keyspace.JOBWORKERS)
+            worker.peers = max(1, len(found))
+        except Exception as exc:  # noqa: BLE001 - etcd away: keep the last count
+            log.debug("counting job workers: %s", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 5.0)
+
+
 @dataclass
 class JobWorkerConfig:
     worker_id: str
@@ -118,7 +130,7 @@ async def run_worker(config: JobWorkerConfig, stop: asyncio.Event) -> None:
             worker = JobWorker(store, pool, Executor(dispatcher), WorkerSettings(
                 config.worker_id, fill=config.fill, max_in_flight=config.max_in_flight), line_runner=LineRunner(cache))
             keeper = BatchKeeper(store, pool, cache, config.worker_id)
-            await asyncio.gather(worker.run(stop), keeper.run(stop))
+            await asyncio.gather(worker.run(stop), keeper.run(stop), _count_peers(parts, worker, stop))
         finally:
             with contextlib.suppress(*StoreErrors):
                 await store.close()

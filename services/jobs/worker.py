@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -90,6 +91,9 @@ class JobWorker:
         self._feeders: dict[str, asyncio.Task] = {}
         self._handlers: set[asyncio.Task] = set()
         self._line_runner = line_runner
+        #: Job workers alive (from etcd): each takes its share of the free slots, so workers whose
+        #: views of the load lag one another cannot together overfill a replica.
+        self.peers = 1
         self._room = asyncio.Event()
         pool.on_change(self._room.set)
 
@@ -121,7 +125,7 @@ class JobWorker:
         if self.in_flight >= self.settings.max_in_flight:
             return False
         slots = free_slots(self.pool.candidates(model), self.settings.fill)
-        return slots - self._starting.get(model, 0) > 0
+        return math.ceil(slots / max(1, self.peers)) - self._starting.get(model, 0) > 0
 
     async def _wait_room(self, model: str) -> None:
         while not self.has_room(model):
