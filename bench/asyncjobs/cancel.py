@@ -50,7 +50,9 @@ def run(mesh: LocalMesh, jobs: int = 24, timeout_s: float = 120.0) -> dict:
     while states().count(jobs_pb2.JOB_STATE_RUNNING) < 8 and time.monotonic() < deadline:
         time.sleep(0.5)
     out: dict[str, list[float]] = {"running": [], "queued": []}
-    for job_id in ids:
+    # queued ones first: each running job cancelled frees a slot that a queued one would take
+    snapshot = dict(zip(ids, states(), strict=True))
+    for job_id in sorted(ids, key=lambda j: snapshot[j] == jobs_pb2.JOB_STATE_RUNNING):
         state = stub.GetJob(jobs_pb2.GetJobRequest(job_id=job_id), timeout=10).job.state
         before = _cancelled_at_servers(mesh)
         t0 = time.monotonic()
