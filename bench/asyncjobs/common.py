@@ -38,13 +38,21 @@ def deploy(mesh: LocalMesh, name: str, backend: str, replicas: int, options: dic
                                                             source=source, options=options)), timeout=10)
 
 
-def wait_ready(mesh: LocalMesh, name: str, replicas: int, timeout: float) -> None:
+def wait_ready(mesh: LocalMesh, name: str, replicas: int, timeout: float, retries: int = 2) -> list[str]:
+    """Wait for READY replicas; a model the control plane halted after failed loads is retried
+    (`meshctl model retry`) up to `retries` times. Returns the halts met, for the results."""
     ctl = controlplane_pb2_grpc.ControlPlaneServiceStub(grpc.insecure_channel(mesh.controlplane))
     deadline = time.monotonic() + timeout
+    halts: list[str] = []
     while time.monotonic() < deadline:
-        deps = ctl.ListDeployments(cp.ListDeploymentsRequest(), timeout=10).deployments
-        if any(d.spec.name == name and d.ready_replicas >= replicas for d in deps):
-            return
+        deps = [d for d in ctl.ListDeployments(cp.ListDeploymentsRequest(), timeout=10).deployments
+                if d.spec.name == name]
+        if deps and deps[0].ready_replicas >= replicas:
+            return halts
+        if deps and "HALTED" in deps[0].unsatisfied_reason and len(halts) < retries:
+            halts.append(deps[0].unsatisfied_reason)
+            progress(f"{name} halted ({deps[0].unsatisfied_reason}); retrying the load")
+            ctl.RetryModel(cp.RetryModelRequest(name=name), timeout=10)
         time.sleep(0.5)
     raise TimeoutError(f"{name}: {replicas} replicas not ready within {timeout:.0f}s")
 

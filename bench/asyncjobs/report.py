@@ -24,6 +24,8 @@ def markdown(out: dict) -> str:
         "| figure | value | target | verdict |", "|---|---|---|---|"]
     for key, value in out["summary"].items():
         lines.append(f"| {key} | {value} | {TARGETS.get(key, '')} | {_verdict(key, value)} |")
+    for part, error in out.get("errors", {}).items():
+        lines += ["", f"**{part} failed**: `{error}`"]
     if "durability" in out:
         d = out["durability"]
         f = d["with_faults"]
@@ -48,6 +50,8 @@ def markdown(out: dict) -> str:
         lines += ["", f"TTFT p99 ratio B / (A and A again): **{c['interactive_ttft_p99_ratio']}** (A-to-A spread "
                   f"{c['a_to_a_p99_ratio']}); the batch meanwhile: {c['batch_lines_per_s']} lines/s, "
                   f"{c['batch_tokens_per_s']} tokens/s over {c['batch_running_s']} s."]
+        for halt in c.get("load_halts_retried", []):
+            lines += ["", f"SmolLM2's first load was halted and retried by the bench: {halt}"]
     if "cancel" in out:
         c = out["cancel"]
         lines += ["", "## Cancel latency (sim engine)", "",

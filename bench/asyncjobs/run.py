@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from services.localmesh.mesh import LocalMesh, MeshPlan, ServerPlan
@@ -56,8 +57,8 @@ def _coexist_part(root: Path, args: argparse.Namespace) -> dict:
     with running_mesh(plan) as mesh:
         deploy(mesh, coexist.MODEL, "torch", 2, {"threads": "1"}, source="embedded")
         progress("coexist: loading SmolLM2 on 2 torch servers ...")
-        wait_ready(mesh, coexist.MODEL, 2, 600)
-        return coexist.run(mesh, args.rate, args.window, args.batch_lines)
+        halts = wait_ready(mesh, coexist.MODEL, 2, 600)
+        return {**coexist.run(mesh, args.rate, args.window, args.batch_lines), "load_halts_retried": halts}
 
 
 def main() -> None:
@@ -77,11 +78,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-async-") as tmp:
         root = Path(tmp)
         if "queue" in args.parts:
-            out["queue"] = queues.run(root / "queue", args.queue_jobs, workers=16)
+            _part(out, "queue", lambda: queues.run(root / "queue", args.queue_jobs, workers=16))
         if {"durability", "cancel"} & set(args.parts):
-            _durable_parts(root / "sim", args, out)
+            _part(out, "durability", lambda: _durable_parts(root / "sim", args, out))
         if "coexist" in args.parts:
-            out["coexist"] = _coexist_part(root / "torch", args)
+            _part(out, "coexist", lambda: _coexist_part(root / "torch", args))
     out["machine"]["loadavg_after"] = loadavg()
     out["summary"] = summary(out)
     RESULTS.mkdir(exist_ok=True)
@@ -90,10 +91,22 @@ def main() -> None:
     progress(f"wrote {RESULTS / name}.json and .md: {out['summary']}")
 
 
+def _part(out: dict, name: str, run: Callable[[], object]) -> None:
+    """Run one part; a part that fails is recorded with its error and the others still run."""
+    try:
+        result = run()
+    except Exception as exc:  # noqa: BLE001 - recorded in the results, the run goes on
+        progress(f"{name} failed: {exc!r}")
+        out.setdefault("errors", {})[name] = repr(exc)
+        return
+    if result is not None:
+        out[name] = result
+
+
 def summary(out: dict) -> dict:
     """The figures issue 11 names, at the top level of async.json."""
     s: dict = {}
-    d = out.get("durability", {}).get("with_faults")
+    d = out.get("durability", {}).get("with_faults") if isinstance(out.get("durability"), dict) else None
     if d:
         s.update(lost=d["lost"], duplicates=d["duplicates"], completed_fraction=d["completed_fraction"],
                  durability_seconds_with_faults=d["seconds"],
