@@ -23,11 +23,10 @@ from typing import TypeVar
 import aetcd.exceptions
 import aetcd.rpc as rpc
 import grpc
-import nats.errors
 
 from services.common.etcd_client import EtcdClient
 from services.common.etcd_txn import absent, delete_op, present, put_op, txn, unchanged
-from services.jobs.store import JOBS, JobStore, StoreErrors, StoreSettings
+from services.jobs.store import JOBS, JobStore, NothingFetched, StoreErrors, StoreSettings
 from tests.helpers import EtcdCluster
 from tests.jobs_helpers import JetStreamCluster
 
@@ -70,7 +69,7 @@ async def _jetstream(urls: tuple[str, ...], jobs: int, workers: int) -> dict:
         while done < jobs:
             try:
                 msgs = await sub.fetch(1, timeout=0.5)
-            except (nats.errors.TimeoutError, TimeoutError):
+            except NothingFetched:
                 continue  # nothing to fetch right now
             except StoreErrors as exc:
                 errors.append(type(exc).__name__)

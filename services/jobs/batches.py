@@ -35,12 +35,12 @@ from . import records as r
 from .batches_api import BatchApi, batch_key, decode_batch, file_key, line_counts
 from .jobs_api import decode_job, job_key
 from .lines import BatchCache, line_failed, out_key, write_outcome
-from .store import DEAD, JOBS, OUT, PLAN_SUBJECT, WORK, JobStore, StoreErrors, work_subject
+from .store import DEAD, JOBS, OUT, PLAN_SUBJECT, WORK, JobStore, NothingFetched, StoreErrors, work_subject
 
 log = logging.getLogger(__name__)
 
 CANCEL_GRACE_S = 3.0
-FINALIZE_TIMEOUT_S = 120.0
+FINALIZE_TIMEOUT_S = 60.0
 SWEEP_EVERY_S = 60.0
 PUBLISH_WINDOW = 256
 
@@ -86,7 +86,7 @@ class BatchKeeper:
         sub = await self._sub("planner", PLAN_SUBJECT)
         try:
             msgs = await sub.fetch(1, timeout=1.0)
-        except (nats.errors.TimeoutError, TimeoutError):
+        except NothingFetched:
             return
         await self.plan(msgs[0])
 
@@ -221,7 +221,7 @@ class BatchKeeper:
         sub = await self._sub("dead-letters", "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.>", DEAD)
         try:
             msgs = await sub.fetch(1, timeout=1.0)
-        except (nats.errors.TimeoutError, TimeoutError):
+        except NothingFetched:
             return
         advisory = json.loads(msgs[0].data)
         seq, deliveries = int(advisory.get("stream_seq", 0)), advisory.get("deliveries", 0)

@@ -42,6 +42,9 @@ MAX_MSG_BYTES = 8 * 1024 * 1024
 _WRONG_LAST_SEQUENCE = (10071, 10164)
 
 StoreErrors = (nats.errors.Error, nats.js.errors.Error, asyncio.TimeoutError, OSError)
+#: What a fetch raises when it got nothing: no message in time, or a pull request answered "no
+#: responders" (503) while a replicated consumer's leader moves or is busy: try again, quietly.
+NothingFetched = (nats.errors.TimeoutError, TimeoutError, nats.js.errors.ServiceUnavailableError)
 
 
 @dataclass(frozen=True)
@@ -168,19 +171,25 @@ class JobStore:
             yield msg.subject[len(start):], msg.data, msg.metadata.sequence.stream
 
     async def read_subject(self, stream: str, subject: str, last_per_subject: bool = False) -> AsyncIterator[Msg]:
-        """Every message of a stream on `subject`, oldest first, through a short-lived consumer."""
+        """Every message of a stream on `subject`, oldest first, through a short-lived consumer.
+        All of them or an error (never a silently short read: outputs are written from this)."""
         policy = api.DeliverPolicy.LAST_PER_SUBJECT if last_per_subject else api.DeliverPolicy.ALL
         config = api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, deliver_policy=policy, inactive_threshold=30.0,
                                     mem_storage=True, num_replicas=1, filter_subject=subject)
         sub = await self.js.pull_subscribe(subject, stream=stream, config=config)
         try:
             info = await sub.consumer_info()
-            left = info.num_pending or 0
+            left, empty = info.num_pending or 0, 0
             while left > 0:
                 try:
                     msgs = await sub.fetch(min(left, 512), timeout=self.settings.timeout_s)
-                except (nats.errors.TimeoutError, TimeoutError):
-                    break
+                except NothingFetched:
+                    empty += 1
+                    if empty >= 5:
+                        raise nats.errors.TimeoutError from None  # the caller retries later
+                    await asyncio.sleep(0.1)
+                    continue
+                empty = 0
                 for msg in msgs:
                     yield msg
                 left -= len(msgs)

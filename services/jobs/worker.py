@@ -20,7 +20,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import nats.errors
 from meshserve.v1 import jobs_pb2
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -32,7 +31,7 @@ from . import records as r
 from .capacity import free_slots
 from .execute import Executor, Failure
 from .jobs_api import decode_job, job_key
-from .store import CANCEL_SUBJECT, JOBS, JobStore, StoreErrors, work_subject
+from .store import CANCEL_SUBJECT, JOBS, JobStore, NothingFetched, StoreErrors, work_subject
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +156,7 @@ class JobWorker:
             last = i == len(r.BAND_ORDER) - 1
             try:
                 msgs = await subs[band].fetch(1, timeout=0.5 if last else 0.05)
-            except (nats.errors.TimeoutError, TimeoutError):
+            except NothingFetched:
                 continue
             if msgs:
                 return msgs[0]
