@@ -10,11 +10,33 @@ GEN_STAMP := gen/python/.stamp
 DESCRIPTOR := build/meshserve.pb
 AGAINST ?= main
 
-.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos bench-async gpu-check
+.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos bench-traffic bench-async gpu-check
 
 all: setup
 
-setup: $(INSTALLED) $(GEN_STAMP)
+CPU_OPS_STAMP := build/.cpu_ops.stamp
+
+setup: $(INSTALLED) $(GEN_STAMP) $(CPU_OPS_STAMP) $(BIN)/prometheus
+
+# The torch engine's C++ kernels (OpenMP, -march=native). Never fails setup: without a compiler the
+# engine runs its plain-torch path, and the script says why.
+$(CPU_OPS_STAMP): $(INSTALLED) services/modelserver/torch_engine/csrc/cpu_ops.cpp services/modelserver/torch_engine/ops.py
+	$(BIN)/python services/modelserver/torch_engine/ops.py
+	mkdir -p build && touch $@
+
+# Prometheus and promtool (the monitoring test runs a real Prometheus against the local mesh):
+# Debian's `prometheus` package, unpacked into the virtualenv rather than installed, so no system
+# service is started; one already on PATH is used instead. No PyPI wheel ships the binary.
+$(BIN)/prometheus: | $(INSTALLED)
+	if command -v prometheus >/dev/null && command -v promtool >/dev/null; then \
+		ln -sf "$$(command -v prometheus)" $(BIN)/prometheus && ln -sf "$$(command -v promtool)" $(BIN)/promtool; \
+	else \
+		rm -rf build/prometheus-deb && mkdir -p build/prometheus-deb && cd build/prometheus-deb && \
+		{ apt-get download prometheus 2>/dev/null || { apt-get update -qq && apt-get download prometheus; }; } && \
+		dpkg-deb -x prometheus_*.deb root && \
+		cp root/usr/bin/prometheus root/usr/bin/promtool ../../$(BIN)/; \
+	fi
+	$(BIN)/prometheus --version | head -1
 
 # The editable install maps the `meshserve` stub package to gen/python, so the folder must exist first.
 $(INSTALLED): pyproject.toml
@@ -81,6 +103,11 @@ ARGS ?=
 # `ARGS="--phases 1,3"` for a subset (chaos-partial.*).
 bench-chaos: setup
 	$(BIN)/python -m bench.chaos.run $(ARGS)
+
+# Traffic policy benchmark (issue 12): canary rollout/rollback and split under load, fallback with the
+# primary pool killed, a SmolLM2 ensemble; ~6 min. bench/results/traffic.{json,md}; ARGS=--quick to check.
+bench-traffic: setup
+	$(BIN)/python -m bench.traffic.run $(ARGS)
 
 # Asynchronous serving benchmark (issue 11): durability under faults, coexistence with interactive
 # traffic (torch), cancel latency, queue throughput against etcd; ~15 min; bench/results/async.{json,md}.

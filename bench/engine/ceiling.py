@@ -1,4 +1,8 @@
-"""The machine's compute ceiling: a measured 2048^3 bfloat16 matmul rate."""
+"""The machine's compute ceiling: a measured n^3 matmul rate in the dtype the engine runs here.
+
+bf16 is measured only where the CPU computes it natively: elsewhere torch falls back to a scalar
+path (0.25 GFLOP/s on an AVX2-only CPU), which says nothing about the engine, which runs float32 there.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,11 @@ import time
 import torch
 
 
-def bf16_matmul_flops(threads: int, n: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of the best of `repeats` n^3 bf16 matmuls (2 n^3 FLOPs each) after a warm-up."""
+def matmul_flops(threads: int, dtype: torch.dtype, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of the best of `repeats` n^3 matmuls (2 n^3 FLOPs each) after a warm-up."""
     torch.set_num_threads(threads)
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
     with torch.inference_mode():
         for _ in range(2):
             a @ b

@@ -1,10 +1,14 @@
-"""The engine benchmark: one workload against our engine and four peers, side by side, in one run.
+"""The engine benchmark: greedy and sampled workloads against our engine and its peers, one system
+at a time on a machine checked to be quiet, plus forward-only micro figures and the batch-invariant
+mode's check.
 
     make bench-engine          # or: .venv/bin/python bench/engine/run.py [--systems a,b] [--quick]
 
-Each system runs in its own subprocess (its own virtualenv's python) behind runners/run_*.py and the
-JSON-lines protocol in protocol.py. A peer that is not installed, fails to load or crashes is
-recorded with the reason and the run carries on. Writes bench/results/engine.json and engine.md.
+Each system runs alone in its own subprocess (its own virtualenv's python) behind runners/run_*.py
+and the JSON-lines protocol in protocol.py; the 1-minute load average is recorded before and during
+its run (quiet.py) and a noisy run is flagged (or refused with --require-quiet). A peer that is not
+installed, fails to load or crashes is recorded with the reason and the run carries on. Writes
+bench/results/engine.json and engine.md.
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [HERE, ROOT]
 
 import ceiling  # noqa: E402
+import extras  # noqa: E402
+import quiet  # noqa: E402
 import report  # noqa: E402
 import workload as wl  # noqa: E402
 from protocol import MARK  # noqa: E402
@@ -47,11 +52,12 @@ class System:
     note: str = ""
     venv: str = ""  # peers' private venv name; missing -> recorded, not fatal
     env: dict = field(default_factory=dict)
+    workloads: tuple[str, ...] = tuple(wl.WORKLOADS)
 
 
 def full_plan(quick: bool) -> list[wl.Scenario]:
     if quick:
-        return [wl.closed_loop(1, max_output=16), wl.closed_loop(4, max_output=16)]
+        return [wl.closed_loop(1, max_output=8), wl.closed_loop(4, max_output=8)]
     return [wl.closed_loop(c) for c in wl.LEVELS] + [wl.poisson()]
 
 
@@ -74,18 +80,22 @@ def systems(quick: bool) -> list[System]:
         System("transformers_sequential", PROJECT_PY, "run_hf.py",
                {"mode": "sequential", "folder": HF_FOLDER, "threads": THREADS}, sequential,
                f"one request at a time; at most 8 requests per level and outputs capped at {seq_cap} "
-               "tokens to bound the run (throughput does not depend on the level)", env=omp),
+               "tokens to bound the run (throughput does not depend on the level); greedy workload only",
+               env=omp, workloads=("greedy",)),
         System("transformers_static", PROJECT_PY, "run_hf.py",
                {"mode": "static", "folder": HF_FOLDER, "threads": THREADS, "max_wait_s": 2.0}, static,
                "batch = concurrency (Poisson: 8, flushed after 2 s), run to the longest output; "
-               "one batch per level at 16 and 64", env=omp),
+               "one batch per level at 16 and 64; greedy workload only", env=omp, workloads=("greedy",)),
         System("llama_cpp", os.path.join(VENVS, "llamacpp", "bin", "python"), "run_llamacpp.py",
                {"gguf": gguf, "threads": THREADS, "max_seqs": 64}, full,
-               "llama-cpp-python low-level API, continuous batching over 64 sequence slots, same GGUF (Q4_1)",
+               "llama-cpp-python low-level API, continuous batching over 64 sequence slots, same GGUF (Q4_1); "
+               "flash attention on, n_batch = n_ubatch = 512, 2 threads, AMX weight buffers only when Linux "
+               "grants AMX (else they SIGILL)",
                venv="llamacpp", env=omp),
         System("vllm_cpu", os.path.join(VENVS, "vllm", "bin", "python"), "run_vllm.py",
                {"folder": HF_FOLDER, "threads": THREADS, "max_seqs": 64}, full,
-               "vllm-cpu 0.32.0 LLMEngine stepped in-process, bfloat16, same weights exported to HF format",
+               "vllm-cpu 0.32.0 LLMEngine stepped in-process, bfloat16, same weights exported to HF format; "
+               "its CPU defaults (chunked prefill, 2048 batched tokens, compiled graphs), 4 GiB KV space",
                venv="vllm", env={"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "all",
                                  "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **omp}),
     ]
@@ -96,7 +106,7 @@ class RunnerProcess:
 
     def __init__(self, system: System, log_path: str) -> None:
         env = {**os.environ, **system.env, "PYTHONUNBUFFERED": "1"}
-        self.log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - open for the runner's life; close() closes it
+        self.log = open(log_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [system.python, os.path.join(HERE, "runners", system.script), json.dumps(system.config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -138,47 +148,67 @@ class RunnerProcess:
         self.log.close()
 
 
-def run_system(system: System, load_timeout: float, scenario_timeout: float) -> dict:
+def run_system(system: System, a: argparse.Namespace) -> dict[str, dict]:
+    """Run one system alone over its workloads; returns {workload: entry} with a load_avg record."""
     out: dict = {"note": system.note}
     if system.venv:
         failed = os.path.join(VENVS, f"{system.venv}.failed")
         if not os.path.exists(system.python):
-            reason = Path(failed).read_text()[-600:] if os.path.exists(failed) else "venv missing"
-            return {**out, "error": f"not installed ({system.venv} venv): {reason}"}
-    log_path = os.path.join(RESULTS, f"engine-{system.name}.log")
+            reason = "venv missing"
+            if os.path.exists(failed):
+                with open(failed, encoding="utf-8") as f:
+                    reason = f.read()[-600:]
+            return {w: {**out, "error": f"not installed ({system.venv} venv): {reason}"} for w in system.workloads}
+    before, calm = quiet.wait_for_quiet(a.quiet_wait)
+    if not calm and a.require_quiet:
+        return {w: {**out, "error": f"refused: load average {before} before the run (machine busy)"}
+                for w in system.workloads}
+    per: dict[str, dict] = {w: dict(out) for w in system.workloads}
+    during: list[float] = []
     t0 = time.monotonic()
-    runner = RunnerProcess(system, log_path)
+    runner = RunnerProcess(system, os.path.join(RESULTS, f"engine-{system.name}.log"))
     try:
-        ready = runner.reply(load_timeout)
+        ready = runner.reply(a.load_timeout)
         if not ready.get("ready"):
-            return {**out, "error": f"failed to load: {ready.get('error', '')[-800:]}"}
-        out["info"] = {**ready.get("info", {}), "load_s": round(time.monotonic() - t0, 1)}
-        print(f"  {system.name}: loaded in {out['info']['load_s']} s", flush=True)
-        for sc in system.scenarios:
-            t1 = time.monotonic()
-            runner.send({"cmd": "run", "scenario": sc.to_json()})
-            reply = runner.reply(scenario_timeout)
-            if not reply.get("ok"):
-                out[sc.name] = {"error": reply.get("error", "")[-800:]}
-                print(f"  {system.name} {sc.name}: FAILED", flush=True)
-                continue
-            out[sc.name] = summarize(reply["records"])
-            s = out[sc.name]
-            print(f"  {system.name} {sc.name:>7}: {s.get('output_tok_s', 0):8.1f} tok/s  "
-                  f"ttft p50 {s.get('ttft_p50_s')} s  itl p50 {s.get('itl_p50_s')} s  "
-                  f"({len(sc.requests)} requests, {time.monotonic() - t1:.0f} s)", flush=True)
+            return {w: {**out, "error": f"failed to load: {ready.get('error', '')[-800:]}"} for w in per}
+        info = {**ready.get("info", {}), "load_s": round(time.monotonic() - t0, 1)}
+        print(f"  {system.name}: loaded in {info['load_s']} s (load average before: {before})", flush=True)
+        for w in system.workloads:
+            per[w]["info"] = info
+            for sc in (s.with_sampling(w) for s in system.scenarios):
+                t1 = time.monotonic()
+                runner.send({"cmd": "run", "scenario": sc.to_json()})
+                reply = runner.reply(a.scenario_timeout)
+                during.append(quiet.load1())
+                if not reply.get("ok"):
+                    per[w][sc.name] = {"error": reply.get("error", "")[-800:]}
+                    print(f"  {system.name} {w} {sc.name}: FAILED", flush=True)
+                    continue
+                s = per[w][sc.name] = {**summarize(reply["records"]), "load1_after": during[-1]}
+                print(f"  {system.name} {w:>7} {sc.name:>7}: {s.get('output_tok_s', 0):8.1f} tok/s  "
+                      f"ttft p50 {s.get('ttft_p50_s')} s  itl p50 {s.get('itl_p50_s')} s  load1 {during[-1]} "
+                      f"({len(sc.requests)} requests, {time.monotonic() - t1:.0f} s)", flush=True)
     except (TimeoutError, RuntimeError, OSError) as e:
-        out["error"] = f"{type(e).__name__}: {e}"
-        print(f"  {system.name}: {out['error']}", flush=True)
+        for entry in per.values():
+            entry["error"] = f"{type(e).__name__}: {e}"
+        print(f"  {system.name}: {type(e).__name__}: {e}", flush=True)
     finally:
         runner.close()
-    return out
+    record = quiet.assess(before, during, THREADS)
+    for entry in per.values():
+        entry["load_avg"] = record
+        entry["noisy"] = record["noisy"]
+    return per
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--systems", default="", help="comma-separated subset (default: all)")
-    ap.add_argument("--quick", action="store_true", help="two tiny levels: a smoke test of the harness")
+    ap.add_argument("--workloads", default=",".join(wl.WORKLOADS), help="greedy,sampled")
+    ap.add_argument("--quick", action="store_true", help="tiny levels, few prompts: a smoke test of the harness")
+    ap.add_argument("--no-extras", action="store_true", help="skip the micro figures and the invariance check")
+    ap.add_argument("--require-quiet", action="store_true", help="refuse a system if the machine stays busy")
+    ap.add_argument("--quiet-wait", type=float, default=180, help="seconds to wait for the load to settle")
     ap.add_argument("--load-timeout", type=float, default=900)
     ap.add_argument("--scenario-timeout", type=float, default=900)
     ap.add_argument("--out", default=os.path.join(RESULTS, "engine"))
@@ -189,23 +219,34 @@ def main() -> None:
     print("exporting the GGUF weights to a Hugging Face folder (once) ...", flush=True)
     export(HF_FOLDER)
     params = parameter_count()
-    rate = ceiling.bf16_matmul_flops(threads=THREADS)
+    from services.modelserver.torch_engine.config import resolve_dtype
+
+    dtype = resolve_dtype("auto")
+    rate = ceiling.matmul_flops(THREADS, dtype, n=512 if a.quick else 2048)
     ceil = rate / (2 * params)
-    print(f"bf16 matmul 2048^3: {rate / 1e12:.2f} TFLOP/s; {params / 1e6:.1f} M parameters; "
+    print(f"{dtype} matmul: {rate / 1e12:.2f} TFLOP/s; {params / 1e6:.1f} M parameters; "
           f"ceiling {ceil:.0f} tok/s", flush=True)
     wanted = {s for s in a.systems.split(",") if s}
-    results: dict = {"flop_ceiling_tok_s": round(ceil, 1), "bf16_matmul_tflop_s": round(rate / 1e12, 3),
+    workloads = [w for w in a.workloads.split(",") if w in wl.WORKLOADS]
+    results: dict = {"flop_ceiling_tok_s": round(ceil, 1), "matmul_tflop_s": round(rate / 1e12, 3),
+                     "matmul_dtype": str(dtype).removeprefix("torch."),
                      "parameters": params, "threads": THREADS, "quick": a.quick,
                      "workload": {"prompt_tokens": wl.PROMPT_RANGE, "output_tokens": wl.OUTPUT_RANGE,
                                   "levels": wl.LEVELS, "requests_per_level": "2 x concurrency",
-                                  "poisson": {"requests": wl.POISSON_REQUESTS, "rate_per_s": wl.POISSON_RATE}},
-                     "systems": {}}
+                                  "poisson": {"requests": wl.POISSON_REQUESTS, "rate_per_s": wl.POISSON_RATE},
+                                  "sampling": {w: wl.WORKLOADS[w] for w in workloads}},
+                     "workloads": {w: {"systems": {}} for w in workloads}}
     md = ""
+    if not a.no_extras:
+        results.update(extras.run_all(PROJECT_PY, a.quick, THREADS, a.quiet_wait))
+        md = write(results, a.out)
     for system in systems(a.quick):
         if wanted and system.name not in wanted:
             continue
+        system.workloads = tuple(w for w in system.workloads if w in workloads)
         print(f"{system.name}: {system.note}", flush=True)
-        results["systems"][system.name] = run_system(system, a.load_timeout, a.scenario_timeout)
+        for w, entry in run_system(system, a).items():
+            results["workloads"][w]["systems"][system.name] = entry
         md = write(results, a.out)  # after every system, so an interrupted run keeps what it measured
     print(md)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from itertools import pairwise
-
 
 def percentile(values: list[float], q: float) -> float | None:
     """Linear interpolation between closest ranks; None for no data."""
@@ -29,7 +27,7 @@ def summarize(records: list[dict]) -> dict:
     end = max(r["times"][-1] for r in ok)
     tokens = sum(len(r["times"]) for r in ok)
     ttft = [r["times"][0] - r["sent"] for r in ok]
-    itl = [b - a for r in ok for a, b in pairwise(r["times"])]
+    itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:], strict=False)]
     out.update({
         "output_tok_s": round(tokens / max(end - start, 1e-9), 2),
         "ttft_p50_s": _r(percentile(ttft, 0.5)), "ttft_p99_s": _r(percentile(ttft, 0.99)),

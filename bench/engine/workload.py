@@ -2,13 +2,14 @@
 
 Prompts are random token ids from the model's ordinary vocabulary (no two share a prefix, so no
 system gets prefix-cache help), 32-512 tokens; outputs are 64-256 tokens, and every system is told
-to ignore end-of-sequence so each request produces exactly its output length.
+to ignore end-of-sequence so each request produces exactly its output length. Two workloads share
+those requests: greedy, and sampled (temperature 0.8, top-p 0.95, a seed per request).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 LEVELS = (1, 4, 16, 64)
 PROMPT_RANGE = (32, 512)
@@ -16,6 +17,8 @@ OUTPUT_RANGE = (64, 256)
 TOKEN_RANGE = (1000, 40000)  # ordinary BPE tokens of the SmolLM2 vocabulary (no special tokens)
 POISSON_REQUESTS = 32
 POISSON_RATE = 2.0  # requests per second
+#: sampling settings per workload; every runner maps them onto its own API
+WORKLOADS = {"greedy": {"temperature": 0.0, "top_p": 1.0}, "sampled": {"temperature": 0.8, "top_p": 0.95}}
 
 
 @dataclass
@@ -34,10 +37,23 @@ class Scenario:
     name: str
     requests: list[Request]
     concurrency: int = 0  # 0: open-loop arrivals
+    sampling: dict = field(default_factory=lambda: dict(WORKLOADS["greedy"]))
 
     def to_json(self) -> dict:
-        return {"name": self.name, "concurrency": self.concurrency,
+        return {"name": self.name, "concurrency": self.concurrency, "sampling": self.sampling,
                 "requests": [asdict(r) for r in self.requests]}
+
+    def with_sampling(self, workload: str) -> Scenario:
+        """The same shapes (lengths, arrivals) under `workload`'s sampling, with fresh prompt tokens
+        so a system's prefix cache gains nothing from having run the other workload first."""
+        if workload == "greedy":
+            return Scenario(self.name, self.requests, self.concurrency, dict(WORKLOADS[workload]))
+        reqs = []
+        for r in self.requests:
+            rng = random.Random(f"{r.id}/{workload}")
+            ids = [rng.randint(*TOKEN_RANGE) for _ in r.prompt_ids]
+            reqs.append(Request(f"{r.id}-{workload}", ids, r.max_tokens, r.arrival_s))
+        return Scenario(self.name, reqs, self.concurrency, dict(WORKLOADS[workload]))
 
 
 def make_requests(n: int, seed: int, max_output: int | None = None) -> list[Request]:

@@ -6,6 +6,7 @@ from meshserve.v1 import controlplane_pb2 as cp
 
 from .ctl_common import age, controlplane, emit, mib, model_state, serving_state
 from .ctl_models import deployment_note
+from .ctl_traffic import status_section
 from .tables import table
 
 
@@ -56,8 +57,9 @@ def cmd_status(args) -> int:
         table(["CONTROL PLANE", "ADDRESS", "LEADER", "AGE"],
               [(c.replica_id, c.address, "*" if c.replica_id == resp.leader.replica_id else "",
                 age(c.started_at_ms)) for c in resp.controlplanes]),
+        status_section(args),
     ]
-    print("\n\n".join(parts))
+    print("\n\n".join(p for p in parts if p))
     return 0
 
 

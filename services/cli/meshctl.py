@@ -13,7 +13,7 @@ import sys
 
 import grpc
 
-from . import ctl_cluster, ctl_jobs, ctl_models
+from . import ctl_cluster, ctl_jobs, ctl_models, ctl_traffic
 from .ctl_common import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, to_dict
 
 UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     ctl_cluster.add_parsers(sub)
     ctl_models.add_parsers(sub)
+    ctl_traffic.add_parsers(sub)
     ctl_jobs.add_parsers(sub)
     p = sub.add_parser("generate", help="send one request through the public endpoint")
     p.add_argument("model")

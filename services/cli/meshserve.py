@@ -14,7 +14,12 @@ from services.common.logging_setup import setup_logging
 log = logging.getLogger("meshserve")
 
 
-def _run_service(component: str, run: Callable[[asyncio.Event], Awaitable[None]]) -> int:
+def _run_service(component: str, run: Callable[[asyncio.Event], Awaitable[None]],
+                 args: argparse.Namespace, service: str, instance: str) -> int:
+    """Run one service until SIGTERM/SIGINT; with --otlp-traces-endpoint its spans are exported
+    (as `service`, instance `instance`) and flushed on the way out."""
+    from services.common import tracing
+
     setup_logging(component)
 
     async def main() -> None:
@@ -23,10 +28,13 @@ def _run_service(component: str, run: Callable[[asyncio.Event], Awaitable[None]]
         await run(stop)
 
     try:
+        tracing.configure(service, instance, args.otlp_traces_endpoint)
         asyncio.run(main())
     except Exception as exc:
         log.error("%s failed: %s", component, exc, exc_info=log.isEnabledFor(logging.DEBUG))
         return 1
+    finally:
+        tracing.shutdown()
     return 0
 
 
@@ -74,7 +82,8 @@ def cmd_modelserver(args: argparse.Namespace) -> int:
         idle_unload_s=args.idle_unload_s, failure_backoff_s=args.failure_backoff_s,
         engine_options=options, labels=labels, model_dirs=_model_dirs(args.model_dir),
         slow_consumer_s=args.slow_consumer_timeout)
-    return _run_service(f"modelserver[{config.server_id}]", lambda stop: run(config, stop))
+    return _run_service(f"modelserver[{config.server_id}]", lambda stop: run(config, stop), args,
+                        "meshserve-modelserver", config.server_id)
 
 
 def cmd_router(args: argparse.Namespace) -> int:
@@ -95,7 +104,8 @@ def cmd_router(args: argparse.Namespace) -> int:
                           etcd=args.etcd, metrics=args.metrics, lease_ttl=args.lease_ttl,
                           dispatch=dispatch, jetstream=_servers(args.jetstream),
                           jetstream_replicas=args.jetstream_replicas)
-    return _run_service(f"router[{config.router_id}]", lambda stop: run(config, stop))
+    return _run_service(f"router[{config.router_id}]", lambda stop: run(config, stop), args,
+                        "meshserve-router", config.router_id)
 
 
 def _servers(text: str) -> tuple[str, ...]:
@@ -115,7 +125,8 @@ def cmd_jobworker(args: argparse.Namespace) -> int:
     config = JobWorkerConfig(worker_id=args.id or default_id("jobworker"), store=store, listen=args.listen,
                              region=args.region, etcd=args.etcd, metrics=args.metrics, lease_ttl=args.lease_ttl,
                              fill=args.fill, max_in_flight=args.max_in_flight)
-    return _run_service(f"jobworker[{config.worker_id}]", lambda stop: run_worker(config, stop))
+    return _run_service(f"jobworker[{config.worker_id}]", lambda stop: run_worker(config, stop), args,
+                        "meshserve-jobworker", config.worker_id)
 
 
 def cmd_controlplane(args: argparse.Namespace) -> int:
@@ -130,7 +141,22 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
                                 etcd=args.etcd, metrics=args.metrics, lease_ttl=args.lease_ttl,
                                 election_ttl=args.election_ttl, health=health,
                                 halt_after_failures=args.halt_after_failures)
-    return _run_service(f"controlplane[{config.replica_id}]", lambda stop: run(config, stop))
+    return _run_service(f"controlplane[{config.replica_id}]", lambda stop: run(config, stop), args,
+                        "meshserve-controlplane", config.replica_id)
+
+
+def cmd_openai_gateway(args: argparse.Namespace) -> int:
+    from services.openai_gateway.app import GatewaySettings
+    from services.openai_gateway.server import GatewayConfig, run
+
+    if args.slow_consumer_timeout <= 0:
+        raise ValueError("--slow-consumer-timeout must be > 0")
+    config = GatewayConfig(gateway_id=args.id or default_id("gateway"), http=args.http, upstream=args.upstream,
+                           listen=args.listen, advertise=args.advertise, region=args.region, etcd=args.etcd,
+                           metrics=args.metrics, lease_ttl=args.lease_ttl,
+                           settings=GatewaySettings(slow_consumer_s=args.slow_consumer_timeout))
+    return _run_service(f"openai-gateway[{config.gateway_id}]", lambda stop: run(config, stop), args,
+                        "meshserve-openai-gateway", config.gateway_id)
 
 
 def cmd_envoy_config(args: argparse.Namespace) -> int:
@@ -141,7 +167,7 @@ def cmd_envoy_config(args: argparse.Namespace) -> int:
     text = render(EnvoySettings(
         listen=args.listen, admin=args.admin, routers=args.router,
         descriptor=Path(args.descriptor or DEFAULT_DESCRIPTOR), cluster_type=args.cluster_type,
-        access_log=args.access_log))
+        access_log=args.access_log, gateways=args.gateway))
     sys.stdout.write(text)
     return 0
 
@@ -161,6 +187,10 @@ def _common(p: argparse.ArgumentParser, listen: str) -> None:
     p.add_argument("--metrics", default="127.0.0.1:0",
                    help="host:port for Prometheus /metrics ('' disables; port 0 picks one)")
     p.add_argument("--lease-ttl", type=int, default=10, help="etcd lease TTL in seconds")
+    p.add_argument("--otlp-traces-endpoint", default="", metavar="URL",
+                   help="export OpenTelemetry spans to this OTLP/gRPC collector, e.g. "
+                        "http://otel-collector:4317 ('' = tracing off, the default; OTEL_TRACES_SAMPLER "
+                        "and OTEL_BSP_* variables apply)")
 
 
 def _jetstream(p: argparse.ArgumentParser, what: str) -> None:
@@ -265,14 +295,34 @@ def build_parser() -> argparse.ArgumentParser:
                         "servers (0 = never); `meshctl model retry NAME` lifts the halt")
     p.set_defaults(func=cmd_controlplane)
 
+    p = sub.add_parser("openai-gateway", help="run the OpenAI-compatible HTTP API (a client of InferenceService)")
+    _common(p, "127.0.0.1:8090")
+    p.add_argument("--http", default="127.0.0.1:8080",
+                   help="host:port of the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models); "
+                        "--listen serves gRPC health and reflection")
+    p.add_argument("--upstream", default="127.0.0.1:8000",
+                   help="InferenceService to call: Envoy's host:port (its health checks, retries and rate "
+                        "limit apply), or routers directly as a gRPC target (ipv4:H1:P1,H2:P2 or "
+                        "dns:///routers:8001, balanced round robin)")
+    p.add_argument("--slow-consumer-timeout", type=float, default=60.0,
+                   help="cancel a streamed answer whose client read nothing for this many seconds")
+    p.set_defaults(func=cmd_openai_gateway)
+
     p = sub.add_parser("envoy-config", help="print the rendered Envoy config")
     p.add_argument("--listen", default="0.0.0.0:8080")
     p.add_argument("--admin", default="127.0.0.1:9901")
     p.add_argument("--router", action="append", required=True, help="router host:port (repeatable)")
+    p.add_argument("--gateway", action="append", default=[],
+                   help="OpenAI gateway HTTP host:port (repeatable; none: the OpenAI paths answer 503)")
     p.add_argument("--descriptor", default="")
     p.add_argument("--cluster-type", default="STATIC", choices=["STATIC", "STRICT_DNS"])
     p.add_argument("--access-log", default="/dev/stdout")
     p.set_defaults(func=cmd_envoy_config)
+
+    p = sub.add_parser("edge", help="render the Envoy config and run Envoy (the edge container)")
+    from services.cli import edge
+    edge.add_arguments(p)
+    p.set_defaults(func=edge.run)
 
     p = sub.add_parser("up", help="start the local mesh: etcd, Envoy, control plane, router, servers")
     from services.cli.up import add_arguments

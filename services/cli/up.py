@@ -38,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "ports outside the OS's ephemeral range)")
     p.add_argument("--servers", type=int, default=2, help="model servers to start")
     p.add_argument("--routers", type=int, default=1)
+    p.add_argument("--gateways", type=int, default=1,
+                   help="OpenAI gateways behind Envoy's /v1/chat/completions, /v1/completions and "
+                        "/v1/models (0: none)")
     p.add_argument("--model", action="append", default=[],
                    help=f"NAME=BACKEND[:SOURCE] deployed on every server (default {DEFAULT_MODEL}); "
                         "SOURCE is 'embedded', a path under a --model-dir, or a file path whose "
@@ -45,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", action="append", default=[], metavar="DIR",
                    help="model directory of every server: deployed sources are relative to it")
     p.add_argument("--engine-option", action="append", default=[], help="key=value for engines")
+    p.add_argument("--otlp-traces-endpoint", default="", metavar="HOST:PORT",
+                   help="OTLP/gRPC collector for every process's spans, Envoy's included ('' = off)")
     p.add_argument("--jetstream-nodes", type=int, default=1, choices=[0, 1, 3],
                    help="NATS JetStream servers for jobs and batches (data under --data-dir/jetstream; 3 = a "
                         "cluster keeping 3 replicas; 0 = no JobService)")
@@ -55,18 +60,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _print_endpoints(mesh: LocalMesh, model: str) -> None:
+    from services.localmesh.prometheus import write_config
+
+    prometheus = write_config(mesh, mesh.data_dir / "prometheus")
     lines = [
         "MeshServe local mesh is up.",
         f"  public API (gRPC + JSON) via Envoy  {mesh.envoy}",
+        *([f"  OpenAI API via Envoy                http://{mesh.envoy}/v1"] if mesh.gateways else []),
         f"  Envoy admin                         {mesh.envoy_admin}",
         f"  control plane (meshctl)             {mesh.controlplane}",
         *(f"  router {i}                            {r}" for i, r in enumerate(mesh.routers)),
+        *(f"  OpenAI gateway {i}                    http://{a}" for i, a in enumerate(mesh.gateways_http)),
         *(f"  model server {sid:<22} {a}" for sid, a in mesh.servers.items()),
         f"  etcd                                {mesh.etcd_endpoints}",
         *([f"  JetStream (jobs, batches)           {mesh.jetstream_urls}"] if mesh.nats else []),
         *(f"  job worker {i}                        {a}" for i, a in enumerate(mesh.jobworkers)),
         *(f"  metrics {name:<27} http://{a}/metrics" for name, a in mesh.metrics.items()),
         f"  logs                                {mesh.sup.log_dir}",
+        f"  Prometheus config (rules, targets)  {prometheus}  (dashboard: deploy/grafana/meshserve.json)",
         "Try:",
         f"  meshctl --controlplane {mesh.controlplane} status",
         f"  meshctl --endpoint {mesh.envoy} generate {model} 'What is the capital of France?'",
@@ -74,6 +85,9 @@ def _print_endpoints(mesh: LocalMesh, model: str) -> None:
         f"  curl -s -X POST http://{mesh.envoy}/v1/generate -d "
         f"'{{\"model\":\"{model}\","
         f"\"messages\":[{{\"role\":\"user\",\"content\":\"Hi!\"}}]}}'",
+        *([f"  curl -s http://{mesh.envoy}/v1/chat/completions -H 'content-type: application/json' -d "
+           f"'{{\"model\":\"{model}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hi!\"}}]}}'"]
+          if mesh.gateways else []),
         "Ctrl-C stops everything.",
     ]
     print("\n".join(lines), flush=True)
@@ -178,6 +192,8 @@ def up(args: argparse.Namespace) -> int:
     dir_args = [arg for d in model_dirs for arg in ("--model-dir", d)]
     plan = MeshPlan(
         data_dir=Path(args.data_dir), routers=args.routers, base_port=args.base_port,
+        otlp_endpoint=args.otlp_traces_endpoint,
+        gateways=args.gateways,
         servers=[ServerPlan(f"server-{i}", zone=zones[i % len(zones)], extra_args=dir_args)
                  for i in range(args.servers)],
         jetstream_nodes=args.jetstream_nodes, job_workers=args.job_workers if args.jetstream_nodes else 0)

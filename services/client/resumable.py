@@ -84,13 +84,18 @@ def stream(stub: StreamingStub, request: inference_pb2.GenerateRequest,
 
 
 async def astream(stub: StreamingStub, request: inference_pb2.GenerateRequest,
-                  timeout: float | None = None, max_resumes: int = DEFAULT_MAX_RESUMES
-                  ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-    """The asyncio version of `stream`, for a stub on a grpc.aio channel."""
+                  timeout: float | None = None, max_resumes: int = DEFAULT_MAX_RESUMES,
+                  retry_unstarted: bool = True) -> AsyncIterator[inference_pb2.GenerateResponse]:
+    """The asyncio version of `stream`, for a stub on a grpc.aio channel.
+
+    `retry_unstarted=False`: a call that fails before its first chunk is not tried again. For a
+    caller behind Envoy, which already retries those on another router, so a mesh that says
+    UNAVAILABLE is not asked again and again (the OpenAI gateway)."""
     request = _prepared(request)
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     received = list(request.resume_token_ids)
+    started = len(received)
     resumes = 0
     while True:
         left = None if deadline is None else deadline - loop.time()
@@ -101,7 +106,9 @@ async def astream(stub: StreamingStub, request: inference_pb2.GenerateRequest,
             return
         except grpc.aio.AioRpcError as exc:
             out_of_time = deadline is not None and loop.time() >= deadline
-            if not resumable(exc.code(), exc.details() or "") or resumes >= max_resumes or out_of_time:
+            unstarted = len(received) == started and not retry_unstarted
+            if (not resumable(exc.code(), exc.details() or "") or resumes >= max_resumes or out_of_time
+                    or unstarted):
                 raise
             resumes += 1
             await asyncio.sleep(_pause(resumes))

@@ -13,6 +13,10 @@ Layout (values are binary protobuf, never ad-hoc JSON):
     /meshserve/settings/routing         RoutingPolicy   managed by the control plane
     /meshserve/election/controlplane    LeaderRecord    on the leader's lease
     /meshserve/loadfailures/<model>     LoadFailures    the leader's, fenced; halts placement
+    /meshserve/traffic/policies/<name>  TrafficPolicy   operator intent (meshctl traffic)
+    /meshserve/traffic/canary/<name>    CanaryState     the leader's canary steps, fenced
+    /meshserve/traffic/stats/<name>/<router>  TrafficStats  a router's canary window, on its lease
+    /meshserve/traffic/guard            (empty)         rewritten with every policy write
 
 Ids and model names follow services/common/names.py; keys are built only from valid ones.
 """
@@ -22,7 +26,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
-from meshserve.v1 import controlplane_pb2, modelserver_pb2
+from meshserve.v1 import controlplane_pb2, modelserver_pb2, traffic_pb2
 
 from . import names
 
@@ -30,6 +34,7 @@ ROOT = "/meshserve/"
 SERVERS = ROOT + "servers/"
 ROUTERS = ROOT + "routers/"
 CONTROLPLANES = ROOT + "controlplanes/"
+GATEWAYS = ROOT + "gateways/"
 DRAIN = ROOT + "drain/"
 MODELS = ROOT + "models/"
 PLACEMENT = ROOT + "placement/"
@@ -38,13 +43,21 @@ HEALTH = ROOT + "health/"
 ROUTING_POLICY = ROOT + "settings/routing"
 ELECTION = ROOT + "election/controlplane"
 LOAD_FAILURES = ROOT + "loadfailures/"
+TRAFFIC_POLICIES = ROOT + "traffic/policies/"
+CANARY_STATES = ROOT + "traffic/canary/"
+TRAFFIC_STATS = ROOT + "traffic/stats/"
+#: Every policy write compares and rewrites this key, so two writers that each checked the graph
+#: (cycles, references) against what they read cannot both commit.
+TRAFFIC_GUARD = ROOT + "traffic/guard"
 JOBWORKERS = ROOT + "jobworkers/"
 
 M = TypeVar("M", bound=Message)
 
 
 def _check_id(kind: str, ident: str) -> str:
-    return names.check_name("model name" if kind == "model" else f"{kind} id", ident)
+    if kind == "model":
+        return names.check_model_name(ident)
+    return names.check_name(f"{kind} id", ident)
 
 
 def server_key(server_id: str) -> str:
@@ -61,6 +74,10 @@ def jobworker_key(worker_id: str) -> str:
 
 def controlplane_key(replica_id: str) -> str:
     return CONTROLPLANES + _check_id("control-plane", replica_id)
+
+
+def gateway_key(gateway_id: str) -> str:
+    return GATEWAYS + _check_id("gateway", gateway_id)
 
 
 def drain_key(server_id: str) -> str:
@@ -89,6 +106,22 @@ def health_key(server_id: str) -> str:
 
 def load_failures_key(model: str) -> str:
     return LOAD_FAILURES + _check_id("model", model)
+
+
+def traffic_policy_key(name: str) -> str:
+    return TRAFFIC_POLICIES + names.check_name("traffic policy name", name)
+
+
+def canary_state_key(name: str) -> str:
+    return CANARY_STATES + names.check_name("traffic policy name", name)
+
+
+def traffic_stats_prefix(name: str) -> str:
+    return TRAFFIC_STATS + names.check_name("traffic policy name", name) + "/"
+
+
+def traffic_stats_key(name: str, router_id: str) -> str:
+    return traffic_stats_prefix(name) + _check_id("router", router_id)
 
 
 def pair_key(prefix: str, server_id: str, model: str) -> str:
@@ -129,6 +162,7 @@ VALUE_TYPES: dict[str, type[Message]] = {
     SERVERS: modelserver_pb2.ServerInfo,
     ROUTERS: controlplane_pb2.ReplicaInfo,
     CONTROLPLANES: controlplane_pb2.ReplicaInfo,
+    GATEWAYS: controlplane_pb2.ReplicaInfo,
     DRAIN: controlplane_pb2.DrainRecord,
     MODELS: controlplane_pb2.ModelSpec,
     PLACEMENT: controlplane_pb2.Placement,
@@ -137,5 +171,8 @@ VALUE_TYPES: dict[str, type[Message]] = {
     ROUTING_POLICY: controlplane_pb2.RoutingPolicy,
     ELECTION: controlplane_pb2.LeaderRecord,
     LOAD_FAILURES: controlplane_pb2.LoadFailures,
+    TRAFFIC_POLICIES: traffic_pb2.TrafficPolicy,
+    CANARY_STATES: traffic_pb2.CanaryState,
+    TRAFFIC_STATS: traffic_pb2.TrafficStats,
     JOBWORKERS: controlplane_pb2.ReplicaInfo,
 }

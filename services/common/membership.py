@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from meshserve.v1 import controlplane_pb2 as cp
 from meshserve.v1 import modelserver_pb2
+from meshserve.v1 import traffic_pb2 as tp
 
 from . import keyspace
 from .etcd_client import EtcdClient, PrefixMirror
@@ -34,6 +35,10 @@ class MeshView:
         self.statuses: dict[tuple[str, str], cp.ModelStatus] = {}
         self.health: dict[str, cp.HealthVerdict] = {}
         self.load_failures: dict[str, cp.LoadFailures] = {}
+        #: Traffic policies (unchecked: readers parse them with services/common/traffic) and the
+        #: leader's canary states.
+        self.traffic_policies: dict[str, tp.TrafficPolicy] = {}
+        self.canary_states: dict[str, tp.CanaryState] = {}
         self._singles: dict[str, object] = {}
         self._listeners: list[Callable[[], None]] = []
         self._waiters: set[asyncio.Event] = set()
@@ -49,6 +54,8 @@ class MeshView:
             self._mirror(keyspace.ROUTING_POLICY, self._singles),
             self._mirror(keyspace.ELECTION, self._singles),
             self._mirror(keyspace.LOAD_FAILURES, self.load_failures),
+            self._mirror(keyspace.TRAFFIC_POLICIES, self.traffic_policies),
+            self._mirror(keyspace.CANARY_STATES, self.canary_states),
         ]
 
     def _mirror(self, prefix: str, table: dict, pair: bool = False) -> PrefixMirror:

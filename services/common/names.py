@@ -3,8 +3,9 @@
 Names travel in requests, etcd keys, metric labels and log lines, so they are kept boring:
 letters, digits and `._-`, starting with a letter or digit, at most 128 characters. That rules
 out `..`, spaces, `/` (a key separator) and anything a terminal or a Prometheus label would
-mangle. `@` is reserved: a model may later be addressed as `NAME@VERSION`, so no name may
-contain it today.
+mangle. `@` separates a model name from a version: a deployment is `NAME` or `NAME@VERSION`
+(`smollm2@v2`), and clients ask for the name (an alias, see docs/architecture.md "Traffic
+policy") or pin a version. No other kind of name may contain `@`.
 
 Everything here raises `InvalidArgument` (a ValueError) naming the field and the rule.
 """
@@ -20,8 +21,10 @@ MAX_NAME_CHARS = 128
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 RULE = (f"1-{MAX_NAME_CHARS} characters from letters, digits, '.', '_' and '-' (no '/', spaces "
         "or '@'), starting with a letter or digit")
-#: Separates a model name from a version in a future `NAME@VERSION` reference.
+#: Separates a model name from a version: `NAME@VERSION`.
 VERSION_SEPARATOR = "@"
+MAX_VERSION_CHARS = 64
+VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 MAX_LABEL_CHARS = 63
 LABEL_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
@@ -51,8 +54,31 @@ def check_name(kind: str, name: str) -> str:
     raise InvalidArgument(f"{kind} {_show(name)} is not a valid name: a name is {RULE}")
 
 
+def split_version(name: str) -> tuple[str, str]:
+    """'smollm2@v2' -> ('smollm2', 'v2'); 'smollm2' -> ('smollm2', '')."""
+    base, _, version = name.partition(VERSION_SEPARATOR)
+    return base, version
+
+
+def is_valid_model(name: str) -> bool:
+    """A deployment name: NAME or NAME@VERSION."""
+    if not isinstance(name, str):
+        return False
+    base, sep, version = name.partition(VERSION_SEPARATOR)
+    return is_valid(base) and (not sep or VERSION_RE.fullmatch(version) is not None)
+
+
 def check_model_name(name: str) -> str:
-    return check_name("model name", name)
+    """A deployment name, NAME or NAME@VERSION, else InvalidArgument naming the rule broken."""
+    if is_valid_model(name):
+        return name
+    base, sep, version = (name or "").partition(VERSION_SEPARATOR)
+    if not sep:
+        return check_name("model name", name)
+    check_name("model name", base)
+    raise InvalidArgument(f"model version {_show(version)} in {_show(name)} is not valid: a version "
+                          f"is 1-{MAX_VERSION_CHARS} characters from letters, digits, '.', '_' and "
+                          "'-', starting with a letter or digit (one '@' only)")
 
 
 def check_server_id(server_id: str) -> str:

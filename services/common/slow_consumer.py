@@ -12,6 +12,8 @@ import asyncio
 import time
 from typing import Any
 
+import grpc
+
 
 class SlowConsumerGuard:
     def __init__(self, limit_s: float) -> None:
@@ -36,6 +38,10 @@ class SlowConsumerGuard:
                 task.uncancel()
                 return False
             raise
+        except grpc.aio.InternalError:
+            # The call ended under a pending write (the caller went away; gRPC reports the write's
+            # batch as failed): a cancellation, not a fault of ours.
+            raise asyncio.CancelledError from None
         finally:
             self._pending_since = None
         return True

@@ -39,6 +39,7 @@ ROLES = ("system", "user", "assistant")
 BACKENDS = ("sim", "torch", "tensorrt_llm")
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _REGION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -130,11 +131,14 @@ def check_resume(resume_token_ids: Sequence[int], max_tokens: int) -> None:
 
 
 def check_model_name(name: str) -> str:
+    """A name (an alias or a deployment) or a pinned version, NAME@VERSION."""
     if not name:
         raise InvalidArgument("model is required (ListModels shows what is served)")
-    if not _MODEL_NAME.fullmatch(name):
+    base, sep, version = name.partition("@")
+    if not _MODEL_NAME.fullmatch(base) or (sep and not _VERSION.fullmatch(version)):
         raise InvalidArgument(f"model {name[:64]!r} is not a valid model name: 1-128 letters, digits, "
-                              "'.', '_' or '-', starting with a letter or digit")
+                              "'.', '_' or '-', starting with a letter or digit, optionally followed "
+                              "by @VERSION (1-64 of the same)")
     return name
 
 

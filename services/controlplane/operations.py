@@ -23,6 +23,7 @@ from services.common.lifecycle import now_ms
 from services.common.membership import MeshView
 
 from . import desired, specs, status
+from .traffic_ops import deploy_problem, undeploy_problem
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class Operations:
         spec.CopyFrom(requested)
         spec.backend = spec.backend or "sim"
         specs.validate_spec(spec, self._known_regions())
+        if deploy_problem(self._view, spec.name):
+            raise FailedPrecondition(deploy_problem(self._view, spec.name))
         spec.created_ms = spec.updated_ms = spec.generation = now_ms()
         key, value = keyspace.model_key(spec.name), keyspace.encode(spec)
         result = await self._commit(key, [absent(self._etcd, key)], [
@@ -149,6 +152,8 @@ class Operations:
 
     async def undeploy(self, name: str) -> None:
         names.check_model_name(name)
+        if undeploy_problem(self._view, name):
+            raise FailedPrecondition(undeploy_problem(self._view, name))
         key = keyspace.model_key(name)
         result = await self._commit(key, [present(self._etcd, key)], [
             delete_op(key), delete_op(keyspace.load_failures_key(name))])

@@ -8,19 +8,21 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
-from meshserve.v1 import controlplane_pb2, controlplane_pb2_grpc
+from meshserve.v1 import controlplane_pb2, controlplane_pb2_grpc, traffic_pb2_grpc
 
 from services.common import keyspace
 from services.common.lifecycle import now_ms
 from services.common.replica import ReplicaParts, run_replica
 
-from . import metrics
+from . import canary, metrics
 from .election import Election
 from .halts import DEFAULT_HALT_AFTER
 from .health import HealthChecker, HealthSettings
 from .probes import ServerProbe
 from .reconciler import Reconciler
 from .servicer import ControlPlaneServicer
+from .traffic_servicer import SERVICE_NAME as TRAFFIC_SERVICE_NAME
+from .traffic_servicer import TrafficServicer
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ async def run(config: ControlPlaneConfig, stop: asyncio.Event) -> None:
         assert parts.view is not None
         controlplane_pb2_grpc.add_ControlPlaneServiceServicer_to_server(
             ControlPlaneServicer(parts.etcd, parts.view, config.replica_id, probe), parts.server)
+        traffic_pb2_grpc.add_TrafficServiceServicer_to_server(TrafficServicer(parts.etcd, parts.view), parts.server)
 
     def record(parts: ReplicaParts) -> controlplane_pb2.ReplicaInfo:
         return controlplane_pb2.ReplicaInfo(replica_id=config.replica_id, address=parts.address,
@@ -64,7 +67,7 @@ async def run(config: ControlPlaneConfig, stop: asyncio.Event) -> None:
 
     async with run_replica(
             key=keyspace.controlplane_key(config.replica_id), replica_id=config.replica_id,
-            service_names=[SERVICE_NAME], register=register, record=record, listen=config.listen,
+            service_names=[SERVICE_NAME, TRAFFIC_SERVICE_NAME], register=register, record=record, listen=config.listen,
             advertise=config.advertise, etcd=config.etcd, metrics=config.metrics,
             lease_ttl=config.lease_ttl, grace_s=2.0) as parts:
         etcd, view = parts.etcd, parts.view
@@ -77,9 +80,12 @@ async def run(config: ControlPlaneConfig, stop: asyncio.Event) -> None:
                                 halt_after=config.halt_after_failures)
         election.start()
         loop_task = asyncio.create_task(reconciler.run(), name="reconciler")
+        canary_task = asyncio.create_task(
+            canary.CanaryController(etcd, view, election, config.replica_id).run(), name="canary")
         try:
             await stop.wait()
         finally:
+            await canary.stop(canary_task)
             loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):  # it is being stopped
                 await loop_task

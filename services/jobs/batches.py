@@ -21,14 +21,13 @@ import contextlib
 import json
 import logging
 import tempfile
+from collections.abc import Callable
 
 import nats.errors
 import nats.js.errors
 from meshserve.v1 import jobs_pb2
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-
-from services.router.pool import BackendPool
 
 from . import jsonl, metrics
 from . import records as r
@@ -46,9 +45,10 @@ PUBLISH_WINDOW = 256
 
 
 class BatchKeeper:
-    def __init__(self, store: JobStore, pool: BackendPool, cache: BatchCache, worker_id: str) -> None:
+    def __init__(self, store: JobStore, known_models: Callable[[], frozenset[str]], cache: BatchCache,
+                 worker_id: str) -> None:
         self.store = store
-        self.pool = pool
+        self.known_models = known_models
         self.cache = cache
         self.worker_id = worker_id
         self.files = BatchApi(store)
@@ -124,7 +124,7 @@ class BatchKeeper:
                 if not raw.strip():
                     continue
                 total += 1
-                line = jsonl.parse_line(index, raw, self.pool.known_models)
+                line = jsonl.parse_line(index, raw, self.known_models)
                 if line.request is not None and line.custom_id in seen:
                     line = jsonl.Line(index, line.custom_id, None, "duplicate_custom_id",
                                       f"line {index + 1}: custom_id {line.custom_id[:64]!r} appears earlier too")

@@ -24,6 +24,7 @@ from services.common.replica import ReplicaParts, run_replica
 from services.router.config import DispatchSettings
 from services.router.dispatch import Dispatcher
 from services.router.pool import BackendPool
+from services.router.traffic.table import TrafficTable
 
 from .batches import BatchKeeper
 from .batches_api import BatchApi
@@ -124,12 +125,13 @@ async def run_worker(config: JobWorkerConfig, stop: asyncio.Event) -> None:
         pool = BackendPool(parts.view, hang_timeout_s=settings.hang_timeout_s)
         store = JobStore(config.store)
         try:
-            dispatcher = Dispatcher(pool, config.worker_id, settings)
+            dispatcher = Dispatcher(pool, config.worker_id, settings, TrafficTable(parts.view))
             await connect(store, config.worker_id, stop)
             cache = BatchCache(store)
             worker = JobWorker(store, pool, Executor(dispatcher), WorkerSettings(
-                config.worker_id, fill=config.fill, max_in_flight=config.max_in_flight), line_runner=LineRunner(cache))
-            keeper = BatchKeeper(store, pool, cache, config.worker_id)
+                config.worker_id, fill=config.fill, max_in_flight=config.max_in_flight), line_runner=LineRunner(cache),
+                dispatcher=dispatcher)
+            keeper = BatchKeeper(store, dispatcher.known_models, cache, config.worker_id)
             await asyncio.gather(worker.run(stop), keeper.run(stop), _count_peers(parts, worker, stop))
         finally:
             with contextlib.suppress(*StoreErrors):

@@ -24,7 +24,9 @@ from meshserve.v1 import jobs_pb2
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from services.router.dispatch import Dispatcher
 from services.router.pool import BackendPool
+from services.router.replica import Replica
 
 from . import metrics
 from . import records as r
@@ -79,9 +81,11 @@ class Running:
 
 class JobWorker:
     def __init__(self, store: JobStore, pool: BackendPool, executor: Executor, settings: WorkerSettings,
-                 line_runner: Callable[[JobWorker, jobs_pb2.WorkItem, Msg], object] | None = None) -> None:
+                 line_runner: Callable[[JobWorker, jobs_pb2.WorkItem, Msg], object] | None = None,
+                 dispatcher: Dispatcher | None = None) -> None:
         self.store = store
         self.pool = pool
+        self._dispatcher = dispatcher
         self.executor = executor
         self.settings = settings
         self.running = Running()
@@ -113,8 +117,19 @@ class JobWorker:
             if self._handlers:
                 await asyncio.wait(self._handlers, timeout=5.0)
 
+    def known_models(self) -> frozenset[str]:
+        """Deployments, plus the names traffic policies answer to (a job may name an alias)."""
+        return self._dispatcher.known_models() if self._dispatcher is not None else self.pool.known_models()
+
+    def replicas(self, name: str) -> list[Replica]:
+        """The replicas a request for `name` may reach (an alias reaches its deployments')."""
+        traffic = self._dispatcher.traffic if self._dispatcher is not None else None
+        if traffic is not None and traffic.handles(name):
+            return [r for m in sorted(traffic.deployments(name)) for r in self.pool.candidates(m)]
+        return self.pool.candidates(name)
+
     def _sync_feeders(self) -> None:
-        models = self.pool.known_models()
+        models = self.known_models()
         for model in models - self._feeders.keys():
             self._feeders[model] = asyncio.get_running_loop().create_task(self._feed(model), name=f"feed:{model}")
         for model in set(self._feeders) - models:
@@ -123,7 +138,7 @@ class JobWorker:
     def has_room(self, model: str) -> bool:
         if self.in_flight >= self.settings.max_in_flight:
             return False
-        slots = free_slots(self.pool.candidates(model), self.settings.fill)
+        slots = free_slots(self.replicas(model), self.settings.fill)
         return math.ceil(slots / max(1, self.peers)) - self._starting.get(model, 0) > 0
 
     async def _wait_room(self, model: str) -> None:

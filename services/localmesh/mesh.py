@@ -53,6 +53,13 @@ class MeshPlan:
     envoy_rate_limit_per_s: int | None = None
     #: Ring-hash the session header onto routers instead of least-request.
     envoy_session_ring_hash: bool = False
+    #: OTLP/gRPC collector (host:port) for the spans of every service and Envoy ('' = no tracing).
+    otlp_endpoint: str = ""
+    #: OpenAI gateways (`meshserve openai-gateway`) behind Envoy's /v1/chat/completions,
+    #: /v1/completions and /v1/models; `meshserve up` starts one, tests that need it ask.
+    gateways: int = 0
+    #: Extra `meshserve openai-gateway` flags for every gateway.
+    gateway_args: list[str] = field(default_factory=list)
     #: NATS JetStream nodes for jobs and batches (0: none, and routers serve no JobService; 3 makes
     #: a cluster whose streams keep 3 replicas) and job workers using them.
     jetstream_nodes: int = 0
@@ -108,16 +115,20 @@ class LocalMesh:
         self.controlplanes = [f"{HOST}:{ports.take(f'controlplane{i}', 10 + i)}"
                               for i in range(plan.controlplanes)]
         self.routers = [f"{HOST}:{ports.take(f'router{i}', 20 + i)}" for i in range(plan.routers)]
-        self.nats = [NatsNode(f"nats{i}", HOST, ports.take(f"nats{i}", 60 + i), ports.take(f"nats{i}-monitor", 63 + i),
-                              ports.take(f"nats{i}-cluster", 66 + i)) for i in range(plan.jetstream_nodes)]
-        self.jobworkers = [f"{HOST}:{ports.take(f'jobworker{i}', 75 + i)}" for i in range(plan.job_workers)]
+        self.nats = [NatsNode(f"nats{i}", HOST, ports.take(f"nats{i}", 81 + i), ports.take(f"nats{i}-monitor", 84 + i),
+                              ports.take(f"nats{i}-cluster", 87 + i)) for i in range(plan.jetstream_nodes)]
+        self.jobworkers = [f"{HOST}:{ports.take(f'jobworker{i}', 90 + i)}" for i in range(plan.job_workers)]
         self.servers = {s.server_id: f"{HOST}:{ports.take(s.server_id, 30 + i)}"
                         for i, s in enumerate(plan.servers)}
+        #: Each gateway's OpenAI HTTP listener (what Envoy routes to) and its gRPC health port.
+        self.gateways_http = [f"{HOST}:{ports.take(f'gateway{i}-http', 60 + i)}" for i in range(plan.gateways)]
+        self.gateways = [f"{HOST}:{ports.take(f'gateway{i}', 70 + i)}" for i in range(plan.gateways)]
         self.metrics = {name: f"{HOST}:{ports.take(f'{name}-metrics', 50 + i)}"
                         for i, name in enumerate([*(f"controlplane{i}"
                                                     for i in range(plan.controlplanes)),
                                                   *self.servers,
                                                   *(f"router{i}" for i in range(plan.routers)),
+                                                  *(f"gateway{i}" for i in range(plan.gateways)),
                                                   *(f"jobworker{i}" for i in range(plan.job_workers))])}
         self.ports = ports
         self.children: dict[str, Child] = {}
@@ -154,6 +165,8 @@ class LocalMesh:
                 self.start_server(server)
             for i in range(self.plan.routers):
                 self.start_router(i)
+            for i in range(self.plan.gateways):
+                self.start_gateway(i)
             for i in range(self.plan.job_workers):
                 self.start_jobworker(i)
             self.start_envoy()
@@ -205,8 +218,11 @@ class LocalMesh:
         return self._spawn_etcd(i)
 
     def _common(self, name: str, listen: str) -> list[str]:
-        return ["--id", name, "--listen", listen, "--etcd", self.etcd_endpoints,
+        args = ["--id", name, "--listen", listen, "--etcd", self.etcd_endpoints,
                 "--metrics", self.metrics[name], "--lease-ttl", str(self.plan.lease_ttl)]
+        if self.plan.otlp_endpoint:
+            args += ["--otlp-traces-endpoint", "http://" + self.plan.otlp_endpoint.removeprefix("http://")]
+        return args
 
     def start_controlplane(self, i: int) -> Child:
         name = f"controlplane{i}"
@@ -240,12 +256,23 @@ class LocalMesh:
         self.sup.wait_ready(self.children[name], lambda: c.grpc_serving(self.routers[i]), 60,
                             "serving")
 
+    def start_gateway(self, i: int) -> Child:
+        """An OpenAI gateway calling InferenceService through Envoy (up next, or already up)."""
+        name = f"gateway{i}"
+        child = self.sup.start(name, c.service_argv(
+            "openai-gateway", *self._common(name, self.gateways[i]), "--http", self.gateways_http[i],
+            "--upstream", self.envoy, *self.plan.gateway_args))
+        self.children[name] = child
+        self.sup.wait_ready(child, lambda: c.grpc_serving(self.gateways[i]), 60, "serving")
+        return child
+
     def start_envoy(self) -> None:
         config = self.data_dir / "envoy.yaml"
         settings = EnvoySettings(
             listen=self.envoy, admin=self.envoy_admin, routers=self.routers,
             access_log=str(self.sup.log_dir / "envoy-access.log"),
-            session_ring_hash=self.plan.envoy_session_ring_hash)
+            session_ring_hash=self.plan.envoy_session_ring_hash, gateways=self.gateways_http,
+            otlp_endpoint=self.plan.otlp_endpoint)
         if self.plan.envoy_rate_limit_per_s is not None:
             settings.rate_limit_per_s = self.plan.envoy_rate_limit_per_s
         config.write_text(render(settings))
@@ -256,6 +283,9 @@ class LocalMesh:
         self.sup.wait_ready(child, lambda: c.envoy_ready(self.envoy_admin), 30, "ready")
         self.sup.wait_ready(child, lambda: c.envoy_cluster_healthy(self.envoy_admin), 30,
                             "routing (a healthy router behind it)")
+        if self.gateways_http:
+            self.sup.wait_ready(child, lambda: c.envoy_cluster_healthy(self.envoy_admin, "openai_gateway"),
+                                30, "routing to a healthy OpenAI gateway")
 
     # --- stopping ---------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ def follow_total(counter: Counter, model: str, total: int) -> None:
     key = (counter._name, model)  # noqa: SLF001 - the metric's own name keys the memory
     last = _last_totals.get(key, 0)
     delta = total - last if total >= last else total
+    child = counter.labels(model)  # exists from the first report, at zero if nothing happened yet
     if delta > 0:
-        counter.labels(model).inc(delta)
+        child.inc(delta)
     _last_totals[key] = total

@@ -55,7 +55,7 @@ class PlacementReader:
         broken: dict[str, str] = {}
         for key, value in records.items():
             model = key[len(self._prefix):] if key.startswith(self._prefix) else ""
-            if not names.is_valid(model):
+            if not names.is_valid_model(model):
                 # No status key can be written for a name that breaks the rule: say it once.
                 if key not in self._ignored:
                     self._ignored.add(key)

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from meshserve.v1 import modelserver_pb2, modelserver_pb2_grpc
 
+from services.common import tracing
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
 from services.common.slow_consumer import SlowConsumerGuard
 
@@ -22,6 +23,7 @@ from . import metrics
 from .convert import chunk_to_proto, load_to_proto, request_from_proto
 from .engine.base import Engine, EngineLoad, FinishReason, GenerationChunk, GenerationRequest
 from .manager import ModelManager
+from .spans import EngineTimes, generate_span, trace_engine
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,12 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         label, code = "unknown", "OK"
+        span = generate_span(context, self._info().server_id)
         try:
             req = request_from_proto(request, deadline)
             engine = self._engine(req.model)
             label = req.model
-            code = await self._relay(engine, req, context)
+            code = await self._relay(engine, req, context, span)
         except ServiceError as exc:
             code = exc.code.name
             raise
@@ -72,8 +75,12 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
             raise
         finally:
             metrics.REQUESTS.labels(label, code).inc()
+            if code != "OK":
+                span.fail(code)
+            span.end()
 
-    async def _relay(self, engine: Engine, req: GenerationRequest, context: grpc.aio.ServicerContext) -> str:
+    async def _relay(self, engine: Engine, req: GenerationRequest, context: grpc.aio.ServicerContext,
+                     span: tracing.Span) -> str:
         """Stream the engine's chunks to the caller, with usage that counts the whole answer.
         Returns the outcome for metrics: OK, or how the engine ended it early (deadline, stop)."""
         model, resumed = req.model, len(req.resume_token_ids)
@@ -81,12 +88,15 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
         started = last = time.monotonic()
         produced = 0
         guard = SlowConsumerGuard(self._slow_consumer_s)
+        times = EngineTimes()
         with self._manager.track(model):
             stream = engine.generate(req)
             try:
                 async for chunk in stream:
                     now = time.monotonic()
                     if chunk.token_ids:
+                        if produced == 0:
+                            times.first_token()
                         _observe_tokens(model, chunk, now - (started if produced == 0 else last), produced == 0)
                         produced += len(chunk.token_ids)
                         last = now
@@ -94,6 +104,7 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
                         floor = resumed + produced
                         if chunk.usage.completion_tokens < floor:
                             chunk.usage = dataclasses.replace(chunk.usage, completion_tokens=floor)
+                        times.usage, times.finish = chunk.usage, chunk.finish_reason
                         metrics.PROMPT_TOKENS.labels(model).inc(chunk.usage.prompt_tokens)
                         metrics.CACHED_TOKENS.labels(model).inc(chunk.usage.cached_tokens)
                     if chunk.finish_reason is FinishReason.CANCELLED:
@@ -106,6 +117,7 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
                 guard.close()
                 await stream.aclose()
                 metrics.E2E.labels(model).observe(time.monotonic() - started)
+                trace_engine(span, req, times, produced, engine)
         return outcome
 
     async def GetServerInfo(self, request: modelserver_pb2.GetServerInfoRequest,

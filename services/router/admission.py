@@ -117,7 +117,8 @@ class Admission:
         queue = self._queues.get(model)
         if queue is None:
             queue = self._queues[model] = AdmissionQueue(self.queue_size)
-        metrics.QUEUED.inc()
+        depth = metrics.child(metrics.QUEUED, model)
+        depth.inc()
         try:
             waited = await queue.wait(lambda: not self.saturated(model), wait)
         except QueueFull as exc:
@@ -132,6 +133,6 @@ class Admission:
             raise Unavailable(f"every replica of model {model!r} stayed saturated ({exc}); retry after "
                               f"{hint} ms", retry_after_ms=hint) from None
         finally:
-            metrics.QUEUED.dec()
+            depth.dec()
         metrics.QUEUE_WAIT.labels(model).observe(waited)
         return waited

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -31,6 +31,15 @@ class Outcome:
     details: str = ""
     abandoned: str = ""  # why the router gave the call up (stalled, hung, left, ...)
     connection_lost: bool = False  # the channel was not READY when it failed: the server, not the request
+
+    def label(self) -> str:
+        """How it ended, for metrics: OK, the server's status name, ABANDONED or CANCELLED (the
+        client went away mid-attempt)."""
+        if self.abandoned:
+            return "ABANDONED"
+        if self.code is not None:
+            return self.code.name
+        return "OK" if self.done else "CANCELLED"
 
     def describe(self) -> str:
         if self.abandoned:
@@ -81,8 +90,9 @@ class Attempt:
 
     def __init__(self, replica: Replica, request: modelserver_pb2.ModelServerServiceGenerateRequest,
                  template: inference_pb2.GenerateResponse, timeout: float | None, first_token_s: float,
-                 stall_s: float) -> None:
+                 stall_s: float, metadata: Sequence[tuple[str, str]] = ()) -> None:
         self.replica = replica
+        self._metadata = tuple(metadata) or None  # the trace context for the model server
         self._request = request
         self._template = template
         self._timeout = timeout
@@ -93,7 +103,8 @@ class Attempt:
     async def relay(self) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         replica, out = self.replica, self.outcome
         link = replica.link
-        call = link.stub.Generate(self._request, timeout=self._timeout)
+        call = (link.stub.Generate(self._request, timeout=self._timeout, metadata=self._metadata)
+                if self._metadata else link.stub.Generate(self._request, timeout=self._timeout))
         handle = AttemptHandle(call)
         link.attempts.add(handle)
         replica.outstanding += 1

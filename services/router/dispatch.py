@@ -1,7 +1,9 @@
 """The router's request path, whatever public API received the request.
 
 InferenceService and the KServe v2 servicer validate a request into a ValidRequest and call
-`Dispatcher.stream`: admission by priority (shedding and queueing when every replica is
+`Dispatcher.stream`. A name with a traffic policy (or a version alias) goes through
+traffic/executor.py, which resolves it to deployments and calls `serve` for each; any other name
+is served directly. `serve` is one deployment's path: admission by priority (shedding and queueing when every replica is
 saturated), a pick through the routing policy, then attempts (attempt.py does one; decide.py says
 what follows it; this module applies that: relay, retry, migrate, close or fail). Failures are
 services/common/errors.py's; the status interceptor maps them.
@@ -21,10 +23,11 @@ from dataclasses import dataclass
 from meshserve.v1 import controlplane_pb2 as cp
 from meshserve.v1 import inference_pb2
 
+from services.common import tracing
 from services.common.errors import DeadlineExceeded, NotFound, ServiceError, Unavailable
 from services.common.validation import ValidRequest
 
-from . import metrics
+from . import metrics, spans
 from .admission import Admission
 from .attempt import Attempt
 from .config import DispatchSettings
@@ -35,6 +38,10 @@ from .policy.prefix import render
 from .pool import BackendPool
 from .replica import Replica
 from .retry_budget import RetryBudget
+from .traffic.call import Call
+from .traffic.executor import TrafficExecutor
+from .traffic.stats import CanaryRecorder, Observer
+from .traffic.table import TrafficTable
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +74,13 @@ class _Request:
     streamed: bool = False  # a chunk reached the client
     failures: int = 0
     migrations: int = 0
+    observer: Observer | None = None  # a canary side's figures (traffic/stats.py)
+    span: tracing.Span = tracing.NOOP  # router.request (spans.py)
 
 
 class Dispatcher:
-    def __init__(self, pool: BackendPool, router_id: str, settings: DispatchSettings | None = None) -> None:
+    def __init__(self, pool: BackendPool, router_id: str, settings: DispatchSettings | None = None,
+                 traffic: TrafficTable | None = None, recorder: CanaryRecorder | None = None) -> None:
         self.settings = settings or DispatchSettings()
         self.settings.validate()
         s = self.settings
@@ -84,8 +94,12 @@ class Dispatcher:
         self._budget = RetryBudget(s.retry_budget_ratio, s.retry_budget_floor, s.retry_budget_window_s)
         self._rng = random.Random()
         self._settings_cache: tuple[cp.RoutingPolicy | None, Settings] | None = None
+        self._counted: set[str] = set()  # models whose metrics start at zero (metrics.init_model)
         pool.on_change(self._admission.notify)
         pool.on_leave(self._forget)
+        self._known_cache: tuple[frozenset[str], frozenset[str], frozenset[str]] | None = None
+        self.traffic = None if traffic is None else TrafficExecutor(
+            traffic, self.serve, pool.candidates, recorder, s.retry_after_ms)
 
     def _policy_named(self, name: str) -> Policy:
         if name not in self._policies:
@@ -95,6 +109,7 @@ class Dispatcher:
     def _forget(self, replica_id: str) -> None:
         for policy in self._policies.values():
             policy.forget(replica_id)
+        metrics.forget_replica(replica_id)
 
     def policy_for(self, model: str) -> Policy:
         return self._model_policy.get(model, self._default_policy)
@@ -108,12 +123,25 @@ class Dispatcher:
         return cached[1]
 
     def known_models(self) -> frozenset[str]:
-        return self._pool.known_models()
+        """Deployments, plus the names traffic policies and version aliases answer to."""
+        known = self._pool.known_models()
+        if self.traffic is None:
+            return known
+        names = self.traffic.table.names()
+        cached = self._known_cache
+        if cached is None or cached[0] is not known or cached[1] is not names:
+            self._known_cache = cached = (known, names, known | names)
+        return cached[2]
+
+    def _reachable(self, name: str) -> list[Replica]:
+        if self.traffic is None or not self.traffic.handles(name):
+            return self._pool.candidates(name)
+        return [r for m in sorted(self.traffic.deployments(name)) for r in self._pool.candidates(m)]
 
     def models(self) -> list[ModelAvailability]:
         out = []
         for model in sorted(self.known_models()):
-            replicas = self._pool.candidates(model)
+            replicas = self._reachable(model)
             out.append(ModelAvailability(model, len(replicas), sorted({r.region for r in replicas})))
         return out
 
@@ -125,16 +153,22 @@ class Dispatcher:
         """Chunks of the answer; `timeout` is the client's remaining deadline in seconds and
         `metadata` the call's invocation metadata (for the session header)."""
         started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         model = req.model if req.model in self.known_models() else "unknown"
+        if model not in self._counted:
+            self._counted.add(model)
+            metrics.init_model(model)
         code = "OK"
+        span = spans.request_span(req, metadata, self.router_id)
         try:
-            if not self._pool.candidates(req.model):
-                raise self._no_candidates(req.model)
-            state = self._start(req, timeout, metadata, started)
-            self._budget.request()
-            queued = await self._admission.admit(req.model, req.priority, state.deadline)
+            if self.traffic is not None and self.traffic.handles(req.model):
+                session = req.session_id or _metadata_value(metadata, self.routing_settings().session_header)
+                chunks = self.traffic.run(req, Call(metadata, deadline, session[:256],
+                                                    req.region or self.settings.region))
+            else:
+                chunks = self.serve(req, deadline, metadata, span=span)
             first = True
-            async with aclosing(self._attempts(state, started + queued)) as chunks:
+            async with aclosing(chunks):
                 async for chunk in chunks:
                     if first and chunk.token_ids:
                         metrics.child(metrics.TTFT, model).observe(time.monotonic() - started)
@@ -149,9 +183,36 @@ class Dispatcher:
         finally:
             metrics.child(metrics.REQUESTS, model, code, req.priority.name).inc()
             metrics.child(metrics.DURATION, model).observe(time.monotonic() - started)
+            if code != "OK":
+                span.fail(code)
+            span.end()
 
-    def _start(self, req: ValidRequest, timeout: float | None, metadata: Sequence[tuple[str, object]] | None,
-               started: float) -> _Request:
+    async def serve(self, req: ValidRequest, deadline: float | None,
+                    metadata: Sequence[tuple[str, object]] | None = None,
+                    observer: Observer | None = None,
+                    span: tracing.Span = tracing.NOOP) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
+        """One deployment's path: admission, pick, attempts. `deadline` is on time.monotonic();
+        `observer` (a canary side) hears of every attempt and the first token; `span` is the
+        request's trace span (its route and attempt spans hang under it)."""
+        started = time.monotonic()
+        if not self._pool.candidates(req.model):
+            raise self._no_candidates(req.model)
+        state = self._start(req, deadline, metadata)
+        state.observer, state.span = observer, span
+        span.set("meshserve.request_id", state.request_id)
+        self._budget.request()
+        queued = await self._admission.admit(req.model, req.priority, state.deadline)
+        spans.queued(span, queued)
+        async with aclosing(self._attempts(state, started + queued)) as chunks:
+            async for chunk in chunks:
+                if observer is not None and chunk.token_ids:
+                    observer.first_token(time.monotonic() - started)
+                    observer = None
+                chunk.served_by.deployment = req.model
+                yield chunk
+
+    def _start(self, req: ValidRequest, deadline: float | None,
+               metadata: Sequence[tuple[str, object]] | None) -> _Request:
         settings = self.routing_settings()
         session = req.session_id or _metadata_value(metadata, settings.session_header)
         policy = self.policy_for(req.model)
@@ -159,8 +220,7 @@ class Dispatcher:
                              session=session[:256],
                              text=render(req.prompt or "", req.messages or ()) if policy.uses_text else "")
         return _Request(req=req, request_id=req.request_id or uuid.uuid4().hex, route=route, policy=policy,
-                        settings=settings, deadline=None if timeout is None else started + timeout,
-                        relayed=list(req.resume_token_ids))
+                        settings=settings, deadline=deadline, relayed=list(req.resume_token_ids))
 
     def _no_candidates(self, model: str) -> ServiceError:
         if model not in self.known_models():
@@ -176,10 +236,12 @@ class Dispatcher:
                 raise Unavailable(f"no replica of model {state.req.model!r} is available now; retry shortly",
                                   retry_after_ms=self.settings.retry_after_ms)
             raise self._no_candidates(state.req.model)
+        started_ns = time.time_ns() if state.span.recording else 0
         pick = state.policy.pick(replicas, state.route, state.settings, exclude=tried)
         if pick is None:
             return None
         metrics.child(metrics.PICKS, pick.endpoint.server_id, pick.reason).inc()
+        spans.routed(state.span, started_ns, pick.endpoint, pick.reason, len(replicas))
         return pick.endpoint
 
     def _remaining(self, state: _Request) -> float | None:
@@ -202,8 +264,10 @@ class Dispatcher:
                 raise Unavailable(f"every replica of model {model!r} was tried; last: {last}")
             tried.add(replica.server_id)
             head = template(replica, self.router_id, state.request_id)
+            span = spans.attempt_span(state.span, replica, len(tried), len(state.relayed))
             attempt = Attempt(replica, with_resume(base, state.relayed) if state.relayed else base, head,
-                              self._remaining(state), s.first_token_timeout_s, s.stall_timeout_s)
+                              self._remaining(state), s.first_token_timeout_s, s.stall_timeout_s,
+                              span.headers())
             state.policy.sent(replica.replica_id, state.route)
             if len(tried) == 1:
                 metrics.OVERHEAD_ROUTE.observe(time.monotonic() - admitted)
@@ -215,8 +279,12 @@ class Dispatcher:
             finally:
                 state.relayed.extend(attempt.token_ids)
                 self._admission.notify()
+                metrics.child(metrics.ATTEMPTS, model, replica.server_id, attempt.outcome.label()).inc()
+                spans.end_attempt(span, attempt.outcome)
             last = f"{replica.server_id}: {attempt.outcome.describe()}"
             decision = decide(attempt.outcome, self._progress(state), replica.server_id, last)
+            if state.observer is not None:
+                state.observer.attempt(decision.server_fault)
             if decision.server_fault:
                 replica.record_failure()
             elif attempt.outcome.done:
@@ -228,7 +296,13 @@ class Dispatcher:
                 return
             if decision.error is not None:
                 raise decision.error
+            if not self._untried(state, tried):  # fail now: a backoff could not change that
+                raise Unavailable(f"every replica of model {model!r} was tried; last: {last}",
+                                  retry_after_ms=s.retry_after_ms)
             await self._before_next(state, decision, last)
+
+    def _untried(self, state: _Request, tried: set[str]) -> bool:
+        return any(r.server_id not in tried for r in self._pool.candidates(state.req.model))
 
     def _progress(self, state: _Request) -> Progress:
         s = self.settings

@@ -10,6 +10,9 @@ from services.common.metrics import LATENCY_BUCKETS
 OVERHEAD_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                     0.1)
 
+ATTEMPTS = Counter("meshserve_router_attempts_total",
+                   "Upstream calls by model, server and how they ended (OK, a gRPC status name, "
+                   "ABANDONED by the router, CANCELLED with the client)", ["model", "server", "outcome"])
 REQUESTS = Counter("meshserve_router_requests_total", "Requests by model, final status and priority",
                    ["model", "code", "priority"])
 PICKS = Counter("meshserve_router_picks_total",
@@ -24,7 +27,8 @@ RETRY_BUDGET_EXHAUSTED = Counter("meshserve_router_retry_budget_exhausted_total"
 SHED = Counter("meshserve_router_shed_total",
                "Requests refused or timed out by admission control, by priority and why",
                ["model", "priority", "reason"])
-QUEUED = Gauge("meshserve_router_queue_depth", "STANDARD requests waiting for a server with room")
+QUEUED = Gauge("meshserve_router_queue_depth", "STANDARD requests waiting for a server with room",
+               ["model"])
 QUEUE_WAIT = Histogram("meshserve_router_queue_wait_seconds",
                        "Time STANDARD requests waited in the router's queue", ["model"],
                        buckets=LATENCY_BUCKETS)
@@ -43,9 +47,43 @@ OVERHEAD_ROUTE = OVERHEAD.labels("route")
 OVERHEAD_RELAY = OVERHEAD.labels("relay")
 
 
+#: Counters every model starts at zero (their rates and ratios then exist before the first event).
+_PER_MODEL = (RETRIES, MIGRATIONS, RETRY_BUDGET_EXHAUSTED)
+
+
+def init_model(model: str) -> None:
+    """Create a model's per-model children at zero, once it is known (idempotent)."""
+    for metric in _PER_MODEL:
+        child(metric, model)
+    child(QUEUED, model)
+    child(QUEUE_WAIT, model)
+
+
+def forget_replica(replica_id: str) -> None:
+    """A replica (`server/model`) left: drop its per-server series, so label values follow the
+    membership instead of every server that ever existed (servers are pods; names churn)."""
+    server, _, model = replica_id.rpartition("/")
+    for metric, matches in ((ATTEMPTS, lambda lv: lv[0] == model and lv[1] == server),
+                            (PICKS, lambda lv: lv[0] == server)):
+        for labels in _label_sets(metric):
+            if matches(labels):
+                metric.remove(*labels)
+    child.cache_clear()
+
+
+def _label_sets(metric) -> list[tuple[str, ...]]:
+    names = metric._labelnames  # noqa: SLF001 - prometheus_client lists children only by sample
+    seen = set()
+    for family in metric.collect():
+        for s in family.samples:
+            seen.add(tuple(s.labels.get(n, "") for n in names))
+    return sorted(seen)
+
+
 @lru_cache(maxsize=4096)
 def child(metric, *labels: str):
     """`metric.labels(*labels)`, memoised: prometheus_client checks and locks on every call, and
     the request path asks for the same few children each time. Label values here are bounded
-    (models, servers, codes, priorities, reasons); no router metric child is ever removed."""
+    (models, current servers, codes, priorities, reasons); `forget_replica` drops a departed
+    server's children (and clears this memo)."""
     return metric.labels(*labels)

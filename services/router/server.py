@@ -22,6 +22,8 @@ from .kserve.servicer import SERVICE_NAME as KSERVE_SERVICE_NAME
 from .kserve.servicer import KServeServicer
 from .pool import BackendPool
 from .servicer import InferenceServicer
+from .traffic.stats import CanaryRecorder
+from .traffic.table import TrafficTable
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
@@ -46,6 +48,7 @@ class RouterConfig:
 
 async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     pools: list[BackendPool] = []
+    recorders: list[CanaryRecorder] = []
     jobs = RouterJobs(StoreSettings(servers=config.jetstream, replicas=config.jetstream_replicas),
                       config.router_id) if config.jetstream else None
     settings = replace(config.dispatch, region=config.region, zone=config.zone)
@@ -56,7 +59,9 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
         assert parts.view is not None
         pool = BackendPool(parts.view, hang_timeout_s=settings.hang_timeout_s)
         pools.append(pool)
-        dispatcher = Dispatcher(pool, config.router_id, settings)
+        recorder = CanaryRecorder(config.router_id, parts.keeper.put, parts.keeper.delete)
+        recorders.append(recorder)
+        dispatcher = Dispatcher(pool, config.router_id, settings, TrafficTable(parts.view), recorder)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dispatcher), parts.server)
         kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dispatcher), parts.server)
         if jobs is not None:
@@ -76,6 +81,8 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
                 lease_ttl=config.lease_ttl, grace_s=config.shutdown_grace_s):
             await stop.wait()
     finally:
+        for recorder in recorders:
+            await recorder.close()
         if jobs is not None:
             await jobs.close()
         for pool in pools:

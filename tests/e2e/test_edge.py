@@ -68,8 +68,8 @@ WRONG = [  # method, path, status, allow
     ("GET", "/v1/generate", 405, "POST"),
     ("PUT", "/v1/generate", 405, "POST"),
     ("GET", "/v1/generate:stream", 405, "POST"),
-    ("DELETE", "/v1/models", 405, "GET"),
-    ("POST", "/v1/models", 405, "GET"),
+    ("DELETE", "/v1/meshserve/models", 405, "GET"),
+    ("POST", "/v1/meshserve/models", 405, "GET"),
     ("GET", "/v1/nothing", 404, None),
     ("POST", "/v2/generate", 404, None),
     ("GET", "/", 404, None),
@@ -116,7 +116,7 @@ def test_the_public_api_is_still_routed(mesh):
     assert code == 200 and json.loads(out)["text"] == "one two"
     code, _, out = http(mesh, "POST", "/v1/generate:stream", body.encode())
     assert code == 200 and "".join(json.loads(x)["text"] for x in out.splitlines()) == "one two"
-    code, _, out = http(mesh, "GET", "/v1/models")
+    code, _, out = http(mesh, "GET", "/v1/meshserve/models")  # GET /v1/models is OpenAI's list
     assert code == 200 and json.loads(out)["models"][0]["name"] == MODEL
 
 

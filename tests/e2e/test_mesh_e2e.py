@@ -106,7 +106,7 @@ def test_json_over_http_transcoding(mesh, stub):
                                              "sampling": {"max_tokens": 3}}) as resp:
         lines = [json.loads(x) for x in resp.read().decode().splitlines() if x.strip()]
     assert [x["text"] for x in lines] == ["a", " b", " a"]
-    with urllib.request.urlopen(f"http://{mesh.envoy}/v1/models", timeout=10) as resp:
+    with urllib.request.urlopen(f"http://{mesh.envoy}/v1/meshserve/models", timeout=10) as resp:
         models = json.loads(resp.read())["models"]
     assert models == [{"name": MODEL, "ready_replicas": 2, "regions": ["local"]}]
 

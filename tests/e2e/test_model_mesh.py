@@ -11,8 +11,9 @@ import grpc
 import pytest
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
-from services.localmesh.mesh import LocalMesh, MeshPlan, ServerPlan
-from tests.helpers import chat, metrics_text, running_mesh
+from services.localmesh.mesh import LocalMesh
+from tests.e2e.conftest import SMOLLM2, SMOLLM2_MAX_CONTEXT
+from tests.helpers import chat, metrics_text
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
@@ -24,14 +25,10 @@ SYSTEM = ("You are a helpful assistant for a company that ships spare parts for 
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory) -> Iterator[LocalMesh]:
-    plan = MeshPlan(
-        data_dir=tmp_path_factory.mktemp("model-mesh"), base_port=0, lease_ttl=3,
-        servers=[ServerPlan("server-0", [f"{MODEL}=torch:embedded"],
-                            engine_options=["threads=2", "kv_cache_blocks=256",
-                                            f"max_context={MAX_CONTEXT}"])])
-    with running_mesh(plan) as m:
-        yield m
+def mesh(smollm2_mesh: LocalMesh) -> LocalMesh:
+    """The session's SmolLM2 mesh (tests/e2e/conftest.py), shared to load the model once."""
+    assert (MODEL, MAX_CONTEXT) == (SMOLLM2, SMOLLM2_MAX_CONTEXT)
+    return smollm2_mesh
 
 
 @pytest.fixture(scope="module")

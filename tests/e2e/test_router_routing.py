@@ -180,7 +180,6 @@ def test_shedding_by_priority_when_everything_is_saturated(mesh, stubs):
 
 
 def _queued(mesh) -> float:
-    for line in metrics_text(mesh.metrics["router0"]).splitlines():
-        if line.startswith("meshserve_router_queue_depth "):
-            return float(line.split()[1])
-    return -1.0
+    """Requests waiting in router0's queues (the gauge is per model)."""
+    return sum(float(line.split()[-1]) for line in metrics_text(mesh.metrics["router0"]).splitlines()
+               if line.startswith("meshserve_router_queue_depth{"))

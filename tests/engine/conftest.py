@@ -43,7 +43,7 @@ def smol(run):
     """A started TorchEngine on the embedded SmolLM2 GGUF (float32 so it matches transformers)."""
     from services.modelserver.torch_engine import TorchEngine, TorchEngineConfig
 
-    cfg = TorchEngineConfig(dtype="float32", threads=2, kv_cache_blocks=256, max_running=16,
+    cfg = TorchEngineConfig(dtype="float32", threads=2, kv_cache_blocks=64, max_running=16,
                             step_token_budget=256, max_context=2048)
     engine = TorchEngine("smollm2", "embedded", cfg)
     run(engine.start())

@@ -34,14 +34,13 @@ def tiny_hf_model(kind: str, folder) -> torch.nn.Module:
     torch.manual_seed(0)
     common: dict[str, Any] = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
-    model: transformers.PreTrainedModel
+    model: Any
     if kind == "qwen2":
-        qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=False))
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common, tie_word_embeddings=False))
         with torch.no_grad():  # random init leaves biases at zero; make them matter
-            for layer in qwen.model.layers:
+            for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_()
-        model = qwen
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, tie_word_embeddings=True))
     model.eval()
@@ -58,15 +57,16 @@ def test_hf_folder_matches_transformers_with_paged_chunked_attention(kind, tmp_p
     ids = torch.randint(0, 300, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     with torch.inference_mode():
         want = ref(torch.tensor([ids])).logits[0]
-    kv = KVCache.allocate(args, num_blocks=12, block_size=4, dtype=torch.float32)
-    table = [5, 2, 7, 0, 11, 3, 4, 6, 8, 10]  # scattered pages on purpose
-    got = []
-    # chunked prefill (17 + 20 tokens) then three single-token decode steps
-    for start, end in ((0, 17), (17, 37), (37, 38), (38, 39), (39, 40)):
-        batch = build_forward_batch([SeqSlice(ids[start:end], start, table, True)], block_size=4)
-        batch.logits_rows = torch.arange(end - start)
-        got.append(model.forward(batch, kv))
-    assert torch.allclose(torch.cat(got), want, atol=1e-4, rtol=1e-4)
+    # 4-token pages run the plain-torch path, 16-token ones the C++ kernels (when built)
+    for bs, table in ((4, [5, 2, 7, 0, 11, 3, 4, 6, 8, 10]), (16, [2, 0, 1])):  # scattered pages on purpose
+        kv = KVCache.allocate(args, num_blocks=12, block_size=bs, dtype=torch.float32)
+        got = []
+        # chunked prefill (17 + 20 tokens) then three single-token decode steps
+        for start, end in ((0, 17), (17, 37), (37, 38), (38, 39), (39, 40)):
+            batch = build_forward_batch([SeqSlice(ids[start:end], start, table, True)], block_size=bs)
+            batch.logits_rows = torch.arange(end - start)
+            got.append(model.forward(batch, kv))
+        assert torch.allclose(torch.cat(got), want, atol=1e-4, rtol=1e-4), bs
 
 
 def test_missing_and_malformed_sources_fail_clearly(tmp_path):

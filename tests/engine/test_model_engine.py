@@ -69,7 +69,9 @@ def test_greedy_matches_transformers(smol, run, hf_model):
 
 def test_repeated_system_prompt_hits_prefix_cache(smol, run):
     system = ("You are a meticulous assistant for a logistics company. Always answer in one short "
-              "sentence, mention no names, and never use lists or markdown formatting in replies.")
+              "sentence, mention no names, and never use lists or markdown formatting in replies. "
+              "Prefer metric units, state assumptions plainly, and when a shipment date is uncertain say "
+              "so instead of guessing; keep a calm, friendly and professional tone at all times.")
     first = run(collect(smol, chat("Say hello.", system=system, max_tokens=8)))
     second = run(collect(smol, chat("Say hello.", system=system, max_tokens=8)))
     other = run(collect(smol, chat("Say goodbye.", system=system, max_tokens=8)))
@@ -78,10 +80,11 @@ def test_repeated_system_prompt_hits_prefix_cache(smol, run):
     tok = smol.tokenizer
     a = tok.encode_chat([("system", system), ("user", "Say hello.")])
     b = tok.encode_chat([("system", system), ("user", "Say goodbye.")])
-    common = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)  # first difference
-    assert common >= 32
-    # every full 16-token block of the shared system prompt is reused
-    assert other[-1].usage.cached_tokens == common // 16 * 16
+    common = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+    bs = smol.config.block_size
+    assert common >= bs
+    # every full page of the shared system prompt is reused
+    assert other[-1].usage.cached_tokens == common // bs * bs
     assert tokens_of(second) == tokens_of(first)
     assert smol.load().prefix_cache_hit_rate > 0
 
@@ -268,7 +271,7 @@ def test_resume_token_ids_continue_generation(smol, run):
 def test_load_report(smol, run):
     run(collect(smol, prompt("Count: one, two,", max_tokens=8)))
     load = smol.load()
-    assert load.kv_blocks_total == 256 and load.max_running == 16
+    assert load.kv_blocks_total == 64 and load.max_running == 16
     assert load.tokens_per_second > 0 and load.queue_depth == 0
     assert smol.ready and smol.max_context == 2048
 
@@ -308,41 +311,36 @@ def test_hf_folder_export_serves_same_output(smol, run, tmp_path):
     assert tokens_of(got) == tokens_of(want) and text_of(got) == "The capital of France is Paris."
 
 
-def test_bfloat16_packed_weights_path(smol):
-    """The fast CPU path (bf16, oneDNN-packed weights) still answers correctly, batched or not."""
+def _last_logits(model, ids: list[int], dtype: torch.dtype) -> torch.Tensor:
+    from services.modelserver.torch_engine.forward_batch import SeqSlice, build_forward_batch
+
+    kv = KVCache.allocate(model.args, num_blocks=-(-len(ids) // 64), block_size=64, dtype=dtype)
+    return model.forward(build_forward_batch([SeqSlice(ids, 0, list(range(kv.num_blocks)), True)], 64), kv)[0]
+
+
+def test_bfloat16_and_int8_paths_stay_close_to_float32(smol):
+    """bf16 (the default on CPUs with native bf16) and the opt-in int8 path, against float32 logits.
+
+    This 135M model has near-ties (the France prompt's top two differ by 0.08 in float32), so exact
+    greedy text is not a property of reduced precision; closeness of the logits and agreement of
+    the top token where float32 is decisive are.
+    """
     from services.modelserver.torch_engine.model import LlamaModel
     from services.modelserver.torch_engine.weights import load_checkpoint
 
     args, tensors = load_checkpoint("embedded")
-    model = LlamaModel(args, tensors, torch.bfloat16, 2048)
-    kv = KVCache.allocate(args, num_blocks=64, block_size=16, dtype=torch.bfloat16)
-    core = EngineCore(model, kv, smol.tokenizer.decode, smol.tokenizer.eos_token_ids, max_running=8,
-                      token_budget=256, max_context=2048)
-    ids = smol.tokenizer.encode_chat([("user", FRANCE)])
-    core.add_request(CoreRequest("alone", ids, SamplingParams(max_tokens=16)))
-    alone = _drain(core)["alone"]
-    for i in range(4):
-        core.add_request(CoreRequest(f"b{i}", ids, SamplingParams(max_tokens=16)))
-    batched = _drain(core)
-    assert smol.tokenizer.decode(alone) == "The capital of France is Paris."
-    assert all(smol.tokenizer.decode(v) == "The capital of France is Paris." for v in batched.values())
-
-
-def test_int8_single_sequence_path_answers_the_same(smol):
-    """Steps of one token use the weight-only int8 copies; batched steps keep bf16. Both answer right."""
-    from services.modelserver.torch_engine.model import LlamaModel
-    from services.modelserver.torch_engine.weights import load_checkpoint
-
-    args, tensors = load_checkpoint("embedded")
-    model = LlamaModel(args, tensors, torch.bfloat16, 2048, int8_max_tokens=1)
-    if not model.layers[0].qkv.int8_max_rows:
-        pytest.skip("this torch build lacks _weight_int8pack_mm")
-    kv = KVCache.allocate(args, num_blocks=64, block_size=16, dtype=torch.bfloat16)
-    core = EngineCore(model, kv, smol.tokenizer.decode, smol.tokenizer.eos_token_ids, max_running=8,
-                      token_budget=256, max_context=2048)
-    ids = smol.tokenizer.encode_chat([("user", FRANCE)])
-    core.add_request(CoreRequest("alone", ids, SamplingParams(max_tokens=16)))
-    assert smol.tokenizer.decode(_drain(core)["alone"]) == "The capital of France is Paris."
-    for i in range(3):
-        core.add_request(CoreRequest(f"b{i}", ids, SamplingParams(max_tokens=16)))
-    assert all(smol.tokenizer.decode(v) == "The capital of France is Paris." for v in _drain(core).values())
+    variants = {"bf16": LlamaModel(args, tensors, torch.bfloat16, 2048)}
+    int8 = LlamaModel(args, tensors, torch.bfloat16, 2048, int8_max_tokens=4096)
+    if int8.layers[0].qkv.int8_max_rows:
+        variants["int8"] = int8
+    tok = smol.tokenizer
+    for text in ("Write a haiku about the sea.", "List three colors.", FRANCE):
+        ids = tok.encode_chat([("user", text)])
+        ref = _last_logits(smol.core.model, ids, torch.float32)
+        top2 = ref.topk(2)
+        for name, model in variants.items():
+            got = _last_logits(model, ids, torch.bfloat16)
+            mean_err = (got - ref).abs().mean().item()
+            assert mean_err < (0.6 if name == "bf16" else 1.5), (name, text, mean_err)
+            if (top2.values[0] - top2.values[1]).item() > 1.0:
+                assert got.argmax().item() == top2.indices[0].item(), (name, text)

@@ -15,8 +15,11 @@ from services.modelserver.convert import load_to_proto
 from services.modelserver.engine.base import EngineLoad, InvalidRequestError
 from services.modelserver.servicer import ModelServerServicer
 
+# longer than one 64-token KV page, so a repeat is served partly from the prefix cache
 SYSTEM = ("You are a careful assistant for an insurance company. Reply in one plain sentence, "
-          "avoid jargon, never give legal advice, and do not use lists or markdown in answers.")
+          "avoid jargon, never give legal advice, and do not use lists or markdown in answers. When a "
+          "customer asks about a claim, ask for the claim number first, explain the next step plainly, "
+          "and never promise a payout date or amount that the claims team has not confirmed in writing.")
 
 
 def sample(name: str, model: str) -> float:

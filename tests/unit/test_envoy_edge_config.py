@@ -21,16 +21,18 @@ def _hcm(cfg: dict) -> dict:
 
 def test_only_public_grpc_services_route_to_routers():
     routes = _hcm(_config())["route_config"]["virtual_hosts"][0]["routes"]
-    to_routers = [r["match"]["prefix"] for r in routes if "route" in r]
+    to_routers = [r["match"]["prefix"] for r in routes if r.get("route", {}).get("cluster") == "routers"]
     assert to_routers == ["/meshserve.v1.InferenceService/", "/inference.GRPCInferenceService/",
                           "/meshserve.v1.JobService/", "/grpc.reflection.v1alpha.ServerReflection/",
                           "/grpc.reflection.v1.ServerReflection/", "/grpc.health.v1.Health/"]
-    assert all(r["match"]["headers"][0]["name"] == "content-type" for r in routes if "route" in r)
+    assert all(r["match"]["headers"][0]["name"] == "content-type" for r in routes
+               if r.get("route", {}).get("cluster") == "routers")
     assert routes[-1]["match"] == {"prefix": "/"} and routes[-1]["direct_response"]["status"] == 404
     allowed = {r["match"]["path"]: {h["header"]["key"]: h["header"]["value"]
                                     for h in r["response_headers_to_add"]}["allow"]
                for r in routes if r.get("direct_response", {}).get("status") == 405}
-    assert allowed == {"/v1/generate": "POST", "/v1/generate:stream": "POST", "/v1/models": "GET"}
+    assert allowed == {"/v1/generate": "POST", "/v1/generate:stream": "POST", "/v1/models": "GET",
+                       "/v1/meshserve/models": "GET", "/v1/chat/completions": "POST", "/v1/completions": "POST"}
 
 
 def test_outlier_detection_counts_only_local_origin_errors():

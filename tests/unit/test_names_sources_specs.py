@@ -23,12 +23,21 @@ def test_valid_names(name):
 @pytest.mark.parametrize("name, words", [
     ("", "required"), ("..", "not a valid name"), (" ", "not a valid name"),
     (".hidden", "not a valid name"), ("a/b", "'/'"), ("a b", "spaces"), ("a\nb", "not a valid"),
-    ("m@v1", "reserved"), ("x" * 129, "129 characters"), ("é", "not a valid name"),
+    ("m@", "model version"), ("m@v1@v2", "model version"), ("@v1", "required"),
+    ("x" * 129, "129 characters"), ("é", "not a valid name"),
 ])
 def test_invalid_names_say_which_rule(name, words):
     with pytest.raises(InvalidArgument) as info:
         names.check_model_name(name)
     assert words in info.value.message
+
+
+def test_versions_are_model_names_only():
+    assert names.check_model_name("smollm2@v2") == "smollm2@v2"
+    assert names.split_version("smollm2@v2") == ("smollm2", "v2")
+    assert keyspace.model_key("m@v1") == "/meshserve/models/m@v1"
+    with pytest.raises(InvalidArgument, match="reserved"):
+        names.check_server_id("s@1")
 
 
 def test_keys_are_built_only_from_valid_names():

@@ -43,7 +43,7 @@ class HFRunner:
         self.model = AutoModelForCausalLM.from_pretrained(config["folder"], dtype=torch.bfloat16).eval()
         self.info = {"mode": self.mode, "dtype": "bfloat16", "threads": torch.get_num_threads()}
 
-    def _generate(self, batch: list[tuple[dict, Record]], clock: Clock) -> None:
+    def _generate(self, batch: list[tuple[dict, Record]], clock: Clock, sampling: dict) -> None:
         width = max(len(r["prompt_ids"]) for r, _ in batch)
         ids = torch.zeros((len(batch), width), dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -59,10 +59,12 @@ class HFRunner:
                 if len(rec.times) < rec.max_tokens:
                     rec.token(now)
 
+        temp = float(sampling.get("temperature", 0.0))
+        extra = {"do_sample": True, "temperature": temp, "top_p": float(sampling.get("top_p", 1.0)),
+                 "top_k": 0} if temp > 0 else {"do_sample": False}
         with torch.inference_mode():
             self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest,
-                                min_new_tokens=longest, do_sample=False, pad_token_id=0,
-                                streamer=_StepTimes(on_step))
+                                min_new_tokens=longest, pad_token_id=0, streamer=_StepTimes(on_step), **extra)
 
     def run(self, scenario: dict) -> list[Record]:
         arrivals, clock = Arrivals(scenario), Clock()
@@ -78,7 +80,7 @@ class HFRunner:
                                                       >= self.max_wait_s))
             if full or flush:
                 batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
-                self._generate(batch, clock)
+                self._generate(batch, clock, scenario.get("sampling", {}))
                 continue
             nxt = arrivals.next_arrival()
             if nxt is not None:

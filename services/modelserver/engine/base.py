@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import enum
+import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
@@ -20,7 +21,8 @@ from services.common.errors import InvalidArgument, ResourceExhausted, Unavailab
 from services.common.validation import ChatMessage, Priority, SamplingParams, ValidRequest, check_content, check_resume
 
 __all__ = ["CapacityError", "ChatMessage", "Engine", "EngineLoad", "EngineUnavailableError", "FinishReason",
-           "GenerationChunk", "GenerationRequest", "InvalidRequestError", "Priority", "SamplingParams", "Usage"]
+           "GenerationChunk", "GenerationRequest", "InvalidRequestError", "Priority", "SamplingParams", "Timeline",
+           "Usage"]
 
 
 class FinishReason(enum.Enum):
@@ -43,6 +45,19 @@ class EngineUnavailableError(Unavailable):
 
 
 @dataclass
+class Timeline:
+    """When the engine first took the request into its running batch (time.time_ns(); 0 = the
+    backend does not say). Engines only write it; tracing reads it to split the wait in the
+    engine's queue from prefill."""
+
+    scheduled_ns: int = 0
+
+    def scheduled(self) -> None:
+        if not self.scheduled_ns:
+            self.scheduled_ns = time.time_ns()
+
+
+@dataclass
 class GenerationRequest:
     """What an engine runs: a validated request plus where it stands (deadline).
 
@@ -61,6 +76,7 @@ class GenerationRequest:
     resume_token_ids: Sequence[int] = ()
     # time.monotonic() value after which the request is cancelled; None = no deadline.
     deadline: float | None = None
+    timeline: Timeline = field(default_factory=Timeline, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_content(self.prompt, self.messages)

@@ -119,12 +119,19 @@ SIM = (
     _opt("max_context", int, 2048, "prompt + output tokens per request", low=1, high=1 << 24),
     _opt("hang_file", str, "", "fault injection: generation hangs while this file exists",
          server_only=True),
+    _opt("load_s", float, 0.0, "seconds the engine takes to load (a model being placed stays LOADING)",
+         low=0, high=3600),
+    _opt("error_rate", float, 0.0, "fault injection: this share of requests fails UNAVAILABLE before "
+         "the first token", low=0, high=1),
+    _opt("error_after_s", float, 0.0, "fault injection: error_rate applies from this many seconds "
+         "after the engine started", low=0, high=1e6),
 )
 TORCH = (
-    _opt("dtype", str, "auto", "weights and activations; auto measures and keeps the faster",
+    _opt("dtype", str, "auto", "weights and activations; auto = bf16 where the CPU computes it natively",
          choices=("auto", "float32", "bfloat16")),
     _opt("threads", int, 0, "torch intra-op threads (0 = torch's default)", low=0, high=1024),
-    _opt("block_size", int, 16, "tokens per KV cache page", low=1, high=1024),
+    _opt("block_size", int, 64, "tokens per KV cache page (the C++ kernel takes 16, 32, 64 or 128)", low=1,
+         high=1024),
     _opt("kv_cache_blocks", int, 0, "KV pool in blocks (0 = from kv_cache_bytes)", low=0,
          high=1 << 30),
     _opt("kv_cache_bytes", int, 512 * 1024 * 1024, "KV pool in bytes when kv_cache_blocks is 0",
@@ -134,8 +141,14 @@ TORCH = (
     _opt("max_context", int, 4096, "prompt + output tokens (0 = the model's own limit)", low=0,
          high=1 << 24),
     _opt("max_waiting", int, 1024, "requests queued before CapacityError", low=1, high=1 << 24),
-    _opt("int8_max_tokens", int, 1, "steps up to this many tokens use int8 weights (0 = never)",
+    _opt("int8_max_tokens", int, 0, "steps up to this many tokens use int8 weights (0 = never; changes answers)",
          low=0, high=1 << 20),
+    _opt("batch_invariant", bool, False, "greedy output independent of batching, chunking and cache state"),
+    _opt("invariant_rows", int, 16, "GEMM block rows in batch-invariant mode", low=1, high=4096),
+    _opt("pause_chunks", int, 64, "unread chunks at which a request pauses (backpressure)", low=1,
+         high=1 << 20),
+    _opt("resume_chunks", int, 16, "unread chunks below which a paused request resumes", low=1,
+         high=1 << 20),
     _opt("warmup", bool, True, "run a short generation at start"),
 )
 TENSORRT_LLM = (
@@ -176,9 +189,21 @@ def _torch_pool(values: Mapping[str, object]) -> str:
     return ""
 
 
+def _torch_modes(values: Mapping[str, object]) -> str:
+    pause, resume = values.get("pause_chunks", 64), values.get("resume_chunks", 16)
+    if isinstance(pause, int) and isinstance(resume, int) and resume >= pause:
+        return f"resume_chunks ({resume}) must be below pause_chunks ({pause})"
+    if values.get("batch_invariant"):
+        if values.get("block_size", 64) not in (16, 32, 64, 128):
+            return f"batch_invariant needs block_size 16, 32, 64 or 128, got {values.get('block_size')}"
+        if values.get("int8_max_tokens", 0):
+            return "batch_invariant excludes the int8 path (int8_max_tokens must be 0)"
+    return ""
+
+
 #: Rules across options, per backend: '' when fine, else the problem.
 CROSS_CHECKS: dict[str, tuple[Callable[[Mapping[str, object]], str], ...]] = {
-    "torch": (_torch_pool,), "tensorrt_llm": (_trt_tokens,)}
+    "torch": (_torch_pool, _torch_modes), "tensorrt_llm": (_trt_tokens,)}
 
 
 def check_backend(backend: str) -> tuple[Option, ...]:

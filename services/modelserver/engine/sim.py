@@ -13,6 +13,7 @@ import heapq
 import itertools
 import math
 import os
+import random
 import time
 import zlib
 from collections import deque
@@ -54,6 +55,12 @@ class SimConfig:
     # Fault injection for failure tests: while this file exists, generation hangs (the process,
     # its lease and its gRPC health service stay up), like a wedged engine.
     hang_file: str = ""
+    # Fault injection for traffic tests (canary rollback, fallback): from error_after_s after the
+    # start, this share of requests fails with UNAVAILABLE before its first token.
+    error_rate: float = 0.0
+    error_after_s: float = 0.0
+    # A model that takes time to load (rollout tests: no traffic may reach it before READY).
+    load_s: float = 0.0
 
     def __post_init__(self) -> None:
         """Refuse values the engine cannot run with (tokens_per_second=0 would divide by zero
@@ -86,9 +93,13 @@ class SimEngine(Engine):
         # request id -> when it handed its last chunk over and waits for the consumer to pull.
         self._handed_over: dict[str, float] = {}
         self._pump: asyncio.Task | None = None
+        self._started_at = time.monotonic()
 
     async def start(self) -> None:
+        if self.config.load_s:
+            await asyncio.sleep(self.config.load_s)
         self._ready = True
+        self._started_at = time.monotonic()
         self._pump = asyncio.get_running_loop().create_task(self._admit_behind_paused(), name="sim-pump")
 
     async def stop(self) -> None:
@@ -181,8 +192,12 @@ class SimEngine(Engine):
         cfg = self.config
         if cfg.hang_file != "" and await asyncio.to_thread(os.path.exists, cfg.hang_file):
             await asyncio.Event().wait()  # until the caller gives up and cancels
+        if cfg.error_rate and time.monotonic() - self._started_at >= cfg.error_after_s \
+                and random.random() < cfg.error_rate:
+            raise EngineUnavailableError(f"injected fault: error_rate={cfg.error_rate:g} on {self.model_name}")
         rid = f"{request.request_id}#{next(self._seq)}"
         await self._admit(request, rid, len(words))
+        request.timeline.scheduled()
         start = len(request.resume_token_ids)
         completion = start
         tail = ""  # enough of the text to find a stop string that ends in the next piece

@@ -34,7 +34,8 @@ def main() -> None:
     dtype = resolve_dtype(a.dtype)
     cfg = TorchEngineConfig(max_running=128, step_token_budget=1024)
     model = LlamaModel(args, tensors, dtype, 4096, int8_max_tokens=a.int8_max_tokens)
-    kv = KVCache.allocate(args, cfg.num_blocks(KVCache.bytes_per_block(args, 16, dtype)), 16, dtype)
+    bs = cfg.block_size
+    kv = KVCache.allocate(args, cfg.num_blocks(KVCache.bytes_per_block(args, bs, dtype)), bs, dtype)
     print(f"dtype={dtype} threads={torch.get_num_threads()} kv_blocks={kv.num_blocks} "
           f"int8_max_tokens={a.int8_max_tokens}")
     for bsz in (int(x) for x in a.batches.split(",")):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -14,12 +13,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 @dataclass
 class TorchEngineConfig:
-    #: "float32", "bfloat16" or "auto" (measure a batched matmul at start and keep the faster one).
+    #: "float32", "bfloat16" or "auto": bf16 where the CPU computes it natively (AVX-512-BF16 or
+    #: AMX), float32 elsewhere. Decided from CPU flags, not timings, so every replica on the same
+    #: hardware runs the same arithmetic and gives the same answers.
     dtype: str = "auto"
     #: torch intra-op threads; 0 keeps torch's default.
     threads: int = 0
-    #: tokens per KV cache page.
-    block_size: int = 16
+    #: tokens per KV cache page (the C++ kernel takes 16, 32, 64 or 128; 64 measured fastest).
+    block_size: int = 64
     #: KV pool size in blocks; when 0 it is derived from kv_cache_bytes. The pool is never exceeded.
     kv_cache_blocks: int = 0
     kv_cache_bytes: int = 512 * 1024 * 1024
@@ -32,14 +33,24 @@ class TorchEngineConfig:
     #: requests allowed to wait for admission before generate() raises CapacityError.
     max_waiting: int = 1024
     #: steps computing at most this many tokens use weight-only int8 matmuls (bf16 only; 0 = never):
-    #: a lone decoding sequence is bound by weight bytes read, which int8 halves.
-    int8_max_tokens: int = 1
+    #: a lone decoding sequence is bound by weight bytes read, which int8 halves. Off by default
+    #: because it changes answers (logits move by up to ~1.4; see docs/architecture.md).
+    int8_max_tokens: int = 0
+    #: greedy output independent of batch composition, chunking and prefix-cache state: GEMMs run
+    #: in fixed blocks of `invariant_rows` rows, attention in the C++ kernel (required), no int8.
+    batch_invariant: bool = False
+    invariant_rows: int = 16
+    #: backpressure: a request whose consumer has this many chunks unread stops being scheduled
+    #: (it keeps its KV blocks) until it drains below `resume_chunks`.
+    pause_chunks: int = 64
+    resume_chunks: int = 16
     #: run a short generation in start() so the first real request does not pay for lazy init.
     warmup: bool = True
 
     def validate(self) -> None:
-        """Fail at construction rather than deep inside the step loop; the ranges live in the
-        option schema (services/modelserver/engine/options.py), shared with the control plane."""
+        """Fail at construction rather than deep inside the step loop; the ranges and the rules
+        across options live in the option schema (services/modelserver/engine/options.py), shared
+        with the control plane, which refuses the same values when a deployment is written."""
         check_values("torch", asdict(self))
 
     def num_blocks(self, bytes_per_block: int) -> int:
@@ -53,22 +64,14 @@ class TorchEngineConfig:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """Map the config string to a dtype; "auto" times a decode-sized matmul in both and keeps the faster.
+    """Map the config string to a dtype; "auto" is bf16 where the CPU has native bf16 math.
 
-    bf16 wins by 3-4x on CPUs with AMX/AVX512-BF16 and loses badly on CPUs without, so measuring
-    beats guessing from flags.
+    bf16 wins by 3-4x on CPUs with AMX/AVX512-BF16 and loses badly on CPUs without.
     """
     if name != "auto":
         return _DTYPES[name]
-    timings = {}
-    for dt in (torch.float32, torch.bfloat16):
-        x = torch.randn(32, 576, dtype=dt)
-        w = torch.randn(1536, 576, dtype=dt)
-        with torch.inference_mode():
-            for _ in range(3):
-                torch.nn.functional.linear(x, w)
-            t0 = time.perf_counter()
-            for _ in range(20):
-                torch.nn.functional.linear(x, w)
-            timings[dt] = time.perf_counter() - t0
-    return min(timings, key=timings.__getitem__)
+    cpu = torch.cpu
+    if cpu._is_amx_tile_supported():  # noqa: SLF001 - torch exposes these CPU probes only privately
+        cpu._init_amx()  # noqa: SLF001 - Linux grants AMX tile state per process; without it: SIGILL
+        return torch.bfloat16
+    return torch.bfloat16 if cpu._is_avx512_bf16_supported() else torch.float32  # noqa: SLF001

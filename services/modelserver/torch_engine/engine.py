@@ -3,6 +3,11 @@
 The core loop runs in one dedicated thread (torch releases the GIL inside kernels, so the event
 loop stays responsive); requests and aborts reach it through an inbox guarded by a condition
 variable, and chunks come back per request via loop.call_soon_threadsafe into an asyncio.Queue.
+
+Backpressure: each stream counts chunks sent (core thread) and taken (consumer). A request whose
+consumer lets `pause_chunks` pile up is paused - the scheduler skips it and it keeps its KV
+blocks - until the consumer drains it to `resume_chunks`; others run on meanwhile. A consumer
+that never comes back is cancelled by whoever owns it closing the iterator.
 """
 
 from __future__ import annotations
@@ -40,6 +45,13 @@ log = logging.getLogger(__name__)
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    sent: int = 0  # written by the core thread only
+    taken: int = 0  # written by the consumer only
+    paused: bool = False  # core thread's view, mirrored into the scheduler
+
+    @property
+    def unread(self) -> int:
+        return self.sent - self.taken
 
 
 class TorchEngine(Engine):
@@ -93,7 +105,8 @@ class TorchEngine(Engine):
         tokenizer = Tokenizer(path)
         dtype = resolve_dtype(cfg.dtype)
         max_context = min(args.max_position, cfg.max_context or args.max_position)
-        model = LlamaModel(args, tensors, dtype, max_context, int8_max_tokens=cfg.int8_max_tokens)
+        model = LlamaModel(args, tensors, dtype, max_context, int8_max_tokens=cfg.int8_max_tokens,
+                           invariant_rows=cfg.invariant_rows if cfg.batch_invariant else 0)
         del tensors
         num_blocks = cfg.num_blocks(KVCache.bytes_per_block(args, cfg.block_size, dtype))
         kv = KVCache.allocate(args, num_blocks, cfg.block_size, dtype)
@@ -154,6 +167,10 @@ class TorchEngine(Engine):
         try:
             while True:
                 item = await stream.queue.get()
+                stream.taken += 1
+                if stream.paused and stream.unread <= self.config.resume_chunks:
+                    with self._cv:  # the core thread may be idle with only paused work
+                        self._cv.notify()
                 if isinstance(item, BaseException):
                     done = True
                     raise item
@@ -195,7 +212,7 @@ class TorchEngine(Engine):
             raise InvalidRequestError(
                 f"request needs {need} KV blocks but the pool holds {blocks.num_blocks}; lower max_tokens")
         return CoreRequest(request_id="", prompt_ids=ids, sampling=p, priority=int(request.priority),
-                           resume_ids=resume, deadline=request.deadline)
+                           resume_ids=resume, deadline=request.deadline, timeline=request.timeline)
 
     # ---- core thread ---------------------------------------------------------------------------
     def _submit(self, kind: str, payload: object) -> None:
@@ -207,8 +224,21 @@ class TorchEngine(Engine):
         final = isinstance(item, BaseException) or getattr(item, "finish_reason", None) is not None
         stream = self._streams.pop(rid, None) if final else self._streams.get(rid)
         if stream is not None:
+            stream.sent += 1
             with contextlib.suppress(RuntimeError):  # the consumer's loop is closed
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _apply_backpressure(self, core: EngineCore) -> None:
+        """Pause requests whose consumers fell behind; resume those that caught up."""
+        cfg = self.config
+        for rid, stream in list(self._streams.items()):
+            unread = stream.unread
+            if not stream.paused and unread >= cfg.pause_chunks:
+                stream.paused = True
+                core.set_paused(rid, True)
+            elif stream.paused and unread <= cfg.resume_chunks:
+                stream.paused = False
+                core.set_paused(rid, False)
 
     def _run(self) -> None:
         if self.config.threads:
@@ -216,17 +246,20 @@ class TorchEngine(Engine):
         core = self.core
         assert core is not None
         while True:
+            self._apply_backpressure(core)
             with self._cv:
-                while not self._inbox and not core.has_work() and not self._shutdown:
-                    self._cv.wait()
+                while not self._inbox and not core.has_runnable() and not self._shutdown:
+                    # only paused work left: wake on a consumer's notify, or soon to expire deadlines
+                    self._cv.wait(timeout=0.1 if core.has_work() else None)
+                    self._apply_backpressure(core)
                 if self._shutdown:
                     return
                 inbox, self._inbox = self._inbox, []
             for kind, payload in inbox:
                 if kind == "add":
-                    core.add_request(payload)  # type: ignore[arg-type]  # "add" carries a CoreRequest
+                    core.add_request(payload)  # type: ignore[arg-type]
                 else:
-                    core.abort(payload)  # type: ignore[arg-type]  # "abort" carries a request id
+                    core.abort(payload)  # type: ignore[arg-type]
             try:
                 outputs = core.step()
             except Exception as e:  # scheduler/sampler bug: fail everything rather than hang clients

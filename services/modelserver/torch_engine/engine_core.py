@@ -12,7 +12,7 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
-from ..engine.base import FinishReason, GenerationChunk, SamplingParams, Usage
+from ..engine.base import FinishReason, GenerationChunk, SamplingParams, Timeline, Usage
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
 from .forward_batch import SeqSlice, build_forward_batch
@@ -32,6 +32,7 @@ class CoreRequest:
     priority: int = 2
     resume_ids: list[int] = field(default_factory=list)
     deadline: float | None = None  # time.monotonic() value
+    timeline: Timeline | None = None  # the scheduler marks first admission (tracing)
 
 
 @dataclass
@@ -72,7 +73,7 @@ class EngineCore:
         seq = Sequence(
             seq_id=self._arrivals, token_ids=list(req.prompt_ids) + list(req.resume_ids),
             num_prompt_tokens=len(req.prompt_ids), max_tokens=p.max_tokens, priority=int(req.priority),
-            arrival=self._arrivals, deadline=req.deadline)
+            arrival=self._arrivals, deadline=req.deadline, timeline=req.timeline)
         row = SamplingRow(p.temperature, p.top_k, p.top_p, make_generator(p.seed), p.logprobs)
         detok = IncrementalDetokenizer(self.decode, seq.token_ids, p.stop)
         self._active[req.request_id] = _Active(req, seq, row, detok, self.eos_token_ids | frozenset(p.stop_token_ids))
@@ -94,6 +95,18 @@ class EngineCore:
 
     def has_work(self) -> bool:
         return bool(self._active)
+
+    def has_runnable(self) -> bool:
+        """Work a step could do now: a request that is not paused, or one whose deadline passed."""
+        now = self.clock()
+        return any(not a.seq.paused or (a.req.deadline is not None and now >= a.req.deadline)
+                   for a in self._active.values())
+
+    def set_paused(self, request_id: str, paused: bool) -> None:
+        """Backpressure: a paused request is not scheduled and keeps its KV blocks."""
+        a = self._active.get(request_id)
+        if a is not None:
+            a.seq.paused = paused
 
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[tuple[str, GenerationChunk]]:

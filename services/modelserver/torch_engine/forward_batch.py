@@ -1,7 +1,9 @@
 """Turn one step's scheduled work into the flat tensors the model consumes.
 
-Single-token slices (decodes, or a 1-token prefill tail) go first so the model attends to all of
-them in one padded batched call; multi-token prefill chunks follow and are attended per sequence.
+Single-token slices (decodes, or a 1-token prefill tail) go first, then multi-token prefill chunks.
+Each slice is one "sequence" of the step's attention: its query rows, its block table and its
+context length (cached tokens + this slice). The C++ kernel reads exactly that; the plain-torch
+path derives its padded decode batch and per-chunk spans from it once per step (attention.py).
 """
 
 from __future__ import annotations
@@ -22,77 +24,66 @@ class SeqSlice:
 
 
 @dataclass
-class PrefillSpan:
-    start_row: int
-    num_tokens: int
-    context_len: int  # cached + this chunk
-    block_ids: torch.Tensor  # [ceil(context_len / block_size)]
-    mask: torch.Tensor  # [num_tokens, context_len] bool, True = may attend
-
-
-@dataclass
 class ForwardBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     slot_mapping: torch.Tensor  # [T] flat KV slot each new token is written to
-    num_decode: int  # rows [0, num_decode) are single-token slices
-    decode_block_tables: torch.Tensor  # [D, max_blocks], padded with block 0 (masked out)
-    decode_mask: torch.Tensor  # [D, 1, 1, max_blocks * block_size] bool
-    prefills: list[PrefillSpan] = field(default_factory=list)
-    #: [S] rows whose logits we need (the builder always sets it).
-    logits_rows: torch.Tensor = None  # type: ignore[assignment]  # set by build_forward_batch
+    num_decode: int  # slices [0, num_decode) are single-token, at rows [0, num_decode)
+    seq_starts: list[int]  # [S + 1] query rows of slice s are [seq_starts[s], seq_starts[s + 1])
+    context_lens: list[int]  # [S] cached + this slice's tokens
+    block_tables: torch.Tensor  # [S, max_blocks] int32, padded with block 0 (never read: lengths bound it)
+    logits_rows: torch.Tensor = None  # type: ignore[assignment]  # [N] rows whose logits we need
     #: index into the input slices for each logits row, in logits order.
     logits_owner: list[int] = field(default_factory=list)
+    seq_starts_t: torch.Tensor = None  # type: ignore[assignment]  # int32 copies for the kernel
+    context_lens_t: torch.Tensor = None  # type: ignore[assignment]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
 
 
 def build_forward_batch(slices: list[SeqSlice], block_size: int) -> ForwardBatch:
-    """Flatten slices (decodes first) and precompute masks once per step, not once per layer."""
+    """Flatten slices (decodes first); every per-step tensor is built here once, not once per layer."""
     order = sorted(range(len(slices)), key=lambda i: len(slices[i].token_ids) != 1)
     ids: list[int] = []
     pos: list[int] = []
     slots: list[int] = []
     logits_rows: list[int] = []
     owners: list[int] = []
-    decode_tables: list[list[int]] = []
-    decode_lens: list[int] = []
-    prefills: list[PrefillSpan] = []
+    starts = [0]
+    ctx_lens: list[int] = []
+    tables: list[list[int]] = []
     for i in order:
         s = slices[i]
         n = len(s.token_ids)
         row = len(ids)
         ids.extend(s.token_ids)
+        table = s.block_table
         for p in range(s.start_pos, s.start_pos + n):
             pos.append(p)
-            slots.append(s.block_table[p // block_size] * block_size + p % block_size)
+            slots.append(table[p // block_size] * block_size + p % block_size)
         ctx = s.start_pos + n
-        if n == 1:
-            decode_tables.append(s.block_table[: -(-ctx // block_size)])
-            decode_lens.append(ctx)
-        else:
-            q_pos = torch.arange(s.start_pos, ctx).unsqueeze(1)
-            prefills.append(PrefillSpan(
-                start_row=row, num_tokens=n, context_len=ctx,
-                block_ids=torch.tensor(s.block_table[: -(-ctx // block_size)], dtype=torch.long),
-                mask=torch.arange(ctx).unsqueeze(0) <= q_pos,
-            ))
+        starts.append(row + n)
+        ctx_lens.append(ctx)
+        tables.append(table[: -(-ctx // block_size)])
         if s.needs_logits:
             logits_rows.append(row + n - 1)
             owners.append(i)
-    d = len(decode_tables)
-    width = max((len(t) for t in decode_tables), default=0)
-    tables = torch.zeros((d, width), dtype=torch.long)
-    for r, t in enumerate(decode_tables):
-        tables[r, : len(t)] = torch.tensor(t, dtype=torch.long)
-    lens = torch.tensor(decode_lens, dtype=torch.long)
-    mask = (torch.arange(width * block_size).unsqueeze(0) < lens.unsqueeze(1)).view(d, 1, 1, width * block_size)
+    width = max((len(t) for t in tables), default=0)
+    bt = torch.zeros((len(tables), max(width, 1)), dtype=torch.int32)
+    for r, t in enumerate(tables):
+        bt[r, : len(t)] = torch.tensor(t, dtype=torch.int32)
     return ForwardBatch(
         input_ids=torch.tensor(ids, dtype=torch.long),
         positions=torch.tensor(pos, dtype=torch.long),
         slot_mapping=torch.tensor(slots, dtype=torch.long),
-        num_decode=d,
-        decode_block_tables=tables,
-        decode_mask=mask,
-        prefills=prefills,
+        num_decode=sum(1 for i in order if len(slices[i].token_ids) == 1),
+        seq_starts=starts,
+        context_lens=ctx_lens,
+        block_tables=bt,
         logits_rows=torch.tensor(logits_rows, dtype=torch.long),
         logits_owner=owners,
+        seq_starts_t=torch.tensor(starts, dtype=torch.int32),
+        context_lens_t=torch.tensor(ctx_lens, dtype=torch.int32),
     )

@@ -9,8 +9,9 @@ so it can use a second, weight-only int8 copy (per-output-channel scales) that h
 read; bigger steps keep the bf16 GEMM, which is faster there because the int8 kernel's cost
 grows with the rows.
 
-Both kernels exist only under underscored torch.ops names (oneDNN's packed GEMM and ATen's int8
-weight-only GEMM have no public alias), hence the `noqa: SLF001` on each use.
+In batch-invariant mode (`fixed_rows` > 0) every GEMM runs on blocks of exactly that many rows, the
+last one zero-padded: a GEMM library picks its kernel (and so its reduction order) by shape, so a
+row's result then depends only on its own input, never on how many rows shared the step.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def _mkldnn_ok() -> bool:
     try:
         w = torch.randn(32, 16, dtype=torch.bfloat16)
         x = torch.randn(3, 16, dtype=torch.bfloat16)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_BATCH_HINT)  # noqa: SLF001 - torch op
-        got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: SLF001 - torch op
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_BATCH_HINT)  # noqa: SLF001 - no public op
+        got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: SLF001
         return bool(torch.allclose(got.float(), F.linear(x, w).float(), atol=0.1, rtol=0.02))
     except (AttributeError, RuntimeError):
         return False
@@ -47,7 +48,7 @@ def _int8_ok() -> bool:
         x = torch.randn(2, 32, dtype=torch.bfloat16)
         w = torch.randint(-127, 128, (8, 32), dtype=torch.int8)
         s = torch.rand(8, dtype=torch.bfloat16)
-        got = torch.ops.aten._weight_int8pack_mm(x, w, s)  # noqa: SLF001 - torch op
+        got = torch.ops.aten._weight_int8pack_mm(x, w, s)  # noqa: SLF001 - no public op
         want = F.linear(x.float(), w.float() * s.float()[:, None])
         return bool(torch.allclose(got.float(), want, atol=0.5, rtol=0.05))
     except (AttributeError, RuntimeError):
@@ -78,9 +79,11 @@ class Linear:
     `int8_max_rows` > 0 (bf16 only): inputs of at most that many rows use the int8 copy.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8_max_rows: int = 0) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, int8_max_rows: int = 0,
+                 fixed_rows: int = 0) -> None:
         self.out_features = weight.shape[0]
         self.bias = bias
+        self.fixed_rows = fixed_rows
         self.int8_max_rows = 0
         if int8_max_rows > 0 and weight.dtype == torch.bfloat16 and int8_available():
             with torch.inference_mode():
@@ -89,16 +92,24 @@ class Linear:
         self.packed = weight.dtype == torch.bfloat16 and packing_available()
         if self.packed:
             with torch.inference_mode():
-                reorder = torch.ops.mkldnn._reorder_linear_weight  # noqa: SLF001 - torch op
-                self.weight = reorder(weight.contiguous(), _PACK_BATCH_HINT)
+                self.weight = torch.ops.mkldnn._reorder_linear_weight(  # noqa: SLF001 - no public op
+                    weight.contiguous(), _PACK_BATCH_HINT)
         else:
             self.weight = weight.contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= self.int8_max_rows:
-            y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)  # noqa: SLF001 - torch op
+        m = self.fixed_rows
+        if m and x.shape[0]:
+            rows = x.shape[0]
+            if rows % m:
+                x = torch.cat([x, x.new_zeros((m - rows % m, x.shape[1]))])
+            return torch.cat([self._gemm(x[i:i + m]) for i in range(0, x.shape[0], m)])[:rows]
+        return self._gemm(x)
+
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor:
+        if 0 < x.shape[0] <= self.int8_max_rows:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)  # noqa: SLF001 - no public op
             return y if self.bias is None else y + self.bias
         if self.packed:
-            linear = torch.ops.mkldnn._linear_pointwise  # noqa: SLF001 - torch op
-            return linear(x, self.weight, self.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")  # noqa: SLF001
         return F.linear(x, self.weight, self.bias)

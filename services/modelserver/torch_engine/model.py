@@ -13,32 +13,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import ops as cpu_ops
+from .attention import KERNEL_BLOCK_SIZES, TorchAttention, kernel_attention
 from .forward_batch import ForwardBatch
+from .kv_cache import KVCache
 from .linear import Linear
 from .weights import ModelArgs
 
-
-@dataclass
-class KVCache:
-    """Pages of keys and values for every layer: [layers, num_blocks, block_size, kv_heads, head_dim]."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    block_size: int
-
-    @property
-    def num_blocks(self) -> int:
-        return self.k.shape[1]
-
-    @staticmethod
-    def bytes_per_block(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return 2 * args.num_layers * block_size * args.num_kv_heads * args.head_dim * elem
-
-    @classmethod
-    def allocate(cls, args: ModelArgs, num_blocks: int, block_size: int, dtype: torch.dtype) -> KVCache:
-        shape = (args.num_layers, num_blocks, block_size, args.num_kv_heads, args.head_dim)
-        return cls(torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype), block_size)
+__all__ = ["KVCache", "LlamaModel"]
 
 
 @dataclass
@@ -55,17 +37,28 @@ class LlamaModel:
     """Weights plus a forward over ForwardBatch; holds no per-request state."""
 
     def __init__(self, args: ModelArgs, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
-                 max_positions: int, int8_max_tokens: int = 0) -> None:
-        """`int8_max_tokens` > 0 (bf16): steps of at most that many tokens use int8 weight copies."""
+                 max_positions: int, int8_max_tokens: int = 0, use_cpu_ops: bool = True,
+                 invariant_rows: int = 0) -> None:
+        """`int8_max_tokens` > 0 (bf16): steps of at most that many tokens use int8 weight copies.
+        `use_cpu_ops`: run the C++ kernels when they are built (else, or when False, plain torch).
+        `invariant_rows` > 0: batch-invariant mode (GEMMs in fixed row blocks; needs the kernels)."""
         self.args = args
         self.dtype = dtype
+        self.ops = cpu_ops.load() if use_cpu_ops else None
+        if invariant_rows and (self.ops is None or int8_max_tokens):
+            raise ValueError(f"batch-invariant mode needs the C++ kernels (they are {cpu_ops.status()}) "
+                             "and no int8 path")
         q8 = int8_max_tokens
+        fixed = self.fixed_rows = invariant_rows
+
+        def lin(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+            return Linear(weight, bias, q8, fixed)
 
         def w(name: str) -> torch.Tensor:
             return tensors[name].to(dtype).contiguous()
 
         self.embed = w("embed")
-        self.lm_head = Linear(self.embed if args.tie_embeddings else w("lm_head"), int8_max_rows=q8)
+        self.lm_head = lin(self.embed if args.tie_embeddings else w("lm_head"))
         self.final_norm = w("final_norm")
         self.layers: list[_Layer] = []
         for i in range(args.num_layers):
@@ -75,11 +68,11 @@ class LlamaModel:
                 bias = torch.cat([tensors[p + "q_bias"], tensors[p + "k_bias"], tensors[p + "v_bias"]]).to(dtype)
             self.layers.append(_Layer(
                 attn_norm=w(p + "attn_norm"),
-                qkv=Linear(torch.cat([tensors[p + "q"], tensors[p + "k"], tensors[p + "v"]]).to(dtype), bias, q8),
-                o=Linear(w(p + "o"), int8_max_rows=q8),
+                qkv=lin(torch.cat([tensors[p + "q"], tensors[p + "k"], tensors[p + "v"]]).to(dtype), bias),
+                o=lin(w(p + "o")),
                 mlp_norm=w(p + "mlp_norm"),
-                gate_up=Linear(torch.cat([tensors[p + "gate"], tensors[p + "up"]]).to(dtype), int8_max_rows=q8),
-                down=Linear(w(p + "down"), int8_max_rows=q8),
+                gate_up=lin(torch.cat([tensors[p + "gate"], tensors[p + "up"]]).to(dtype)),
+                down=lin(w(p + "down")),
             ))
         # RoPE tables in the rotate-half layout, computed in float32 like transformers does.
         hd = args.head_dim
@@ -92,43 +85,55 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, b: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """Run all layers over the step's tokens, write their K/V, return float32 logits of logits_rows."""
+        if self.ops is None or kv.block_size not in KERNEL_BLOCK_SIZES:
+            if self.fixed_rows:
+                raise ValueError(f"batch-invariant mode needs a page size in {KERNEL_BLOCK_SIZES}")
+            return self._forward_torch(b, kv)
+        a = self.args
+        ops = self.ops
+        H, hd = a.num_heads, a.head_dim
+        T = b.num_tokens
+        eps = a.rms_norm_eps
+        x = self.embed[b.input_ids]
+        h = torch.empty_like(x)
+        q = torch.empty((T, H, hd), dtype=x.dtype)
+        act = torch.empty((T, a.intermediate_size), dtype=x.dtype)
+        ops.add_rms_norm(x, None, self.layers[0].attn_norm, eps, h)
+        for li, layer in enumerate(self.layers):
+            k_cache, v_cache = kv.k[li], kv.v[li]
+            ops.rope_and_cache(layer.qkv(h), self.cos, self.signed_sin, b.positions, b.slot_mapping, q, k_cache,
+                               v_cache)
+            attn = kernel_attention(ops, q, k_cache, v_cache, b)
+            ops.add_rms_norm(x, layer.o(attn.view(T, H * hd)), layer.mlp_norm, eps, h)
+            ops.silu_and_mul(layer.gate_up(h), act)
+            down = layer.down(act)
+            if li + 1 < len(self.layers):
+                ops.add_rms_norm(x, down, self.layers[li + 1].attn_norm, eps, h)
+            else:
+                x += down
+        x = x[b.logits_rows]
+        out = torch.empty_like(x)
+        ops.add_rms_norm(x, None, self.final_norm, eps, out)
+        return self.lm_head(out).float()
+
+    def _forward_torch(self, b: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """The plain-torch path: the fallback, and the oracle the kernels are tested against."""
         a = self.args
         H, KV, hd = a.num_heads, a.num_kv_heads, a.head_dim
-        G = H // KV
         inter = a.intermediate_size
-        T = b.input_ids.shape[0]
-        D = b.num_decode
+        T = b.num_tokens
         x = self.embed[b.input_ids]
+        attend = TorchAttention(b, H, kv.block_size)
         cos = self.cos[b.positions].unsqueeze(1)
         sin = self.signed_sin[b.positions].unsqueeze(1)
-        # Grouped-query trick: the G query heads sharing a KV head become G*n queries of one
-        # attention call, so K/V are never repeated. Masks are expanded once per step.
-        dec_bt = b.decode_block_tables.reshape(-1)  # index_select is ~3x faster than advanced indexing
-        dec_mask = b.decode_mask
-        spans = [(s.start_row, s.num_tokens, s.context_len, s.block_ids, s.mask.repeat(G, 1)) for s in b.prefills]
-        slots = b.slot_mapping
         for li, layer in enumerate(self.layers):
             h = F.rms_norm(x, (a.hidden_size,), layer.attn_norm, a.rms_norm_eps)
             qkv = layer.qkv(h)
             qk = qkv[:, : (H + KV) * hd].view(T, H + KV, hd)
             qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
-            q = qk[:, :H]
-            k_cache, v_cache = kv.k[li], kv.v[li]
-            k_cache.view(-1, KV, hd).index_copy_(0, slots, qk[:, H:])
-            v_cache.view(-1, KV, hd).index_copy_(0, slots, qkv[:, (H + KV) * hd:].view(T, KV, hd))
-            attn = torch.empty((T, H * hd), dtype=x.dtype)
-            if D:
-                kg = k_cache.index_select(0, dec_bt).view(D, -1, KV, hd).transpose(1, 2)
-                vg = v_cache.index_select(0, dec_bt).view(D, -1, KV, hd).transpose(1, 2)
-                out = F.scaled_dot_product_attention(q[:D].reshape(D, KV, G, hd), kg, vg, attn_mask=dec_mask)
-                attn[:D] = out.reshape(D, H * hd)
-            for start, n, ctx, bids, mask in spans:
-                kg = k_cache.index_select(0, bids).view(-1, KV, hd)[:ctx].transpose(0, 1)
-                vg = v_cache.index_select(0, bids).view(-1, KV, hd)[:ctx].transpose(0, 1)
-                qp = q[start:start + n].reshape(n, KV, G, hd).permute(1, 2, 0, 3).reshape(KV, G * n, hd)
-                out = F.scaled_dot_product_attention(qp, kg, vg, attn_mask=mask)
-                attn[start:start + n] = out.view(KV, G, n, hd).permute(2, 0, 1, 3).reshape(n, H * hd)
-            x = x + layer.o(attn)
+            v = qkv[:, (H + KV) * hd:].view(T, KV, hd)
+            attn = attend(qk[:, :H], qk[:, H:], v, kv.k[li], kv.v[li], b.slot_mapping)
+            x = x + layer.o(attn.view(T, H * hd))
             h = F.rms_norm(x, (a.hidden_size,), layer.mlp_norm, a.rms_norm_eps)
             gu = layer.gate_up(h)
             x = x + layer.down(F.silu(gu[:, :inter]) * gu[:, inter:])

@@ -1,8 +1,11 @@
 """Batched token sampling: greedy, temperature, top-k and top-p for every row of a step in one pass.
 
-Random rows draw with the exponential-race trick (argmax of p / Exp(1) noise is a sample from p).
-The noise for a seeded request comes from its own torch.Generator and always has vocabulary shape,
-so the same seed and prompt yield the same tokens whatever else shares the batch.
+No full sort of the vocabulary (320 ms per step at batch 64 for 49k tokens): truncated rows take
+the top C candidates with topk, which holds the whole top-p set whenever the candidates' mass
+reaches p; only the rows where it does not retry with a larger C, and a row sorts its vocabulary
+only if even that falls short. A row then draws one uniform number and inverts its cumulative
+distribution (one draw per row, not a vocabulary of noise). A seeded request draws from its own
+torch.Generator, so the same seed and prompt yield the same tokens whatever else shares the batch.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+#: candidate counts tried in turn for truncated rows; past the last, the row is sorted in full.
+CANDIDATES = (32, 512)
 
 
 @dataclass
@@ -38,19 +44,15 @@ def make_generator(seed: int | None) -> torch.Generator | None:
 @torch.inference_mode()
 def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
     """Pick one token per row of float32 logits [N, vocab]."""
-    n, vocab = logits.shape
+    n = logits.shape[0]
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(rows) if r.temperature > 0]
     if random_rows:
         idx = torch.tensor(random_rows, dtype=torch.long)
         sub = [rows[i] for i in random_rows]
         temps = torch.tensor([r.temperature for r in sub], dtype=torch.float32).unsqueeze(1)
-        scaled = logits[idx] / temps
-        noise = _noise(sub, vocab)
-        if any(r.top_k > 0 or r.top_p < 1.0 for r in sub):
-            tokens[idx] = _sample_truncated(scaled, sub, noise)
-        else:
-            tokens[idx] = (scaled.softmax(dim=-1) / noise).argmax(dim=-1)
+        probs = (logits[idx] / temps).softmax(dim=-1)
+        tokens[idx] = _sample_rows(probs, sub, _uniforms(sub))
     token_list = tokens.tolist()
     logprobs: list[float | None] = [None] * n
     want = [i for i, r in enumerate(rows) if r.logprobs]
@@ -62,31 +64,52 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
     return SampleResult(token_list, logprobs)
 
 
-def _noise(rows: list[SamplingRow], vocab: int) -> torch.Tensor:
-    """Exp(1) noise [rows, vocab]; seeded rows draw from their own generator, in vocabulary order."""
-    noise = torch.empty((len(rows), vocab), dtype=torch.float32)
-    unseeded = [i for i, r in enumerate(rows) if r.generator is None]
-    if len(unseeded) == len(rows):
-        return noise.exponential_()
+def _uniforms(rows: list[SamplingRow]) -> torch.Tensor:
+    """One U[0, 1) per row; seeded rows draw from their own generator."""
+    u = torch.rand(len(rows))
     for i, r in enumerate(rows):
         if r.generator is not None:
-            noise[i].exponential_(generator=r.generator)
-    if unseeded:
-        idx = torch.tensor(unseeded, dtype=torch.long)
-        noise[idx] = torch.empty((len(unseeded), vocab), dtype=torch.float32).exponential_()
-    return noise
+            u[i] = torch.rand(1, generator=r.generator)[0]
+    return u
 
 
-def _sample_truncated(scaled: torch.Tensor, rows: list[SamplingRow], noise: torch.Tensor) -> torch.Tensor:
-    """Top-k then top-p over descending-sorted logits; at least the best token always survives."""
-    vocab = scaled.shape[1]
-    ks = torch.tensor([r.top_k if 0 < r.top_k < vocab else vocab for r in rows]).unsqueeze(1)
-    ps = torch.tensor([r.top_p for r in rows], dtype=torch.float32).unsqueeze(1)
-    sorted_logits, order = scaled.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab).unsqueeze(0)
-    sorted_logits = sorted_logits.masked_fill(ranks >= ks, float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    probs = probs.masked_fill(mass_before >= ps, 0.0)
-    choice = (probs / noise.gather(1, order)).argmax(dim=-1, keepdim=True)
-    return order.gather(1, choice).squeeze(1)
+def _sample_rows(probs: torch.Tensor, rows: list[SamplingRow], u: torch.Tensor) -> torch.Tensor:
+    """Rows without truncation invert their full CDF; truncated rows go through candidates."""
+    vocab = probs.shape[1]
+    out = torch.empty(len(rows), dtype=torch.long)
+    plain = [i for i, r in enumerate(rows) if not _truncates(r, vocab)]
+    if plain:
+        idx = torch.tensor(plain, dtype=torch.long)
+        out[idx] = _invert(probs[idx].cumsum(dim=-1), u[idx]).clamp(max=vocab - 1)
+    todo = [i for i in range(len(rows)) if _truncates(rows[i], vocab)]
+    for c in (*CANDIDATES, vocab):
+        if not todo:
+            break
+        c = min(c, vocab)
+        idx = torch.tensor(todo, dtype=torch.long)
+        vals, ids = probs[idx].topk(c, dim=-1)  # sorted, descending
+        ks = torch.tensor([min(rows[i].top_k or vocab, vocab) for i in todo]).unsqueeze(1)
+        ps = torch.tensor([rows[i].top_p for i in todo], dtype=torch.float32).unsqueeze(1)
+        # enough candidates when top-k cuts inside them or their mass already reaches p
+        enough = (ks.squeeze(1) <= c) | (vals.sum(dim=-1) >= ps.squeeze(1)) | (c == vocab)
+        ranks = torch.arange(c).unsqueeze(0)
+        vals = vals.masked_fill(ranks >= ks, 0.0)
+        mass_before = vals.cumsum(dim=-1) - vals
+        vals = vals.masked_fill(mass_before >= ps, 0.0)  # the best token always survives
+        cdf = vals.cumsum(dim=-1)
+        pick = _invert(cdf, u[idx]).clamp(max=c - 1)
+        chosen = ids.gather(1, pick.unsqueeze(1)).squeeze(1)
+        ok = enough.nonzero().squeeze(1)
+        out[idx[ok]] = chosen[ok]
+        todo = [todo[j] for j in (~enough).nonzero().squeeze(1).tolist()]
+    return out
+
+
+def _truncates(r: SamplingRow, vocab: int) -> bool:
+    return 0 < r.top_k < vocab or r.top_p < 1.0
+
+
+def _invert(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index of the first cdf entry above u * total (the row's kept mass) per row."""
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)

@@ -5,6 +5,8 @@ the next chunk of a prompt still being prefilled), then admits waiting sequences
 arrival, giving each a prefill chunk that fits what is left (chunked prefill keeps step latency
 bounded). When the KV pool runs dry, the least important, newest running sequence is preempted by
 recompute: its blocks are released (full ones stay in the prefix cache) and it waits again.
+A paused sequence (its consumer stopped reading) is skipped, keeping its blocks, and never holds
+up the others.
 Background work (SHEDDABLE: job and batch workers) yields whole steps while a more important
 request has prompt tokens to compute, so an interactive first token never waits behind batch
 decodes; the paused sequences keep their blocks and continue in the next step without it.
@@ -79,7 +81,7 @@ class Scheduler:
         pause_background = self._urgent_prefill()
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if pause_background and seq.priority >= BACKGROUND:
+            if seq.paused or (pause_background and seq.priority >= BACKGROUND):
                 i += 1
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget)
@@ -94,8 +96,9 @@ class Scheduler:
 
         # Blocks were short for running work: admitting more now would only thrash.
         blocks_short = bool(preempted)
-        while not blocks_short and self.waiting and budget > 0:
-            seq = self.waiting[0]
+        waiting = [s for s in self.waiting if not s.paused]
+        while not blocks_short and waiting and budget > 0:
+            seq = waiting[0]
             if len(self.running) >= self.max_running:
                 if self._outranks_last_running(seq):
                     preempt_last()
@@ -118,7 +121,10 @@ class Scheduler:
             if seq.num_cached_tokens < 0:  # first admission: the hit the client benefits from
                 seq.num_cached_tokens = num_cached
                 self.blocks.record_lookup(seq.num_tokens, num_cached)
-            self.waiting.pop(0)
+                if seq.timeline is not None:
+                    seq.timeline.scheduled()
+            waiting.pop(0)
+            self.waiting.remove(seq)
             seq.status = SeqStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.sort_key)
             scheduled[seq] = n

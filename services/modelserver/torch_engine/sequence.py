@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from ..engine.base import Timeline
 from .block_manager import hash_block
 
 
@@ -30,6 +31,8 @@ class Sequence:
     num_committed_blocks: int = 0  # leading blocks already published to the prefix cache
     num_cached_tokens: int = -1  # prefix-cache hit on first admission; -1 = not admitted yet
     num_preemptions: int = 0
+    paused: bool = False  # its consumer stopped reading: not scheduled, blocks kept (backpressure)
+    timeline: Timeline | None = None  # marked at first admission, for tracing
 
     @property
     def num_tokens(self) -> int:

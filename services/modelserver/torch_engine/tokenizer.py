@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import cast
 
 from .weights import CheckpointError
 
@@ -56,7 +55,7 @@ class Tokenizer:
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:
-        return cast(str, self._tok.decode(list(ids), skip_special_tokens=True))  # one sequence: one str
+        return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
     def save(self, folder: str) -> None:
         """Write tokenizer files in Hugging Face format (tests export GGUF models to folders)."""

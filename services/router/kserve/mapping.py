@@ -230,6 +230,10 @@ def _set_parameters(params, chunk: meshserve_pb2.GenerateResponse) -> None:
     params["meshserve_backend"].string_param = sb.backend
     params["meshserve_simulated"].bool_param = sb.simulated
     params["meshserve_request_id"].string_param = chunk.request_id
+    if sb.deployment:
+        params["meshserve_deployment"].string_param = sb.deployment
+    if sb.route:
+        params["meshserve_route"].string_param = sb.route
     if chunk.finish_reason:
         name = common_pb2.FinishReason.Name(chunk.finish_reason)
         params["meshserve_finish_reason"].string_param = name.removeprefix("FINISH_REASON_").lower()

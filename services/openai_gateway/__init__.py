@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP gateway: `meshserve openai-gateway` (docs/architecture.md)."""

@@ -1,0 +1,172 @@
+"""The C++ paged-attention kernel and the plain-torch path against a float64 reference.
+
+Random block tables over a pool with garbage in every unused slot, context lengths straddling page
+edges, decodes mixed with prefill chunks that follow a cached prefix, GQA ratios 1/3/4/8, head
+dims 64/128, batches of 1-64 sequences, float32 and bfloat16.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import torch
+
+from services.modelserver.torch_engine import ops
+from services.modelserver.torch_engine.attention import TILE_ROWS, TorchAttention
+from services.modelserver.torch_engine.forward_batch import SeqSlice, build_forward_batch
+from services.modelserver.torch_engine.kv_cache import write_kv
+
+OPS: Any = ops.load()
+needs_ops = pytest.mark.skipif(OPS is None, reason=f"C++ ops not built: {ops.status()}")
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def make_step(rng: random.Random, n_seqs: int, kv: int, ratio: int, hd: int, bs: int, dtype: torch.dtype):
+    """A pool with random contents, random page tables, and one step of decodes and prefill chunks."""
+    slices, max_pages = [], 0
+    for i in range(n_seqs):
+        ctx = rng.choice([1, bs - 1, bs, bs + 1, 2 * bs + 1, rng.randint(1, 5 * bs)])
+        n = 1 if i % 3 else rng.randint(1, ctx)  # two in three decode, the rest a chunk after a prefix
+        slices.append((ctx, n))
+        max_pages += -(-ctx // bs)
+    pool = list(range(max_pages + 7))
+    rng.shuffle(pool)
+    seq_slices = []
+    for ctx, n in slices:
+        pages = [pool.pop() for _ in range(-(-ctx // bs))]
+        seq_slices.append(SeqSlice([0] * n, ctx - n, pages, True))
+    b = build_forward_batch(seq_slices, bs)
+    g = torch.Generator().manual_seed(rng.randint(0, 1 << 30))
+    nb = max_pages + 7
+    k_cache = torch.randn((nb, kv, hd, bs), generator=g).to(dtype)
+    v_cache = torch.randn((nb, kv, bs, hd), generator=g).to(dtype)
+    q = torch.randn((b.num_tokens, kv * ratio, hd), generator=g).to(dtype)
+    return b, q, k_cache, v_cache
+
+
+def reference(b, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """Causal attention per sequence in float64, K/V read token by token through the page table."""
+    bs = k_cache.shape[-1]
+    H, hd = q.shape[1], q.shape[2]
+    KV = k_cache.shape[1]
+    out = torch.empty(q.shape, dtype=torch.float64)
+    for s, ctx in enumerate(b.context_lens):
+        start, end = b.seq_starts[s], b.seq_starts[s + 1]
+        p = torch.arange(ctx)
+        blk = b.block_tables[s].long()[p // bs]
+        k = k_cache[blk, :, :, p % bs].double().repeat_interleave(H // KV, 1)  # [ctx, H, hd]
+        v = v_cache[blk, :, p % bs, :].double().repeat_interleave(H // KV, 1)
+        qs = q[start:end].double()
+        scores = torch.einsum("nhd,chd->hnc", qs, k) * hd ** -0.5
+        q_pos = torch.arange(ctx - (end - start), ctx).unsqueeze(1)
+        scores = scores.masked_fill(p.unsqueeze(0) > q_pos, float("-inf"))
+        out[start:end] = torch.einsum("hnc,chd->nhd", scores.softmax(-1), v)
+    return out
+
+
+def new_kv(b, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This step's K/V as the layer computed them: what the pool already holds at their slots."""
+    bs = k_cache.shape[-1]
+    blk, off = b.slot_mapping // bs, b.slot_mapping % bs
+    return k_cache[blk, :, :, off].clone(), v_cache[blk, :, off, :].clone()
+
+
+CASES = [(kv, ratio, hd, bs, n, dtype)
+         for kv, ratio, hd, bs, n, dtype in [
+             (3, 3, 64, 64, 64, torch.bfloat16), (1, 8, 128, 64, 16, torch.bfloat16),
+             (2, 4, 64, 64, 5, torch.float32), (4, 1, 128, 64, 1, torch.float32),
+             (3, 3, 64, 16, 24, torch.float32), (2, 4, 128, 128, 7, torch.bfloat16),
+             (1, 3, 64, 32, 33, torch.bfloat16), (8, 1, 64, 64, 40, torch.bfloat16)]]
+
+
+@needs_ops
+@pytest.mark.parametrize(("kv", "ratio", "hd", "bs", "n_seqs", "dtype"), CASES)
+def test_kernel_matches_reference(kv, ratio, hd, bs, n_seqs, dtype):
+    rng = random.Random(hash((kv, ratio, hd, bs, n_seqs)) & 0xFFFF)
+    b, q, k_cache, v_cache = make_step(rng, n_seqs, kv, ratio, hd, bs, dtype)
+    out = torch.empty_like(q)
+    OPS.paged_attention(out, q, k_cache, v_cache, b.block_tables, b.seq_starts_t, b.context_lens_t, hd ** -0.5,
+                        TILE_ROWS)
+    want = reference(b, q, k_cache, v_cache)
+    torch.testing.assert_close(out.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize(("kv", "ratio", "hd", "bs", "n_seqs", "dtype"), CASES[:5])
+def test_torch_path_matches_reference(kv, ratio, hd, bs, n_seqs, dtype):
+    rng = random.Random(7 + n_seqs)
+    b, q, k_cache, v_cache = make_step(rng, n_seqs, kv, ratio, hd, bs, dtype)
+    k, v = new_kv(b, k_cache, v_cache)
+    out = TorchAttention(b, q.shape[1], bs)(q, k, v, k_cache, v_cache, b.slot_mapping)
+    want = reference(b, q, k_cache, v_cache)
+    torch.testing.assert_close(out.double(), want, atol=TOL[dtype] * 2, rtol=TOL[dtype])
+
+
+@needs_ops
+def test_kernel_rows_do_not_depend_on_batch_or_tiling():
+    """A row's result is bit-identical alone, in a big batch, and under another tile size."""
+    rng = random.Random(3)
+    b, q, k_cache, v_cache = make_step(rng, 20, 3, 3, 64, 64, torch.bfloat16)
+    full = torch.empty_like(q)
+    OPS.paged_attention(full, q, k_cache, v_cache, b.block_tables, b.seq_starts_t, b.context_lens_t, 0.125, 16)
+    other = torch.empty_like(q)
+    OPS.paged_attention(other, q, k_cache, v_cache, b.block_tables, b.seq_starts_t, b.context_lens_t, 0.125, 3)
+    assert torch.equal(full, other)
+    s = len(b.context_lens) - 1  # the last sequence, alone, as decodes of its last token only
+    end = b.seq_starts[s + 1]
+    alone = torch.empty_like(q[end - 1:end])
+    OPS.paged_attention(alone, q[end - 1:end], k_cache, v_cache, b.block_tables[s:s + 1],
+                        torch.tensor([0, 1], dtype=torch.int32), b.context_lens_t[s:s + 1], 0.125, 16)
+    assert torch.equal(alone[0], full[end - 1])
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_and_cache_matches_torch(dtype):
+    T, H, KV, hd, bs, nb = 37, 6, 2, 64, 16, 9
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn((T, (H + 2 * KV) * hd), generator=g).to(dtype)
+    cos = torch.randn((100, hd), generator=g).to(dtype)
+    sin = torch.randn((100, hd), generator=g).to(dtype)
+    pos = torch.randint(0, 100, (T,), generator=g)
+    slots = torch.randperm(nb * bs, generator=g)[:T]
+    kc, vc = torch.zeros((nb, KV, hd, bs), dtype=dtype), torch.zeros((nb, KV, bs, hd), dtype=dtype)
+    q = torch.empty((T, H, hd), dtype=dtype)
+    OPS.rope_and_cache(qkv, cos, sin, pos, slots, q, kc, vc)
+    x = qkv[:, : (H + KV) * hd].view(T, H + KV, hd).float()
+    c, s = cos[pos].float().unsqueeze(1), sin[pos].float().unsqueeze(1)
+    rot = (x * c + x.roll(hd // 2, dims=-1) * s).to(dtype)
+    kc_ref, vc_ref = torch.zeros_like(kc), torch.zeros_like(vc)
+    write_kv(kc_ref, vc_ref, rot[:, H:], qkv[:, (H + KV) * hd:].view(T, KV, hd), slots)
+    tol = TOL[dtype]
+    torch.testing.assert_close(q.float(), rot[:, :H].float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(kc.float(), kc_ref.float(), atol=tol, rtol=tol)
+    assert torch.equal(vc, vc_ref)
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_matches_torch(dtype):
+    gu = (torch.randn((9, 2 * 300)) * 4).to(dtype)
+    out = torch.empty((9, 300), dtype=dtype)
+    OPS.silu_and_mul(gu, out)
+    want = torch.nn.functional.silu(gu[:, :300].float()) * gu[:, 300:].float()
+    torch.testing.assert_close(out.float(), want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
+
+
+@needs_ops
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_matches_torch(dtype):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn((7, 576), generator=g).to(dtype)
+    delta = torch.randn((7, 576), generator=g).to(dtype)
+    w = torch.randn(576, generator=g).to(dtype)
+    want_x = x + delta
+    want = torch.nn.functional.rms_norm(want_x.float(), (576,), w.float(), 1e-5)
+    out = torch.empty_like(x)
+    OPS.add_rms_norm(x, delta, w, 1e-5, out)
+    assert torch.equal(x, want_x)
+    torch.testing.assert_close(out.float(), want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
+    OPS.add_rms_norm(x, None, w, 1e-5, out)  # no residual: x unchanged
+    assert torch.equal(x, want_x)
