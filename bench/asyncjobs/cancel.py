@@ -17,7 +17,7 @@ from meshserve.v1 import inference_pb2, jobs_pb2, jobs_pb2_grpc
 
 from services.localmesh.mesh import LocalMesh
 
-from .common import deploy, pct, progress, wait_ready
+from .common import check_not_halted, deploy, pct, progress, wait_ready
 
 MODEL = "slow"
 _CANCELLED = re.compile(r'meshserve_modelserver_requests_total\{code="CANCELLED",model="slow"\} ([0-9.]+)')
@@ -48,6 +48,7 @@ def run(mesh: LocalMesh, jobs: int = 24, timeout_s: float = 120.0) -> dict:
         return [stub.GetJob(jobs_pb2.GetJobRequest(job_id=j), timeout=10).job.state for j in ids]
     deadline = time.monotonic() + timeout_s
     while states().count(jobs_pb2.JOB_STATE_RUNNING) < 8 and time.monotonic() < deadline:
+        check_not_halted(mesh, MODEL)
         time.sleep(0.5)
     out: dict[str, list[float]] = {"running": [], "queued": []}
     # queued ones first: each running job cancelled frees a slot that a queued one would take

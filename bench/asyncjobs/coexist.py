@@ -18,7 +18,7 @@ from meshserve.v1 import inference_pb2, inference_pb2_grpc, jobs_pb2, jobs_pb2_g
 
 from services.localmesh.mesh import LocalMesh
 
-from .common import batch_file, download, get_batch, loadavg, pct, progress, upload
+from .common import batch_file, check_not_halted, download, get_batch, loadavg, pct, progress, upload, wait_batch
 
 MODEL = "smollm2"
 QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?",
@@ -57,12 +57,18 @@ async def _interactive(endpoint: str, rate: float, seconds: float, seed: int) ->
     return ttfts, failed
 
 
+_ENDED = (jobs_pb2.BATCH_STATUS_CANCELLED, jobs_pb2.BATCH_STATUS_COMPLETED, jobs_pb2.BATCH_STATUS_FAILED,
+          jobs_pb2.BATCH_STATUS_EXPIRED)
+
+
 def _window(mesh: LocalMesh, label: str, rate: float, seconds: float, seed: int) -> dict:
     load = loadavg()
     ttfts, failed = asyncio.run(_interactive(mesh.envoy, rate, seconds, seed))
     out = {"requests": len(ttfts) + failed, "failed": failed, "ttft_p50_s": round(pct(ttfts, 50), 3),
            "ttft_p99_s": round(pct(ttfts, 99), 3), "loadavg_start": load, "loadavg_end": loadavg(),
            "ttfts": [round(x, 4) for x in ttfts]}
+    if failed:
+        check_not_halted(mesh, MODEL)  # failures from a halted model are not a latency figure
     progress(f"coexist {label}: {len(ttfts)} ok, {failed} failed, TTFT p50 {out['ttft_p50_s']} s, "
              f"p99 {out['ttft_p99_s']} s")
     return out
@@ -76,8 +82,7 @@ def run(mesh: LocalMesh, rate: float, seconds: float, batch_lines: int) -> dict:
     data = batch_file(batch_lines, MODEL, 48, lambda i: f"Tell me something interesting about the number {i}.",
                       system=system)
     batch = stub.CreateBatch(jobs_pb2.CreateBatchRequest(input_file_id=upload(stub, data).file_id), timeout=30).batch
-    while (b := get_batch(stub, batch.batch_id)) is None or b.status == jobs_pb2.BATCH_STATUS_VALIDATING:
-        time.sleep(0.5)
+    b = wait_batch(stub, batch.batch_id, lambda x: x.status != jobs_pb2.BATCH_STATUS_VALIDATING, mesh, MODEL, 300)
     time.sleep(5)  # the workers fill the idle slots first
     before = get_batch(stub, batch.batch_id) or b
     t0 = time.monotonic()
@@ -90,9 +95,7 @@ def run(mesh: LocalMesh, rate: float, seconds: float, batch_lines: int) -> dict:
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:  # it completed first: fine
             raise
-    while (end := get_batch(stub, batch.batch_id)) is None or end.status not in (
-            jobs_pb2.BATCH_STATUS_CANCELLED, jobs_pb2.BATCH_STATUS_COMPLETED):
-        time.sleep(0.5)
+    end = wait_batch(stub, batch.batch_id, lambda x: x.status in _ENDED, mesh, MODEL, 300)
     tokens = sum(o["response"]["body"]["usage"].get("completion_tokens", 0)
                  for o in download(stub, end.output_file_id))
     lifetime = ((end.cancelling_at_ms or end.finalizing_at_ms) - end.in_progress_at_ms) / 1000

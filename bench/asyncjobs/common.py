@@ -38,23 +38,58 @@ def deploy(mesh: LocalMesh, name: str, backend: str, replicas: int, options: dic
                                                             source=source, options=options)), timeout=10)
 
 
+class ModelHalted(RuntimeError):
+    """The control plane halted the model (its loads kept failing): the part stops and says so."""
+
+
+def _deployment(mesh: LocalMesh, name: str) -> cp.Deployment | None:
+    ctl = controlplane_pb2_grpc.ControlPlaneServiceStub(grpc.insecure_channel(mesh.controlplane))
+    deps = [d for d in ctl.ListDeployments(cp.ListDeploymentsRequest(), timeout=10).deployments
+            if d.spec.name == name]
+    return deps[0] if deps else None
+
+
+def check_not_halted(mesh: LocalMesh, name: str) -> None:
+    """Raise ModelHalted when the control plane halted `name` (a part waiting on it would hang)."""
+    dep = _deployment(mesh, name)
+    if dep is not None and "HALTED" in dep.unsatisfied_reason:
+        raise ModelHalted(f"{name} halted while the bench ran: {dep.unsatisfied_reason}")
+
+
 def wait_ready(mesh: LocalMesh, name: str, replicas: int, timeout: float, retries: int = 2) -> list[str]:
     """Wait for READY replicas; a model the control plane halted after failed loads is retried
-    (`meshctl model retry`) up to `retries` times. Returns the halts met, for the results."""
+    (`meshctl model retry`) up to `retries` times, then ModelHalted. Returns the halts met."""
     ctl = controlplane_pb2_grpc.ControlPlaneServiceStub(grpc.insecure_channel(mesh.controlplane))
     deadline = time.monotonic() + timeout
     halts: list[str] = []
     while time.monotonic() < deadline:
-        deps = [d for d in ctl.ListDeployments(cp.ListDeploymentsRequest(), timeout=10).deployments
-                if d.spec.name == name]
-        if deps and deps[0].ready_replicas >= replicas:
+        dep = _deployment(mesh, name)
+        if dep is not None and dep.ready_replicas >= replicas:
             return halts
-        if deps and "HALTED" in deps[0].unsatisfied_reason and len(halts) < retries:
-            halts.append(deps[0].unsatisfied_reason)
-            progress(f"{name} halted ({deps[0].unsatisfied_reason}); retrying the load")
+        if dep is not None and "HALTED" in dep.unsatisfied_reason:
+            if len(halts) >= retries:
+                raise ModelHalted(f"{name} halted again after {retries} retries: {dep.unsatisfied_reason}")
+            halts.append(dep.unsatisfied_reason)
+            progress(f"{name} halted ({dep.unsatisfied_reason}); retrying the load")
             ctl.RetryModel(cp.RetryModelRequest(name=name), timeout=10)
         time.sleep(0.5)
     raise TimeoutError(f"{name}: {replicas} replicas not ready within {timeout:.0f}s")
+
+
+def wait_batch(stub: jobs_pb2_grpc.JobServiceStub, batch_id: str, done: Callable[[jobs_pb2.Batch], bool],
+               mesh: LocalMesh, model: str, timeout: float) -> jobs_pb2.Batch:
+    """Poll the batch until `done`; ModelHalted or TimeoutError rather than waiting for ever."""
+    deadline = time.monotonic() + timeout
+    polls = 0
+    while time.monotonic() < deadline:
+        b = get_batch(stub, batch_id)
+        if b is not None and done(b):
+            return b
+        polls += 1
+        if polls % 10 == 0:
+            check_not_halted(mesh, model)
+        time.sleep(0.5)
+    raise TimeoutError(f"batch {batch_id} did not reach the awaited state within {timeout:.0f}s")
 
 
 def batch_file(n: int, model: str, max_tokens: int, prompt: Callable[[int], str], system: str = "") -> bytes:

@@ -16,7 +16,7 @@ from meshserve.v1 import jobs_pb2, jobs_pb2_grpc
 
 from services.localmesh.mesh import LocalMesh
 
-from .common import batch_file, download, get_batch, loadavg, progress, upload
+from .common import batch_file, check_not_halted, download, get_batch, loadavg, progress, upload
 
 MODEL = "echo"
 MAX_TOKENS = 12
@@ -43,6 +43,7 @@ def run_batch(mesh: LocalMesh, lines: int, faults: bool, timeout_s: float) -> di
     pending = list(FAULTS) if faults else []
     killed: list[dict] = []
     final = None
+    polls = 0
     while time.monotonic() - started < timeout_s:
         b = get_batch(stub, batch.batch_id)
         if b is not None:
@@ -56,6 +57,9 @@ def run_batch(mesh: LocalMesh, lines: int, faults: bool, timeout_s: float) -> di
                             jobs_pb2.BATCH_STATUS_EXPIRED, jobs_pb2.BATCH_STATUS_CANCELLED):
                 final = b
                 break
+        polls += 1
+        if polls % 20 == 0:
+            check_not_halted(mesh, MODEL)  # a halted model would leave the batch waiting to its timeout
         time.sleep(0.5)
     elapsed = time.monotonic() - started
     if final is None:

@@ -80,7 +80,7 @@ def main() -> None:
         if "queue" in args.parts:
             _part(out, "queue", lambda: queues.run(root / "queue", args.queue_jobs, workers=16))
         if {"durability", "cancel"} & set(args.parts):
-            _part(out, "durability", lambda: _durable_parts(root / "sim", args, out))
+            _part(out, "durability+cancel", lambda: _durable_parts(root / "sim", args, out))
         if "coexist" in args.parts:
             _part(out, "coexist", lambda: _coexist_part(root / "torch", args))
     out["machine"]["loadavg_after"] = loadavg()
