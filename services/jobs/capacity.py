@@ -3,7 +3,9 @@
 Room is read from the same replica loads the routers use (the model servers' load reports plus
 what this process sent since): a replica offers `floor(max_running * fill) - in_flight` slots to
 background work, so background never fills a replica past `fill` of its running capacity and
-interactive requests always find free slots. Ejected or hung replicas offer nothing.
+interactive requests always find free slots. A replica where requests wait for admission offers
+nothing either: its engine is already behind, and a new background prompt would only compete with
+the waiting ones for the next steps. Ejected or hung replicas offer nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def free_slots(replicas: Sequence[Replica], fill: float, now: float | None = Non
         if replica.ejected(now):
             continue
         load = replica.load()
+        if load.queue_depth > 0:
+            continue
         if load.max_running <= 0:
             total += max(0, UNKNOWN_CAPACITY_SLOTS - load.in_flight)
             continue

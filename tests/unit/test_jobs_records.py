@@ -96,8 +96,8 @@ def test_output_and_error_lines_have_the_openai_shape():
     assert err["response"] is None and err["error"] == {"code": "invalid_json", "message": "no", "line": 1}
 
 
-def replica(in_flight: int, max_running: int, ejected: bool = False):
-    return SimpleNamespace(load=lambda: Load(in_flight=in_flight, max_running=max_running),
+def replica(in_flight: int, max_running: int, ejected: bool = False, queued: int = 0):
+    return SimpleNamespace(load=lambda: Load(in_flight=in_flight, max_running=max_running, queue_depth=queued),
                            ejected=lambda now: ejected)
 
 
@@ -108,3 +108,4 @@ def test_background_work_leaves_room_for_interactive_traffic():
     assert free_slots([replica(0, 8, ejected=True)], fill=1.0) == 0
     assert free_slots([replica(0, 0)], fill=0.5) == 1  # not reported yet: one at a time
     assert free_slots([], fill=1.0) == 0
+    assert free_slots([replica(2, 8, queued=1), replica(1, 8)], fill=0.5) == 3  # a queue: that one offers none
