@@ -58,7 +58,7 @@ def _coexist_part(root: Path, args: argparse.Namespace) -> dict:
         deploy(mesh, coexist.MODEL, "torch", 2, {"threads": "1"}, source="embedded")
         progress("coexist: loading SmolLM2 on 2 torch servers ...")
         halts = wait_ready(mesh, coexist.MODEL, 2, 600)
-        return {**coexist.run(mesh, args.rate, args.window, args.batch_lines), "load_halts_retried": halts}
+        return {**coexist.run(mesh, args.rate, args.window, args.batch_lines, args.rounds), "load_halts_retried": halts}
 
 
 def main() -> None:
@@ -71,7 +71,7 @@ def main() -> None:
     if unknown:
         p.error(f"unknown parts {sorted(unknown)}")
     args.lines, args.cancel_jobs, args.queue_jobs = (300, 24, 300) if args.smoke else (5000, 36, 3000)
-    args.rate, args.window, args.batch_lines = (0.5, 15.0, 60) if args.smoke else (1.0, 60.0, 600)
+    args.rate, args.window, args.batch_lines, args.rounds = (0.5, 15.0, 60, 2) if args.smoke else (1.0, 45.0, 300, 3)
     name = "async-smoke" if args.smoke else "async" if set(args.parts) == set(PARTS) else "async-partial"
     out: dict = {"machine": {"cpus": os.cpu_count(), "loadavg_before": loadavg()},
                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "parts": args.parts, "smoke": args.smoke}
