@@ -53,6 +53,11 @@ def markdown(out: dict) -> str:
                   f"{c['baseline_ttft_p50_s']} s). Spread between A windows alone (worst p99 / best): "
                   f"{c['a_to_a_p99_ratio']}. The batches meanwhile: {c['batch_lines_per_s']} lines/s, "
                   f"{c['batch_tokens_per_s']} tokens/s over {c['batch_running_s']} s."]
+        lines += ["", "Both model servers, the router, Envoy, the job worker and JetStream share the machine's "
+                  "CPUs: background work on one server takes cores that another server's interactive prompt "
+                  "needs, which no scheduling inside a server removes (on accelerators each server owns its "
+                  "device). `python -m bench.asyncjobs.interference` (async-interference.md) separates the two: "
+                  "background on the same engine vs on another engine process."]
         for halt in c.get("load_halts_retried", []):
             lines += ["", f"SmolLM2's first load was halted and retried by the bench: {halt}"]
     if "cancel" in out:
