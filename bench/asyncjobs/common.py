@@ -52,7 +52,7 @@ def _deployment(mesh: LocalMesh, name: str) -> cp.Deployment | None:
 def check_not_halted(mesh: LocalMesh, name: str) -> None:
     """Raise ModelHalted when the control plane halted `name` (a part waiting on it would hang)."""
     dep = _deployment(mesh, name)
-    if dep is not None and "HALTED" in dep.unsatisfied_reason:
+    if dep is not None and dep.halted:
         raise ModelHalted(f"{name} halted while the bench ran: {dep.unsatisfied_reason}")
 
 
@@ -62,16 +62,19 @@ def wait_ready(mesh: LocalMesh, name: str, replicas: int, timeout: float, retrie
     ctl = controlplane_pb2_grpc.ControlPlaneServiceStub(grpc.insecure_channel(mesh.controlplane))
     deadline = time.monotonic() + timeout
     halts: list[str] = []
+    retried_generation = 0
     while time.monotonic() < deadline:
         dep = _deployment(mesh, name)
         if dep is not None and dep.ready_replicas >= replicas:
             return halts
-        if dep is not None and "HALTED" in dep.unsatisfied_reason:
+        # a halt of a generation before our retry is the control plane's view catching up
+        if dep is not None and dep.halted and dep.spec.generation >= retried_generation:
             if len(halts) >= retries:
                 raise ModelHalted(f"{name} halted again after {retries} retries: {dep.unsatisfied_reason}")
             halts.append(dep.unsatisfied_reason)
             progress(f"{name} halted ({dep.unsatisfied_reason}); retrying the load")
-            ctl.RetryModel(cp.RetryModelRequest(name=name), timeout=10)
+            resp = ctl.RetryModel(cp.RetryModelRequest(name=name), timeout=10)
+            retried_generation = resp.deployment.spec.generation
         time.sleep(0.5)
     raise TimeoutError(f"{name}: {replicas} replicas not ready within {timeout:.0f}s")
 
