@@ -11,7 +11,7 @@ DESCRIPTOR := build/meshserve.pb
 AGAINST ?= main
 
 .PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos bench-traffic \
-	bench-autoscale gpu-check
+	bench-autoscale bench-async gpu-check
 
 all: setup
 
@@ -116,6 +116,12 @@ bench-traffic: setup
 # `make bench-autoscale ARGS=--smoke` for a short check (autoscale-smoke.*).
 bench-autoscale: setup
 	$(BIN)/python -m bench.autoscale.run $(ARGS)
+
+# Asynchronous serving benchmark (issue 11): durability under faults, coexistence with interactive
+# traffic (torch), cancel latency, queue throughput against etcd; ~15 min; bench/results/async.{json,md}.
+# `make bench-async ARGS=--smoke` for a short check, `ARGS="--parts queue,cancel"` for a subset.
+bench-async: setup
+	$(BIN)/python -m bench.asyncjobs.run $(ARGS)
 
 run: setup
 	$(BIN)/meshserve up --demo $(ARGS)
