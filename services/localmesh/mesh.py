@@ -20,6 +20,7 @@ from services.common.tls import TlsFiles
 
 from . import components as c
 from . import etcd_auth
+from .jetstream import NatsNode, nats_argv, nats_healthy, write_config
 from .processes import Child, StartError, Supervisor
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,15 @@ class MeshPlan:
     #: on first start). False = --insecure-dev everywhere (tests that dial internal ports in
     #: plaintext; `meshserve up` is secure unless told --insecure-dev).
     secure: bool = False
+    #: Servers planned (ports, ids) but not started: a server pool starts them when placement
+    #: needs them (services/localmesh/serverpool.py).
+    standby_servers: list[ServerPlan] = field(default_factory=list)
+    #: NATS JetStream nodes for jobs and batches (0: none, and routers serve no JobService; 3 makes
+    #: a cluster whose streams keep 3 replicas) and job workers using them.
+    jetstream_nodes: int = 0
+    job_workers: int = 0
+    #: Extra `meshserve jobworker` flags (e.g. ["--fill", "0.5"]).
+    job_worker_args: list[str] = field(default_factory=list)
 
 
 class PortPlan:
@@ -118,8 +128,11 @@ class LocalMesh:
         #: Each router's ext_authz check for Envoy (secure meshes: the edge needs API keys).
         self.authz = ([f"{HOST}:{ports.take(f'router{i}-authz', 40 + i)}" for i in range(plan.routers)]
                       if plan.secure else [])
+        self.nats = [NatsNode(f"nats{i}", HOST, ports.take(f"nats{i}", 81 + i), ports.take(f"nats{i}-monitor", 84 + i),
+                              ports.take(f"nats{i}-cluster", 87 + i)) for i in range(plan.jetstream_nodes)]
+        self.jobworkers = [f"{HOST}:{ports.take(f'jobworker{i}', 90 + i)}" for i in range(plan.job_workers)]
         self.servers = {s.server_id: f"{HOST}:{ports.take(s.server_id, 30 + i)}"
-                        for i, s in enumerate(plan.servers)}
+                        for i, s in enumerate([*plan.servers, *plan.standby_servers])}
         #: Each gateway's OpenAI HTTP listener (what Envoy routes to) and its gRPC health port.
         self.gateways_http = [f"{HOST}:{ports.take(f'gateway{i}-http', 60 + i)}" for i in range(plan.gateways)]
         self.gateways = [f"{HOST}:{ports.take(f'gateway{i}', 70 + i)}" for i in range(plan.gateways)]
@@ -128,7 +141,8 @@ class LocalMesh:
                                                     for i in range(plan.controlplanes)),
                                                   *self.servers,
                                                   *(f"router{i}" for i in range(plan.routers)),
-                                                  *(f"gateway{i}" for i in range(plan.gateways))])}
+                                                  *(f"gateway{i}" for i in range(plan.gateways)),
+                                                  *(f"jobworker{i}" for i in range(plan.job_workers))])}
         self.ports = ports
         self.children: dict[str, Child] = {}
         self.certs_dir = self.data_dir / "certs"
@@ -143,6 +157,8 @@ class LocalMesh:
                 *(("server", s.server_id) for s in self.plan.servers),
                 *(("router", f"router{i}") for i in range(self.plan.routers)),
                 *(("gateway", f"gateway{i}") for i in range(self.plan.gateways)),
+                *(("jobworker", f"jobworker{i}") for i in range(self.plan.job_workers)),
+                *(("server", s.server_id) for s in self.plan.standby_servers),
                 ("envoy", "envoy"), ("operator", "operator"), ("client", "supervisor"),
                 ("client", "root")]
 
@@ -172,6 +188,15 @@ class LocalMesh:
     def etcd_endpoints(self) -> str:
         return ",".join(self.etcd_clients)
 
+    @property
+    def jetstream_urls(self) -> str:
+        return ",".join(node.url for node in self.nats)
+
+    def _jetstream_args(self) -> list[str]:
+        if not self.nats:
+            return []
+        return ["--jetstream", self.jetstream_urls, "--jetstream-replicas", str(min(3, len(self.nats)))]
+
     # --- starting ---------------------------------------------------------------------------
 
     def _check_mode(self) -> None:
@@ -196,6 +221,7 @@ class LocalMesh:
         self.sup.new_run()
         try:
             self.start_etcd()
+            self.start_jetstream()
             for i in range(self.plan.controlplanes):
                 self.start_controlplane(i)
             for server in self.plan.servers:
@@ -204,6 +230,8 @@ class LocalMesh:
                 self.start_router(i)
             for i in range(self.plan.gateways):
                 self.start_gateway(i)
+            for i in range(self.plan.job_workers):
+                self.start_jobworker(i)
             self.start_envoy()
         except BaseException:
             self.stop()
@@ -226,6 +254,29 @@ class LocalMesh:
             name, self.data_dir / name, self.etcd_clients[i], self.etcd_peers[i], cluster,
             new_cluster=not (self.data_dir / name / "member").exists(), tls=self.tls(name)))
         self.children[name] = child
+        return child
+
+    def start_jetstream(self) -> None:
+        for i in range(len(self.nats)):
+            self.start_nats_node(i, wait=False)
+        for i, node in enumerate(self.nats):
+            self.sup.wait_ready(self.children[f"nats{i}"], partial(nats_healthy, node), 60, "healthy (JetStream)")
+
+    def start_nats_node(self, i: int, wait: bool = True) -> Child:
+        """Start (or restart, on its data) JetStream node i."""
+        node = self.nats[i]
+        config = write_config(node, self.data_dir / "jetstream", self.nats)
+        child = self.children[node.name] = self.sup.start(node.name, nats_argv(config))
+        if wait:
+            self.sup.wait_ready(child, partial(nats_healthy, node), 60, "healthy (JetStream)")
+        return child
+
+    def start_jobworker(self, i: int) -> Child:
+        name = f"jobworker{i}"
+        child = self.children[name] = self.sup.start(name, c.service_argv(
+            "jobworker", *self._common(name, self.jobworkers[i]), *self._jetstream_args(),
+            *self.plan.job_worker_args))
+        self.sup.wait_ready(child, lambda: self.serving(self.jobworkers[i]), 60, "serving")
         return child
 
     def restart_etcd_member(self, i: int) -> Child:
@@ -269,11 +320,18 @@ class LocalMesh:
                                 "serving (model loaded)")
         return child
 
+    def stop_server(self, server_id: str) -> None:
+        """Stop one model server (it drains first) and forget it, so it can start again."""
+        child = self.children.pop(server_id, None)
+        if child is not None:
+            self.sup.stop_child(child)
+
     def start_router(self, i: int) -> None:
         name = f"router{i}"
         authz = ["--authz-listen", self.authz[i]] if self.authz else []
         self.children[name] = self.sup.start(name, c.service_argv(
-            "router", *self._common(name, self.routers[i]), *authz, *self.plan.router_args))
+            "router", *self._common(name, self.routers[i]), *authz, *self._jetstream_args(),
+            *self.plan.router_args))
         self.sup.wait_ready(self.children[name], lambda: self.serving(self.routers[i]), 60,
                             "serving")
 

@@ -36,10 +36,10 @@ LOAD_HEARTBEAT_S = 1.0
 DEFAULT_SLOW_CONSUMER_S = 60.0
 
 
-#: Who may call a model server: routers (requests, load), the control plane (probes) and
+#: Who may call a model server: routers and job workers (requests, load), the control plane (probes) and
 #: `client` tools (readiness checks, benchmarks). Not Envoy, gateways or tenants: everything from
 #: outside goes through a router, where authentication, authorisation and quotas are.
-CALLERS = frozenset({"router", "controlplane", "client"})
+CALLERS = frozenset({"router", "jobworker", "controlplane", "client"})
 
 class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
     def __init__(self, manager: ModelManager, info: Callable[[], modelserver_pb2.ServerInfo],

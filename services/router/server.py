@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from inference import grpc_service_pb2_grpc as kserve_pb2_grpc
 from meshserve.v1 import controlplane_pb2 as cp
-from meshserve.v1 import inference_pb2, inference_pb2_grpc
+from meshserve.v1 import inference_pb2, inference_pb2_grpc, jobs_pb2_grpc, routerload_pb2_grpc
 
 from services.common import grpc_util, keyspace
 from services.common.auth_records import KeySet
@@ -15,6 +15,9 @@ from services.common.etcd_client import PrefixMirror
 from services.common.lifecycle import now_ms
 from services.common.membership import MeshView
 from services.common.replica import ReplicaParts, run_replica
+from services.jobs.server import RouterJobs
+from services.jobs.servicer import SERVICE_NAME as JOBS_SERVICE_NAME
+from services.jobs.store import StoreSettings
 
 from .access import Access
 from .config import DispatchSettings
@@ -22,6 +25,8 @@ from .dispatch import Dispatcher
 from .edge_authz import EdgeAuthz
 from .kserve.servicer import SERVICE_NAME as KSERVE_SERVICE_NAME
 from .kserve.servicer import KServeServicer
+from .load_servicer import SERVICE_NAME as LOAD_SERVICE_NAME
+from .load_servicer import RouterLoadServicer
 from .pool import BackendPool
 from .quota import TenantQuotas
 from .servicer import InferenceServicer
@@ -46,11 +51,16 @@ class RouterConfig:
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
     #: host:port of the ext_authz HTTP check Envoy calls for every public request ('' = none).
     authz_listen: str = ""
+    #: JetStream servers for JobService (asynchronous jobs and batches); empty: not served.
+    jetstream: tuple[str, ...] = ()
+    jetstream_replicas: int = 1
 
 
 async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     pools: list[BackendPool] = []
     recorders: list[CanaryRecorder] = []
+    jobs = RouterJobs(StoreSettings(servers=config.jetstream, replicas=config.jetstream_replicas),
+                      config.router_id) if config.jetstream else None
     settings = replace(config.dispatch, region=config.region, zone=config.zone)
     settings.validate()
     started = now_ms()
@@ -84,8 +94,11 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
         recorders.append(recorder)
         dispatcher = Dispatcher(pool, config.router_id, settings, TrafficTable(parts.view), recorder)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dispatcher, access), parts.server)
-        kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dispatcher, access),
-                                                                  parts.server)
+        kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dispatcher, access), parts.server)
+        routerload_pb2_grpc.add_RouterLoadServiceServicer_to_server(RouterLoadServicer(dispatcher), parts.server)
+        if jobs is not None:
+            jobs_pb2_grpc.add_JobServiceServicer_to_server(jobs.servicer, parts.server)
+            jobs.start(dispatcher)
 
     def record(parts: ReplicaParts) -> cp.ReplicaInfo:
         return cp.ReplicaInfo(replica_id=config.router_id, address=parts.address, region=config.region,
@@ -94,7 +107,9 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     try:
         async with run_replica(
                 key=keyspace.router_key(config.router_id), replica_id=config.router_id,
-                service_names=[SERVICE_NAME, KSERVE_SERVICE_NAME], register=register, record=record,
+                service_names=[SERVICE_NAME, KSERVE_SERVICE_NAME, LOAD_SERVICE_NAME,
+                               *([JOBS_SERVICE_NAME] if jobs else [])],
+                register=register, record=record,
                 listen=config.listen, advertise=config.advertise, etcd=config.etcd, metrics=config.metrics,
                 lease_ttl=config.lease_ttl, grace_s=config.shutdown_grace_s, prepare=prepare,
                 drain=stop_auth):
@@ -103,5 +118,7 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
         await stop_auth()
         for recorder in recorders:
             await recorder.close()
+        if jobs is not None:
+            await jobs.close()
         for pool in pools:
             await pool.close()
