@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from services.common import certs
-from services.common.tls import INSECURE_WARNING, TlsFiles
 
+from .ctl_common import DEFAULT_CERTS_DIR as DEFAULT_DIR
 from .ctl_common import EXIT_OK
 from .tables import table
-
-DEFAULT_DIR = Path(".meshserve") / "certs"
 
 
 def add_global_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,14 +26,6 @@ def add_global_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--insecure-dev", action="store_true",
                         default=os.environ.get("MESHSERVE_INSECURE_DEV", "") == "1",
                         help="plaintext to the control plane (a mesh started with --insecure-dev)")
-
-
-def resolve(args: argparse.Namespace) -> TlsFiles | None:
-    """The files meshctl presents, or None for plaintext (warned about)."""
-    if args.insecure_dev:
-        print(f"meshctl: {INSECURE_WARNING}", file=sys.stderr)
-        return None
-    return TlsFiles.from_dir(args.certs or DEFAULT_DIR, args.cert_name)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -68,7 +57,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q = csub.add_parser("init", help="create the CA (kept if one exists)")
     q.add_argument("--dir", default=default_dir)
     q.add_argument("--days", type=int, default=3650)
-    q.set_defaults(func=cmd_init, needs_tls=False)
+    q.set_defaults(func=cmd_init)
     q = csub.add_parser("issue", help="issue (or re-issue: rotation) one component's certificate")
     q.add_argument("kind", choices=certs.KINDS)
     q.add_argument("name", help="the component's id, e.g. router0 or server-1")
@@ -76,10 +65,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--days", type=float, default=certs.DEFAULT_DAYS)
     q.add_argument("--host", action="append", default=[],
                    help="DNS name or IP the holder serves on (repeatable; default 127.0.0.1, localhost)")
-    q.set_defaults(func=cmd_issue, needs_tls=False)
+    q.set_defaults(func=cmd_issue)
     q = csub.add_parser("list", help="certificates in the directory with identity and expiry")
     q.add_argument("--dir", default=default_dir)
-    q.set_defaults(func=cmd_list, needs_tls=False)
+    q.set_defaults(func=cmd_list)
 
 
 def cmd_jwt_token(args: argparse.Namespace) -> int:
@@ -96,4 +85,4 @@ def add_jwt_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("tenant")
     q.add_argument("--ttl", type=int, default=3600, help="seconds until it expires")
     q.add_argument("--dir", default=os.environ.get("MESHSERVE_CERTS", str(DEFAULT_DIR)))
-    q.set_defaults(func=cmd_jwt_token, needs_tls=False)
+    q.set_defaults(func=cmd_jwt_token)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
+from pathlib import Path
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -11,6 +13,7 @@ from meshserve.v1 import controlplane_pb2 as cp
 from meshserve.v1 import controlplane_pb2_grpc
 
 from services.common import grpc_util
+from services.common.tls import INSECURE_WARNING, TlsFiles
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
@@ -25,9 +28,24 @@ def emit(args, msg, text: str) -> int:
     return EXIT_OK
 
 
+DEFAULT_CERTS_DIR = Path(".meshserve") / "certs"
+
+
+def resolve_tls(args) -> TlsFiles | None:
+    """The files meshctl presents (read when a command first dials the control plane, so
+    offline commands need none), or None for plaintext with --insecure-dev (warned about)."""
+    if getattr(args, "insecure_dev", False):
+        print(f"meshctl: {INSECURE_WARNING}", file=sys.stderr)
+        return None
+    return TlsFiles.from_dir(getattr(args, "certs", "") or DEFAULT_CERTS_DIR,
+                             getattr(args, "cert_name", "operator"))
+
+
 def channel(args) -> grpc.Channel:
     """A channel to the control plane with the operator's certificate (meshctl's --certs), or
     plaintext with --insecure-dev."""
+    if not hasattr(args, "tls"):
+        args.tls = resolve_tls(args)
     return grpc_util.channel(args.controlplane, options=[], tls=args.tls)
 
 

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", default="STANDARD", choices=["CRITICAL", "STANDARD", "SHEDDABLE"])
     p.add_argument("--api-key", default=os.environ.get("MESHSERVE_API_KEY", ""),
                    help="the tenant's API key (env MESHSERVE_API_KEY; `meshctl keys create`)")
-    p.set_defaults(func=cmd_generate, needs_tls=False)  # the public edge: plaintext by configuration
+    p.set_defaults(func=cmd_generate)  # the public edge: plaintext by configuration
     return parser
 
 
@@ -98,13 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.timeout is None:
         args.timeout = 120.0 if args.command == "generate" else 10.0
     try:
-        args.tls = ctl_certs.resolve(args) if getattr(args, "needs_tls", True) else None
-    except FileNotFoundError as exc:
+        return args.func(args)
+    except FileNotFoundError as exc:  # no certificate where --certs points
         print(f"meshctl: {exc}; pass --certs DIR (or --insecure-dev for a plaintext mesh)",
               file=sys.stderr)
         return EXIT_USAGE
-    try:
-        return args.func(args)
     except argparse.ArgumentTypeError as exc:
         print(f"meshctl: {exc}", file=sys.stderr)
         return EXIT_USAGE
