@@ -16,6 +16,7 @@ from pathlib import Path
 from services.common import ports as port_rules
 from services.common.envoy_config import EnvoySettings, render
 
+from . import cache_store as cs
 from . import components as c
 from .processes import Child, StartError, Supervisor
 
@@ -59,6 +60,8 @@ class MeshPlan:
     gateways: int = 0
     #: Extra `meshserve openai-gateway` flags for every gateway.
     gateway_args: list[str] = field(default_factory=list)
+    #: The shared cache store's maxmemory (0 = no store: servers cache only in their own pool).
+    cache_store_bytes: int = 0
 
 
 class PortPlan:
@@ -119,6 +122,8 @@ class LocalMesh:
                                                   *self.servers,
                                                   *(f"router{i}" for i in range(plan.routers)),
                                                   *(f"gateway{i}" for i in range(plan.gateways))])}
+        #: The shared cache store (redis-server), when the plan has one.
+        self.cache_store = f"{HOST}:{ports.take('cache-store', 90)}" if plan.cache_store_bytes else ""
         self.ports = ports
         self.children: dict[str, Child] = {}
 
@@ -138,6 +143,8 @@ class LocalMesh:
         self.sup.new_run()
         try:
             self.start_etcd()
+            if self.cache_store:
+                self.start_cache_store()
             for i in range(self.plan.controlplanes):
                 self.start_controlplane(i)
             for server in self.plan.servers:
@@ -171,6 +178,14 @@ class LocalMesh:
         """Start a stopped member again on its data (failure tests); does not wait for quorum."""
         return self._spawn_etcd(i)
 
+    def start_cache_store(self) -> Child:
+        port = int(self.cache_store.rpartition(":")[2])
+        child = self.sup.start("cache-store", cs.redis_argv(HOST, port, self.data_dir / "cache-store",
+                                                            self.plan.cache_store_bytes))
+        self.children["cache-store"] = child
+        self.sup.wait_ready(child, lambda: cs.redis_ready(self.cache_store), 30, "answering PING")
+        return child
+
     def _common(self, name: str, listen: str) -> list[str]:
         args = ["--id", name, "--listen", listen, "--etcd", self.etcd_endpoints,
                 "--metrics", self.metrics[name], "--lease-ttl", str(self.plan.lease_ttl)]
@@ -196,6 +211,8 @@ class LocalMesh:
         for o in server.engine_options:
             args += ["--engine-option", o]
         args += ["--memory-bytes", str(server.memory_bytes), *server.extra_args]
+        if self.cache_store:
+            args += ["--cache-store", cs.redis_url(self.cache_store)]
         child = self.sup.start(server.server_id, c.service_argv("modelserver", *args))
         self.children[server.server_id] = child
         if wait:

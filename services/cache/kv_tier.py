@@ -1,0 +1,162 @@
+"""The torch engine's link to the shared KV-block tier.
+
+Writes: full blocks the engine computed are offered from the step loop, which only pins them (one
+extra reference, so the pool cannot reuse them) and queues them; a writer thread copies each out
+of the pool, unpins it at once (the step loop drains the unpinned ids), encodes and writes a batch
+in one round trip. At most `max_pending` blocks are pinned: past that, or while the store is down,
+offers are dropped (counted), so a slow store never starves the pool.
+
+Reads: before a request enters the engine, the blocks after its local prefix hit are fetched in one
+round trip and checked (block_format.decode: version, shape, key, parent key, token ids); the
+leading run that verifies is installed into the pool at admission instead of being computed.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from . import block_format, events, metrics
+from .block_format import BlockMismatch, BlockShape
+from .keys import store_key
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+KIND = "kv1"  # the store's key prefix, versioned with the block format
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """One full block of a sequence: its key, its parent's key, salt, tokens and pool block."""
+
+    key: bytes
+    parent: bytes
+    salt: bytes
+    tokens: tuple[int, ...]
+    block: int = -1
+
+
+class KvTier:
+    def __init__(self, store: Store, model: str, namespace: bytes, shape: BlockShape, k_pool: torch.Tensor,
+                 v_pool: torch.Tensor, log_: events.EventLog | None = None, max_pending: int = 32,
+                 known_capacity: int = 65_536) -> None:
+        self.store, self.namespace, self.shape = store, namespace, shape
+        self._k, self._v = k_pool, v_pool
+        self.events = log_
+        self.max_pending = max_pending
+        self.stats = metrics.tier_stats(model, "shared")
+        self.released: collections.deque[int] = collections.deque()
+        self._pending = 0
+        self._queue: queue.Queue[list[BlockRef] | None] = queue.Queue()
+        self._known: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        self._known_capacity = known_capacity
+        self._known_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._write_loop, name=f"kv-tier-{model}", daemon=True)
+        self._thread.start()
+
+    def name(self, ref: BlockRef) -> str:
+        return store_key(KIND, self.namespace, ref.salt, ref.key)
+
+    def _remember(self, keys: Sequence[bytes]) -> None:
+        with self._known_lock:
+            for k in keys:
+                self._known[k] = None
+                self._known.move_to_end(k)
+            while len(self._known) > self._known_capacity:
+                self._known.popitem(last=False)
+
+    def known(self, key: bytes) -> bool:
+        with self._known_lock:
+            return key in self._known
+
+    # ---- writes (offer on the step thread, the rest on the writer thread) -----------------------
+    def offer(self, refs: list[BlockRef]) -> list[BlockRef]:
+        """The refs accepted for writing; the caller pins their blocks until `released` has them."""
+        fresh = [r for r in refs if not self.known(r.key)]
+        if not fresh:
+            return []
+        room = self.max_pending - self._pending
+        if not self.store.available() or room <= 0:
+            self.stats.error("write_dropped", len(fresh))
+            return []
+        if len(fresh) > room:
+            self.stats.error("write_dropped", len(fresh) - room)
+            fresh = fresh[:room]
+        self._pending += len(fresh)  # only the step thread adds; the writer lowers it via released
+        self._queue.put(fresh)
+        return fresh
+
+    def drain_released(self) -> list[int]:
+        out = []
+        while self.released:
+            out.append(self.released.popleft())
+        self._pending -= len(out)
+        return out
+
+    def _write_loop(self) -> None:
+        while True:
+            refs = self._queue.get()
+            if refs is None:
+                return
+            try:
+                items = self._encode(refs)
+            except Exception:
+                log.exception("could not encode KV blocks for the shared tier")
+                self.released.extend(r.block for r in refs)
+                continue
+            if self.store.set_many(items):
+                self._remember([r.key for r in refs])
+                self.stats.wrote(sum(len(v) for v in items.values()))
+                if self.events is not None:
+                    self.events.record(events.STORED, events.SHARED, [r.key for r in refs])
+            else:
+                self.stats.error("store_full" if self.store.up else "store_down", len(refs))
+
+    def _encode(self, refs: list[BlockRef]) -> dict[str, bytes]:
+        items = {}
+        for r in refs:
+            try:
+                k, v = self._k[:, r.block].contiguous(), self._v[:, r.block].contiguous()
+            finally:
+                self.released.append(r.block)  # copied (or failed): the pool may reuse it now
+            items[self.name(r)] = block_format.encode(self.shape, r.key, r.parent, r.tokens, k, v)
+        return items
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    # ---- reads (any thread but the step thread) -------------------------------------------------
+    def fetch(self, refs: Sequence[BlockRef]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """K/V of the leading run of `refs` found in the store and verified."""
+        if not refs or not self.store.available():
+            if refs:
+                self.stats.error("store_down")
+            return []
+        values = self.store.get_many([self.name(r) for r in refs])
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        nbytes = 0
+        for ref, data in zip(refs, values, strict=True):
+            if data is None:
+                break
+            try:
+                out.append(block_format.decode(self.shape, data, ref.key, ref.parent, ref.tokens))
+            except BlockMismatch as e:
+                log.warning("shared KV block %s rejected: %s", ref.key.hex()[:16], e)
+                self.stats.error("verify_failed")
+                break
+            nbytes += len(data)
+        if out:
+            self.stats.hit(len(out), nbytes)
+            self._remember([r.key for r in refs[:len(out)]])
+        self.stats.miss(len(refs) - len(out))
+        if len(out) < len(refs) and values[len(out)] is None and self.events is not None \
+                and self.known(refs[len(out)].key):
+            self.events.record(events.REMOVED, events.SHARED, [refs[len(out)].key])  # evicted by the store
+        return out
