@@ -156,7 +156,17 @@ class KvTier:
             self.stats.hit(len(out), nbytes)
             self._remember([r.key for r in refs[:len(out)]])
         self.stats.miss(len(refs) - len(out))
-        if len(out) < len(refs) and values[len(out)] is None and self.events is not None \
-                and self.known(refs[len(out)].key):
-            self.events.record(events.REMOVED, events.SHARED, [refs[len(out)].key])  # evicted by the store
+        if len(out) < len(refs) and values[len(out)] is None and self.known(refs[len(out)].key):
+            gone = refs[len(out)].key  # evicted by the store (LRU) or flushed: write it again next time
+            with self._known_lock:
+                self._known.pop(gone, None)
+            if self.events is not None:
+                self.events.record(events.REMOVED, events.SHARED, [gone])
         return out
+
+    def forget_known(self) -> None:
+        """The store was flushed: nothing this tier wrote or read is known to be there any more."""
+        with self._known_lock:
+            self._known.clear()
+        if self.events is not None:
+            self.events.record(events.CLEARED, events.SHARED)

@@ -65,7 +65,7 @@ class Store:
         try:
             out = fn(self._client)
         except redis.exceptions.ResponseError as e:
-            if "OOM" in str(e):
+            if isinstance(e, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(e):
                 self.full += 1
                 self._ok()
                 return default

@@ -108,5 +108,9 @@ async def flush(engines: Mapping[str, Engine], model: str, tenant: str, shared: 
             for kind in ("kv1", "resp1"):
                 out.shared_keys += await asyncio.to_thread(store.delete_matching,
                                                            store_pattern(kind, cache.namespace, salt))
-            cache.events.record(ev.CLEARED, ev.SHARED)
+            tier = getattr(cache, "tier", None)
+            if tier is not None:
+                tier.forget_known()
+            else:
+                cache.events.record(ev.CLEARED, ev.SHARED)
     return out
