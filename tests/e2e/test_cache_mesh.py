@@ -1,6 +1,9 @@
-"""The shared cache through a whole mesh: two SmolLM2 servers sharing a real redis-server, a router
-that scores prefixes on their KV events (and recovers them by snapshot after a restart), the
-response cache with `served_by.cached`, and `meshctl cache stats|flush`."""
+"""The shared cache through a whole mesh: two SmolLM2 servers sharing a real redis-server. Blocks
+computed on one server are fetched by the other (greedy output identical), never across tenants
+(a public system prompt only when opted in); a bad block or a store that is down only costs a
+recompute and shows in metrics; a router scores prefixes on the servers' KV events (recovered by
+snapshot after a restart); the response cache answers with `served_by.cached`; `meshctl cache
+stats|flush`. Servers are called directly where a test needs a given server."""
 
 from __future__ import annotations
 
@@ -9,10 +12,12 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from meshserve.v1 import inference_pb2, inference_pb2_grpc
+import redis
+from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, modelserver_pb2, modelserver_pb2_grpc
 
+from services.localmesh.cache_store import redis_url
 from services.localmesh.mesh import LocalMesh, MeshPlan, ServerPlan
-from tests.helpers import ask, meshctl, running_mesh, wait_for
+from tests.helpers import ask, meshctl, metrics_text, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
@@ -24,12 +29,125 @@ PREFIXES = [f"Background {n}: " + f"the {n} valley holds orchards, mills and a r
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    """Started piece by piece so the two servers load the model at the same time."""
     plan = MeshPlan(data_dir=tmp_path_factory.mktemp("cache-mesh"), base_port=0, lease_ttl=3,
                     cache_store_bytes=64 << 20,
                     servers=[ServerPlan(f"server-{i}", [f"{MODEL}=torch:embedded"], engine_options=OPTIONS)
                              for i in range(2)])
-    with running_mesh(plan) as m:
+    m = LocalMesh(plan)
+    m.ports.check()
+    m.sup.new_run()
+    try:
+        m.start_etcd()
+        m.start_cache_store()
+        m.start_controlplane(0)
+        children = [m.start_server(s, wait=False) for s in plan.servers]
+        for child, s in zip(children, plan.servers, strict=True):
+            address = m.servers[s.server_id]
+            m.sup.wait_ready(child, lambda a=address: _serving(a), plan.load_timeout_s, "serving")
+        m.start_router(0)
         yield m
+    finally:
+        m.stop()
+        for name, child in m.children.items():
+            assert not child.alive(), f"{name} (pid {child.pid}) survived the mesh stop"
+
+
+def _serving(address: str) -> bool:
+    from services.localmesh.components import grpc_serving
+    return grpc_serving(address)
+
+
+def _direct(mesh: LocalMesh, server: str, prompt: str = PREFIXES[0], tenant: str = "",
+            system: str = "", share: bool = False) -> tuple[list[int], int]:
+    """Greedy ids and cached prompt tokens from one given server (no router, no response cache)."""
+    req = modelserver_pb2.ModelServerServiceGenerateRequest(
+        request_id="direct", model=MODEL, tenant=tenant, share_system_prompt=share, bypass_response_cache=True,
+        sampling=common_pb2.SamplingParams(max_tokens=3))
+    if system:
+        req.messages.add(role="system", content=system)
+        req.messages.add(role="user", content=prompt)
+    else:
+        req.prompt = prompt
+    ids, cached = [], -1
+    with grpc.insecure_channel(mesh.servers[server]) as channel:
+        for chunk in modelserver_pb2_grpc.ModelServerServiceStub(channel).Generate(req, timeout=120):
+            ids += chunk.token_ids
+            if chunk.HasField("usage"):
+                cached = chunk.usage.cached_tokens
+    return ids, cached
+
+
+def _metric(mesh: LocalMesh, server: str, line_start: str) -> float:
+    for line in metrics_text(mesh.metrics[server]).splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _store(mesh: LocalMesh) -> redis.Redis:
+    return redis.Redis.from_url(redis_url(mesh.cache_store))
+
+
+def _flush(mesh: LocalMesh) -> None:
+    """Empty pools and store: what `meshctl cache flush` does."""
+    _ctl(mesh, "cache", "flush")
+
+
+def test_blocks_are_shared_across_servers_but_never_across_tenants(mesh: LocalMesh):
+    _flush(mesh)
+    shared_hits = 'meshserve_cache_hits_total{model="smolc",tier="shared"}'
+    reference, cached = _direct(mesh, "server-0", tenant="acme")
+    assert cached == 0
+    wait_for(lambda: len(_store(mesh).keys("ms:kv1:*")) >= 2, 30, "blocks written to the store")
+    before = _metric(mesh, "server-1", shared_hits)
+    for tenant in ("globex", "initech"):  # interleaved tenants: acme's blocks are in the store
+        assert _direct(mesh, "server-1", tenant=tenant)[1] == 0
+        assert _direct(mesh, "server-0", tenant=tenant + "x")[1] == 0
+    assert _metric(mesh, "server-1", shared_hits) == before  # 0 cross-tenant hits
+    ids, cached = _direct(mesh, "server-1", tenant="acme")
+    assert ids == reference and cached >= 128  # fetched, not computed; the same greedy answer
+    assert _metric(mesh, "server-1", shared_hits) >= before + 2
+
+
+def test_a_public_system_prompt_is_shared_only_when_opted_in(mesh: LocalMesh):
+    _flush(mesh)
+    system = PREFIXES[1]
+    _direct(mesh, "server-0", "Name one river.", tenant="acme", system=system, share=True)
+    wait_for(lambda: len(_store(mesh).keys("ms:kv1:*")) >= 2, 30, "blocks written to the store")
+    assert _direct(mesh, "server-1", "Name one river.", tenant="globex", system=system, share=True)[1] >= 128
+    assert _direct(mesh, "server-1", "Name one river.", tenant="initech", system=system)[1] == 0
+
+
+def test_a_bad_block_or_a_store_that_is_down_costs_only_a_recompute(mesh: LocalMesh):
+    _flush(mesh)
+    reference, _ = _direct(mesh, "server-0", PREFIXES[2])
+    client = _store(mesh)
+    wait_for(lambda: len(client.keys("ms:kv1:*")) >= 2, 30, "blocks written to the store")
+    for name in client.keys("ms:kv1:*"):  # one byte of the stored token ids flipped: must not verify
+        value = bytearray(client.get(name))
+        value[100] ^= 0xFF
+        client.set(name, bytes(value))
+    ids, cached = _direct(mesh, "server-1", PREFIXES[2])
+    assert ids == reference and cached == 0
+    rejected = 'meshserve_cache_errors_total{model="smolc",reason="verify_failed",tier="shared"}'
+    assert _metric(mesh, "server-1", rejected) >= 1
+    mesh.sup.stop_child(mesh.children["cache-store"])
+    try:
+        ids, cached = _direct(mesh, "server-0", PREFIXES[2] + " More.", tenant="other")
+        assert ids and cached == 0
+        assert _metric(mesh, "server-0", "meshserve_cache_store_up") == 0.0
+        assert not _generate(mesh, ask("Name a tree.", 2, model=MODEL)).served_by.cached
+    finally:
+        mesh.start_cache_store()
+        wait_for(lambda: all(_stats(mesh, s).store_up for s in mesh.servers), 60, "servers to see the store again",
+                 interval=0.5)
+
+
+def _stats(mesh: LocalMesh, server: str) -> modelserver_pb2.GetCacheStatsResponse:
+    with grpc.insecure_channel(mesh.servers[server]) as channel:
+        return modelserver_pb2_grpc.ModelServerServiceStub(channel).GetCacheStats(
+            modelserver_pb2.GetCacheStatsRequest(), timeout=10)
 
 
 def _generate(mesh: LocalMesh, req: inference_pb2.GenerateRequest) -> inference_pb2.GenerateResponse:
@@ -48,6 +166,7 @@ def _ctl(mesh: LocalMesh, *args: str) -> str:
 
 
 def test_router_scores_on_kv_events_and_recovers_them_after_a_restart(mesh: LocalMesh):
+    _flush(mesh)
     homes = {}
     for prefix in PREFIXES:
         answer = _generate(mesh, ask(prefix + "Question one?", 2, model=MODEL, bypass_response_cache=True))
