@@ -10,7 +10,7 @@ GEN_STAMP := gen/python/.stamp
 DESCRIPTOR := build/meshserve.pb
 AGAINST ?= main
 
-.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos bench-traffic gpu-check
+.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos bench-traffic bench-cache gpu-check
 
 all: setup
 
@@ -128,6 +128,11 @@ bench-chaos: setup
 # primary pool killed, a SmolLM2 ensemble; ~6 min. bench/results/traffic.{json,md}; ARGS=--quick to check.
 bench-traffic: setup
 	$(BIN)/python -m bench.traffic.run $(ARGS)
+
+# Shared cache benchmark (issue 14): cross-server reuse, miss cost, tenants, and routing on KV events
+# vs the text guess vs round robin, torch engine; ~15 min. bench/results/cache.{json,md}; ARGS=--quick.
+bench-cache: setup
+	$(BIN)/python -m bench.cache.run $(ARGS)
 
 run: setup
 	$(BIN)/meshserve up --demo $(ARGS)

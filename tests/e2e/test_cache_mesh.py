@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from functools import partial
 
 import grpc
 import pytest
@@ -16,6 +17,7 @@ import redis
 from meshserve.v1 import common_pb2, inference_pb2, inference_pb2_grpc, modelserver_pb2, modelserver_pb2_grpc
 
 from services.localmesh.cache_store import redis_url
+from services.localmesh.components import grpc_serving
 from services.localmesh.mesh import LocalMesh, MeshPlan, ServerPlan
 from tests.helpers import ask, meshctl, metrics_text, wait_for
 
@@ -43,19 +45,13 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
         m.start_controlplane(0)
         children = [m.start_server(s, wait=False) for s in plan.servers]
         for child, s in zip(children, plan.servers, strict=True):
-            address = m.servers[s.server_id]
-            m.sup.wait_ready(child, lambda a=address: _serving(a), plan.load_timeout_s, "serving")
+            m.sup.wait_ready(child, partial(grpc_serving, m.servers[s.server_id]), plan.load_timeout_s, "serving")
         m.start_router(0)
         yield m
     finally:
         m.stop()
         for name, child in m.children.items():
             assert not child.alive(), f"{name} (pid {child.pid}) survived the mesh stop"
-
-
-def _serving(address: str) -> bool:
-    from services.localmesh.components import grpc_serving
-    return grpc_serving(address)
 
 
 def _direct(mesh: LocalMesh, server: str, prompt: str = PREFIXES[0], tenant: str = "",
@@ -125,7 +121,9 @@ def test_a_bad_block_or_a_store_that_is_down_costs_only_a_recompute(mesh: LocalM
     client = _store(mesh)
     wait_for(lambda: len(client.keys("ms:kv1:*")) >= 2, 30, "blocks written to the store")
     for name in client.keys("ms:kv1:*"):  # one byte of the stored token ids flipped: must not verify
-        value = bytearray(client.get(name))
+        stored = client.get(name)
+        assert isinstance(stored, bytes)
+        value = bytearray(stored)
         value[100] ^= 0xFF
         client.set(name, bytes(value))
     ids, cached = _direct(mesh, "server-1", PREFIXES[2])
