@@ -13,11 +13,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
-
-import redis
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import metrics
+
+if TYPE_CHECKING:
+    import redis
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,11 @@ _MIN_BACKOFF_S, _MAX_BACKOFF_S = 1.0, 15.0
 
 class Store:
     def __init__(self, url: str, timeout_s: float = 1.0) -> None:
+        # imported here: redis-py imports opentelemetry when it can, which a process without a
+        # store (and without tracing) must not pay for (tests/unit/test_tracing_hooks.py)
+        import redis
+
+        self._errors = redis.exceptions
         self.url = url
         self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                             max_connections=32)
@@ -64,14 +70,14 @@ class Store:
             return default
         try:
             out = fn(self._client)
-        except redis.exceptions.ResponseError as e:
-            if isinstance(e, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(e):
+        except self._errors.ResponseError as e:
+            if isinstance(e, self._errors.OutOfMemoryError) or "maxmemory" in str(e):
                 self.full += 1
                 self._ok()
                 return default
             self._failed(e)
             return default
-        except (redis.exceptions.RedisError, OSError) as e:
+        except (self._errors.RedisError, OSError) as e:
             self._failed(e)
             return default
         self._ok()

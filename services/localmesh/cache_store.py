@@ -12,8 +12,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import redis
-
 
 def redis_binary() -> str:
     """The virtualenv's redis-server (make setup), else one on PATH."""
@@ -38,6 +36,8 @@ def redis_url(address: str) -> str:
 
 
 def redis_ready(address: str) -> bool:
+    import redis  # not at import time: redis-py pulls in opentelemetry (see services/cache/store.py)
+
     client = redis.Redis.from_url(redis_url(address), socket_timeout=1.0, socket_connect_timeout=1.0)
     try:
         return bool(client.ping())

@@ -151,9 +151,9 @@ class EngineCore:
                 rid = by_seq[seq]
                 outputs.append((rid, self._finish(rid, self._active[rid], FinishReason.ERROR, "")))
             return outputs
-        committed = {seq: seq.num_committed_blocks for seq, _ in sched.scheduled}
+        committed = {seq: seq.num_committed_blocks for seq, _ in sched.scheduled} if self.tier is not None else {}
         self.scheduler.update_after_step(sched)
-        if self.tier is not None:
+        if committed:
             self._offer_to_tier(committed)
         self.num_steps += 1
         self.max_batch_seqs = max(self.max_batch_seqs, len(sched.scheduled))
