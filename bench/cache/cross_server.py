@@ -102,7 +102,7 @@ async def run(tmp: Path, quick: bool) -> dict[str, Any]:
 async def _reuse(a: TorchEngine, b: TorchEngine, trials: int) -> dict[str, Any]:
     rows = []
     for t in range(trials):
-        prefix = text_of(1150, seed=100 + t)
+        prefix = text_of(1400, seed=100 + t)
         computed = await _ttft(a, prefix)
         n_blocks = (computed["prompt_tokens"] - 1) // 64
         await _wait_written(a, (t + 1) * n_blocks)
