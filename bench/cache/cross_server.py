@@ -143,16 +143,16 @@ async def _miss_cost(b: TorchEngine, pairs: int) -> dict[str, Any]:
 
 
 async def _cross_tenant(a: TorchEngine, b: TorchEngine) -> dict[str, Any]:
+    """tenant-0's prefix is in the store and in A's pool; eight other tenants ask for it once each,
+    alternating engines, with tenant-0 asking again in between: any hit would be another tenant's."""
     prefix = text_of(400, seed=7)
     owner = await _ttft(a, prefix, tenant="tenant-0")
     await _wait_written(a, 1)
-    hits, requests = 0, 0
-    for i in range(1, 5):  # interleaved: other tenants on both engines, the owner in between
-        for engine in (a, b):
-            got = await _ttft(engine, prefix, tenant=f"tenant-{i}")
-            requests += 1
-            hits += int(got["cached_tokens"] > 0)
-        await _ttft(b, prefix, tenant="tenant-0")
+    hits = 0
+    for i in range(1, 9):
+        got = await _ttft(a if i % 2 else b, prefix, tenant=f"tenant-{i}")
+        hits += int(got["cached_tokens"] > 0)
+        await _ttft(b if i % 2 else a, prefix, tenant="tenant-0")
     same = await _ttft(b, prefix, tenant="tenant-0")
-    return {"cross_tenant_requests": requests, "cross_tenant_hits": hits,
+    return {"cross_tenant_requests": 8, "cross_tenant_hits": hits,
             "same_tenant_cached_tokens": same["cached_tokens"], "prompt_tokens": owner["prompt_tokens"]}

@@ -14,7 +14,9 @@ leading run that verifies is installed into the pool at admission instead of bei
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import os
 import queue
 import threading
 from collections.abc import Sequence
@@ -30,6 +32,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 KIND = "kv1"  # the store's key prefix, versioned with the block format
+WRITER_NICE = 10
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,9 @@ class KvTier:
         return out
 
     def _write_loop(self) -> None:
+        with contextlib.suppress(OSError):  # Linux: nice this thread alone, so writes yield to the step loop
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+        torch.set_num_threads(1)
         while True:
             refs = self._queue.get()
             if refs is None:
@@ -119,14 +125,14 @@ class KvTier:
             else:
                 self.stats.error("store_full" if self.store.up else "store_down", len(refs))
 
-    def _encode(self, refs: list[BlockRef]) -> dict[str, bytes]:
-        items = {}
+    def _encode(self, refs: list[BlockRef]) -> dict[str, bytes | bytearray]:
+        items: dict[str, bytes | bytearray] = {}
         for r in refs:
-            try:
-                k, v = self._k[:, r.block].contiguous(), self._v[:, r.block].contiguous()
+            try:  # one copy, from the pinned page straight into the value
+                items[self.name(r)] = block_format.encode(self.shape, r.key, r.parent, r.tokens,
+                                                          self._k[:, r.block], self._v[:, r.block])
             finally:
                 self.released.append(r.block)  # copied (or failed): the pool may reuse it now
-            items[self.name(r)] = block_format.encode(self.shape, r.key, r.parent, r.tokens, k, v)
         return items
 
     def close(self) -> None:

@@ -93,7 +93,7 @@ class Store:
             return [None] * len(keys)
         return [v if isinstance(v, bytes) or v is None else str(v).encode() for v in got]
 
-    def set_many(self, items: Mapping[str, bytes]) -> bool:
+    def set_many(self, items: Mapping[str, bytes | bytearray]) -> bool:
         """Write entries in one round trip; False when the store is down or full (nothing to retry)."""
         if not items:
             return True

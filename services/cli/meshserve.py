@@ -210,9 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, "127.0.0.1:8001")
     p.add_argument("--zone", default="", help="the router's zone (requests prefer servers there)")
     p.add_argument("--policy", default="meshserve",
-                   choices=["meshserve", "least_load", "round_robin"],
+                   choices=["meshserve", "least_load", "round_robin", "meshserve_text"],
                    help="how to pick a server: meshserve (locality, session affinity, prefix "
-                        "cache and load), or the baselines least_load / round_robin")
+                        "cache - on KV events where servers publish them - and load), or the "
+                        "baselines least_load / round_robin / meshserve_text (prefix by the text guess)")
     p.add_argument("--model-policy", action="append", default=[], metavar="MODEL=POLICY",
                    help="a different policy for one model (repeatable)")
     p.add_argument("--max-attempts", type=int, default=3,

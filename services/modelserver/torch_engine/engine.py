@@ -165,11 +165,13 @@ class TorchEngine(Engine):
         if not self._accepting or self.core is None:
             raise EngineUnavailableError(f"model {self.model_name!r} is not loaded")
         core_req = self._prepare(request)
-        if self.cache is not None:
-            core_req.cache = self.cache.keying(request, core_req.prompt_ids)
-            core_req.remote = await self.cache.prefetch(core_req.cache, core_req.prompt_ids)
         if len(self._inbox) + len(self.core.scheduler.waiting) >= self.config.max_waiting:
             raise CapacityError(f"{self.config.max_waiting} requests already wait for model {self.model_name!r}")
+        if self.cache is not None:  # key the prompt; fetch shared blocks after the local hit (off the step loop)
+            core_req.cache = self.cache.keying(request, core_req.prompt_ids)
+            core_req.remote = await self.cache.prefetch(core_req.cache, core_req.prompt_ids)
+            if not self._accepting or self.core is None:
+                raise EngineUnavailableError(f"model {self.model_name!r} is not loaded")
         rid = f"{request.request_id}#{next(self._ids)}"
         core_req.request_id = rid
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
