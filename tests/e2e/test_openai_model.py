@@ -14,8 +14,13 @@ from tests.e2e.conftest import SMOLLM2
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
 MODEL = SMOLLM2
+# Longer than two of the engine's 64-token KV pages, so a repeat finds whole cached pages.
 SYSTEM = ("You are the help desk of a company that rents out electric cargo bikes in three cities. Answer "
-          "in one short sentence, politely, without lists or markdown, and never quote prices unless asked.")
+          "in one short sentence, politely, without lists or markdown, and never quote prices unless asked. "
+          "Bikes can be picked up at any station between seven in the morning and ten at night, and returned "
+          "at any station of the same city. Helmets, locks and rain covers come with every bike at no extra "
+          "charge. Customers who need a child seat should say so when they book, because only some bikes have "
+          "one. If a bike breaks down, the customer should call the hotline and wait with the bike.")
 
 
 @pytest.fixture(scope="module")
