@@ -19,7 +19,8 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +62,9 @@ class KvTier:
         self._known: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._known_capacity = known_capacity
         self._known_lock = threading.Lock()
+        #: CPU seconds the tier spent per path (offer: step thread; write: writer; read: fetches),
+        #: so its cost can be told from the machine's load (bench/cache/miss.py).
+        self.cpu_s = {"offer": 0.0, "write": 0.0, "read": 0.0}
         self._thread = threading.Thread(target=self._write_loop, name=f"kv-tier-{model}", daemon=True)
         self._thread.start()
 
@@ -80,8 +84,21 @@ class KvTier:
             return key in self._known
 
     # ---- writes (offer on the step thread, the rest on the writer thread) -----------------------
+    @contextlib.contextmanager
+    def _cpu(self, path: str) -> Iterator[None]:
+        t0 = time.thread_time()
+        try:
+            yield
+        finally:
+            with self._known_lock:
+                self.cpu_s[path] += time.thread_time() - t0
+
     def offer(self, refs: list[BlockRef]) -> list[BlockRef]:
         """The refs accepted for writing; the caller pins their blocks until `released` has them."""
+        with self._cpu("offer"):
+            return self._offer(refs)
+
+    def _offer(self, refs: list[BlockRef]) -> list[BlockRef]:
         fresh = [r for r in refs if not self.known(r.key)]
         if not fresh:
             return []
@@ -112,18 +129,37 @@ class KvTier:
             if refs is None:
                 return
             try:
-                items = self._encode(refs)
-            except Exception:
-                log.exception("could not encode KV blocks for the shared tier")
-                self.released.extend(r.block for r in refs)
-                continue
-            if self.store.set_many(items):
-                self._remember([r.key for r in refs])
-                self.stats.wrote(sum(len(v) for v in items.values()))
-                if self.events is not None:
-                    self.events.record(events.STORED, events.SHARED, [r.key for r in refs])
-            else:
-                self.stats.error("store_full" if self.store.up else "store_down", len(refs))
+                with self._cpu("write"):
+                    self._write(refs)
+            finally:
+                self._queue.task_done()
+
+    def _write(self, refs: list[BlockRef]) -> None:
+        try:
+            items = self._encode(refs)
+        except Exception:
+            log.exception("could not encode KV blocks for the shared tier")
+            self.released.extend(r.block for r in refs)
+            return
+        if self.store.set_many(items):
+            self._remember([r.key for r in refs])
+            self.stats.wrote(sum(len(v) for v in items.values()))
+            if self.events is not None:
+                self.events.record(events.STORED, events.SHARED, [r.key for r in refs])
+        else:
+            self.stats.error("store_full" if self.store.up else "store_down", len(refs))
+
+    def wait_writes(self, timeout_s: float) -> bool:
+        """Block until every offered batch is written or dropped (benchmarks settle on it); False
+        on timeout."""
+        deadline = time.monotonic() + timeout_s
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(left)
+        return True
 
     def _encode(self, refs: list[BlockRef]) -> dict[str, bytes | bytearray]:
         items: dict[str, bytes | bytearray] = {}
@@ -141,6 +177,10 @@ class KvTier:
     # ---- reads (any thread but the step thread) -------------------------------------------------
     def fetch(self, refs: Sequence[BlockRef]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """K/V of the leading run of `refs` found in the store and verified."""
+        with self._cpu("read"):
+            return self._fetch(refs)
+
+    def _fetch(self, refs: Sequence[BlockRef]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if not refs or not self.store.available():
             if refs:
                 self.stats.error("store_down")
