@@ -20,7 +20,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +57,8 @@ class KvTier:
         self.max_pending = max_pending
         self.stats = metrics.tier_stats(model, "shared")
         self.released: collections.deque[int] = collections.deque()
+        #: Called on the writer thread when blocks land in `released` (the engine wakes its loop).
+        self.on_released: Callable[[], None] | None = None
         self._pending = 0
         self._queue: queue.Queue[list[BlockRef] | None] = queue.Queue()
         self._known: collections.OrderedDict[bytes, None] = collections.OrderedDict()
@@ -135,19 +137,18 @@ class KvTier:
                 self._queue.task_done()
 
     def _write(self, refs: list[BlockRef]) -> None:
-        try:
-            items = self._encode(refs)
-        except Exception:
-            log.exception("could not encode KV blocks for the shared tier")
-            self.released.extend(r.block for r in refs)
+        items, written = self._encode(refs)
+        if self.on_released is not None:
+            self.on_released()
+        if not items:
             return
         if self.store.set_many(items):
-            self._remember([r.key for r in refs])
+            self._remember([r.key for r in written])
             self.stats.wrote(sum(len(v) for v in items.values()))
             if self.events is not None:
-                self.events.record(events.STORED, events.SHARED, [r.key for r in refs])
+                self.events.record(events.STORED, events.SHARED, [r.key for r in written])
         else:
-            self.stats.error("store_full" if self.store.up else "store_down", len(refs))
+            self.stats.error("store_full" if self.store.up else "store_down", len(written))
 
     def wait_writes(self, timeout_s: float) -> bool:
         """Block until every offered batch is written or dropped (benchmarks settle on it); False
@@ -161,15 +162,21 @@ class KvTier:
                 self._queue.all_tasks_done.wait(left)
         return True
 
-    def _encode(self, refs: list[BlockRef]) -> dict[str, bytes | bytearray]:
+    def _encode(self, refs: list[BlockRef]) -> tuple[dict[str, bytes | bytearray], list[BlockRef]]:
+        """The store's entries for `refs` and the refs they hold; every block is released exactly
+        once, encoded or not."""
         items: dict[str, bytes | bytearray] = {}
+        written: list[BlockRef] = []
         for r in refs:
             try:  # one copy, from the pinned page straight into the value
                 items[self.name(r)] = block_format.encode(self.shape, r.key, r.parent, r.tokens,
                                                           self._k[:, r.block], self._v[:, r.block])
+                written.append(r)
+            except Exception:
+                log.exception("could not encode KV block %s for the shared tier", r.key.hex()[:16])
             finally:
                 self.released.append(r.block)  # copied (or failed): the pool may reuse it now
-        return items
+        return items, written
 
     def close(self) -> None:
         self._queue.put(None)

@@ -118,6 +118,8 @@ class TorchEngine(Engine):
                           cfg.step_token_budget, max_context)
         self.cache = EngineCache(self.model_name, path, args, dtype, cfg, kv, core.blocks, tokenizer)
         core.tier = self.cache.tier
+        if core.tier is not None:  # an idle loop wakes to unpin what the writer copied (load reports count pins)
+            core.tier.on_released = self._wake
         self.core = core
         self.tokenizer, self.dtype = tokenizer, dtype
         self._vocab_size, self._max_context = args.vocab_size, max_context
@@ -251,6 +253,10 @@ class TorchEngine(Engine):
             self._inbox.append((kind, payload))
             self._cv.notify()
 
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
     def _deliver(self, rid: str, item: object) -> None:
         final = isinstance(item, BaseException) or getattr(item, "finish_reason", None) is not None
         stream = self._streams.pop(rid, None) if final else self._streams.get(rid)
@@ -279,7 +285,7 @@ class TorchEngine(Engine):
         while True:
             self._apply_backpressure(core)
             with self._cv:
-                while not self._inbox and not core.has_runnable() and not self._shutdown:
+                while not self._inbox and not core.has_runnable() and not core.has_unpins() and not self._shutdown:
                     # only paused work left: wake on a consumer's notify, or soon to expire deadlines
                     self._cv.wait(timeout=0.1 if core.has_work() else None)
                     self._apply_backpressure(core)

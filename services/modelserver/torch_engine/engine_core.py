@@ -222,6 +222,10 @@ class EngineCore:
         if accepted:
             self.blocks.take_hits(r.block for r in accepted)
 
+    def has_unpins(self) -> bool:
+        """Blocks the tier's writer has copied and the pool may reuse (step() unpins them)."""
+        return self.tier is not None and bool(self.tier.released)
+
     def _unpin(self, block_ids: list[int]) -> None:
         for b in block_ids:
             self.blocks.free([b])
