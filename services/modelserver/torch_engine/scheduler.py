@@ -114,24 +114,29 @@ class Scheduler:
                     preempt_last()
                     continue
                 break
-            seq.block_ids = self.blocks.take_hits(hits) + self.blocks.allocate(need)
-            if remote and self.install_remote is not None:
-                self.install_remote(seq, len(hits), remote)
-            seq.remote = None
-            seq.num_computed = num_cached
-            seq.num_committed_blocks = len(hits) + len(remote)
-            if seq.num_cached_tokens < 0:  # first admission: the hit the client benefits from
-                seq.num_cached_tokens = num_cached
-                self.blocks.record_lookup(seq.num_tokens, len(hits) * self.block_size)
-                if seq.timeline is not None:
-                    seq.timeline.scheduled()
+            self._admit(seq, hits, remote, need)
             waiting.pop(0)
-            self.waiting.remove(seq)
-            seq.status = SeqStatus.RUNNING
-            bisect.insort(self.running, seq, key=lambda s: s.sort_key)
             scheduled[seq] = n
             budget -= n
         return SchedulerOutput(scheduled=list(scheduled.items()), preempted=preempted)
+
+    def _admit(self, seq: Sequence, hits: list[int], remote: list, need: int) -> None:
+        """Give a waiting sequence its blocks (local hits, then fresh ones with the fetched shared
+        blocks installed) and move it to running."""
+        seq.block_ids = self.blocks.take_hits(hits) + self.blocks.allocate(need)
+        if remote and self.install_remote is not None:
+            self.install_remote(seq, len(hits), remote)
+        seq.remote = None
+        seq.num_computed = (len(hits) + len(remote)) * self.block_size
+        seq.num_committed_blocks = len(hits) + len(remote)
+        if seq.num_cached_tokens < 0:  # first admission: the hit the client benefits from
+            seq.num_cached_tokens = seq.num_computed
+            self.blocks.record_lookup(seq.num_tokens, len(hits) * self.block_size)
+            if seq.timeline is not None:
+                seq.timeline.scheduled()
+        self.waiting.remove(seq)
+        seq.status = SeqStatus.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.sort_key)
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Advance computed counts and publish newly completed blocks to the prefix cache.
