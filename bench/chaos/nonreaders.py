@@ -13,7 +13,7 @@
 Their prompts are made of long words, which the sim engine echoes one per token. The raw client's
 are 2 KiB: at 50 tokens/s, 100 streams carry ~10 MB/s, so the connection's kernel buffers fill in
 a second and unbounded buffering would show as steady growth over the phase. The gRPC clients,
-whose library drains the socket into the load generator's memory, use 256-byte words.
+whose library drains the socket into their own process's memory, use 256-byte words.
 """
 
 from __future__ import annotations

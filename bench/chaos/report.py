@@ -83,7 +83,8 @@ def _memory_and_ttft(f: dict[str, Any]) -> list[str]:
                 f"{_fmt(r['growth_last_third'])} | {_fmt(r.get('after'))} |" for name, r in d["rss_mb"].items()]
     rows = [("without non-readers", f.get("ttft_without_nonreaders_s", {}))]
     for v, d in variants.items():
-        rows += [(f"with {v} non-readers", d["ttft_with_s"]), (f"after {v} closed", d["ttft_after_s"])]
+        rows += [(f"while {v} non-readers open", d.get("ttft_opening_s", {})),
+                 (f"with {v} non-readers", d["ttft_with_s"]), (f"after {v} closed", d["ttft_after_s"])]
     out += ["", "| other clients' TTFT | requests | p50 s | p99 s | max s |", "|---|---|---|---|---|"]
     out += [f"| {label} | {t.get('n')} | {_fmt(t.get('p50'))} | {_fmt(t.get('p99'))} | {_fmt(t.get('max'))} |"
             for label, t in rows]

@@ -101,6 +101,9 @@ def render(results: dict) -> str:
              f"FLOP ceiling: {results['flop_ceiling_tok_s']:.0f} tok/s ({results.get('matmul_dtype', 'bf16')} "
              f"matmul {results.get('matmul_tflop_s', results.get('bf16_matmul_tflop_s', 0)):.2f} TFLOP/s, "
              "over 2 x parameters FLOPs per token).", ""]
+    if results.get("levels_run", "all") != "all":
+        lines += [f"**Partial run**: only the scenarios {results['levels_run']} (`--levels`); targets at "
+                  "levels not run read n/a.", ""]
     notes: list[str] = []
     for w in results.get("workloads", {}):
         lines += [f"## Workload: {w}", "", "Output tokens/s (aggregate); TTFT and inter-token latency (ITL) in ms.",

@@ -205,6 +205,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--systems", default="", help="comma-separated subset (default: all)")
     ap.add_argument("--workloads", default=",".join(wl.WORKLOADS), help="greedy,sampled")
+    ap.add_argument("--levels", default="", help="comma-separated subset of the scenarios, e.g. 16,64 "
+                    "(default: 1,4,16,64,poisson); a partial run, for a short quiet window")
     ap.add_argument("--quick", action="store_true", help="tiny levels, few prompts: a smoke test of the harness")
     ap.add_argument("--no-extras", action="store_true", help="skip the micro figures and the invariance check")
     ap.add_argument("--require-quiet", action="store_true", help="refuse a system if the machine stays busy")
@@ -231,6 +233,7 @@ def main() -> None:
     results: dict = {"flop_ceiling_tok_s": round(ceil, 1), "matmul_tflop_s": round(rate / 1e12, 3),
                      "matmul_dtype": str(dtype).removeprefix("torch."),
                      "parameters": params, "threads": THREADS, "quick": a.quick,
+                     "levels_run": a.levels or "all",
                      "workload": {"prompt_tokens": wl.PROMPT_RANGE, "output_tokens": wl.OUTPUT_RANGE,
                                   "levels": wl.LEVELS, "requests_per_level": "2 x concurrency",
                                   "poisson": {"requests": wl.POISSON_REQUESTS, "rate_per_s": wl.POISSON_RATE},
@@ -244,6 +247,8 @@ def main() -> None:
         if wanted and system.name not in wanted:
             continue
         system.workloads = tuple(w for w in system.workloads if w in workloads)
+        if a.levels:
+            system.scenarios = [sc for sc in system.scenarios if sc.name in a.levels.split(",")]
         print(f"{system.name}: {system.note}", flush=True)
         for w, entry in run_system(system, a).items():
             results["workloads"][w]["systems"][system.name] = entry

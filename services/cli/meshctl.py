@@ -13,7 +13,7 @@ import sys
 
 import grpc
 
-from . import ctl_cache, ctl_cluster, ctl_models, ctl_traffic
+from . import ctl_autoscale, ctl_cache, ctl_cluster, ctl_models, ctl_traffic
 from .ctl_common import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, to_dict
 
 UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl_cluster.add_parsers(sub)
     ctl_models.add_parsers(sub)
     ctl_traffic.add_parsers(sub)
+    ctl_autoscale.add_parsers(sub)
     ctl_cache.add_parsers(sub)
     p = sub.add_parser("generate", help="send one request through the public endpoint")
     p.add_argument("model")

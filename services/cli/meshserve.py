@@ -97,6 +97,7 @@ def cmd_router(args: argparse.Namespace) -> int:
         stall_timeout_s=args.stall_timeout, hang_timeout_s=args.hang_timeout,
         slow_consumer_s=args.slow_consumer_timeout, shed_utilization=args.shed_utilization,
         queue_size=args.queue_size, queue_timeout_s=args.queue_timeout,
+        activation_timeout_s=args.activation_timeout,
         retry_budget_ratio=args.retry_budget_ratio, retry_budget_floor=args.retry_budget_floor)
     dispatch.validate()
     config = RouterConfig(router_id=args.id or default_id("router"), listen=args.listen,
@@ -114,11 +115,14 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     health = HealthSettings(interval_s=args.health_interval, probe_interval_s=args.probe_interval,
                             timeout_s=args.health_timeout, probe_timeout_s=args.probe_timeout,
                             unhealthy_after=args.unhealthy_after, healthy_after=args.healthy_after)
+    if not args.autoscale_interval > 0:
+        raise ValueError(f"--autoscale-interval must be > 0, got {args.autoscale_interval}")
     config = ControlPlaneConfig(replica_id=args.id or default_id("controlplane"),
                                 listen=args.listen, advertise=args.advertise, region=args.region,
                                 etcd=args.etcd, metrics=args.metrics, lease_ttl=args.lease_ttl,
                                 election_ttl=args.election_ttl, health=health,
-                                halt_after_failures=args.halt_after_failures)
+                                halt_after_failures=args.halt_after_failures,
+                                autoscale_interval_s=args.autoscale_interval)
     return _run_service(f"controlplane[{config.replica_id}]", lambda stop: run(config, stop), args,
                         "meshserve-controlplane", config.replica_id)
 
@@ -237,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="STANDARD requests that may wait for room when every server is saturated")
     p.add_argument("--queue-timeout", type=float, default=30.0,
                    help="seconds a queued request without a deadline waits")
+    p.add_argument("--activation-timeout", type=float, default=120.0,
+                   help="seconds a request without a deadline waits for the first replica of a "
+                        "model scaled to zero")
     p.add_argument("--retry-budget-ratio", type=float, default=0.2,
                    help="retries + migrations allowed per request over a 10 s window")
     p.add_argument("--retry-budget-floor", type=int, default=10,
@@ -257,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--halt-after-failures", type=int, default=2,
                    help="stop placing a model once it failed to load on this many distinct "
                         "servers (0 = never); `meshctl model retry NAME` lifts the halt")
+    p.add_argument("--autoscale-interval", type=float, default=1.0,
+                   help="seconds between the leader's autoscaling decisions (signals are pulled "
+                        "from servers and routers at this pace)")
     p.set_defaults(func=cmd_controlplane)
 
     p = sub.add_parser("openai-gateway", help="run the OpenAI-compatible HTTP API (a client of InferenceService)")

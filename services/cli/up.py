@@ -19,6 +19,7 @@ from services.common import ports
 from services.common.logging_setup import setup_logging
 from services.localmesh.mesh import LocalMesh, MeshPlan, ServerPlan
 from services.localmesh.processes import StartError
+from services.localmesh.serverpool import PoolSettings, ServerPool, parse_range
 
 from .inference_client import build_request, generate
 
@@ -37,6 +38,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Envoy listens on this port; the others follow it up to +80 (0 = free "
                         "ports outside the OS's ephemeral range)")
     p.add_argument("--servers", type=int, default=2, help="model servers to start")
+    p.add_argument("--server-pool", default="", metavar="MIN:MAX",
+                   help="start MIN model servers and let the control plane's demand start more, "
+                        "up to MAX, and stop idle ones (replaces --servers)")
+    p.add_argument("--pool-idle-s", type=float, default=60.0,
+                   help="a pool server that holds no model this long is stopped (down to MIN)")
     p.add_argument("--routers", type=int, default=1)
     p.add_argument("--gateways", type=int, default=1,
                    help="OpenAI gateways behind Envoy's /v1/chat/completions, /v1/completions and "
@@ -176,6 +182,27 @@ def _warn_ephemeral(mesh: LocalMesh) -> None:
               f"{low - 300} or above {high}.", file=sys.stderr)
 
 
+def _pool_settings(args: argparse.Namespace) -> PoolSettings | None:
+    if not args.server_pool:
+        return None
+    low, high = parse_range(args.server_pool)
+    if low < 1:
+        raise ValueError(f"--server-pool {args.server_pool}: MIN must be >= 1 (the model is "
+                         "deployed on it at start)")
+    return PoolSettings(low, high, idle_s=args.pool_idle_s)
+
+
+def _pool(mesh: LocalMesh, settings: PoolSettings) -> ServerPool:
+    """The server pool, asking the control plane what placement lacks."""
+    from meshserve.v1 import autoscale_pb2, autoscale_pb2_grpc
+
+    stub = autoscale_pb2_grpc.AutoscaleServiceStub(grpc.insecure_channel(mesh.controlplane))
+    print(f"server pool: {settings.min_servers}-{settings.max_servers} model servers, started and "
+          f"stopped by demand (idle {settings.idle_s:g}s)", flush=True)
+    return ServerPool(mesh, settings, lambda: stub.GetCapacity(
+        autoscale_pb2.GetCapacityRequest(), timeout=2.0))
+
+
 def up(args: argparse.Namespace) -> int:
     setup_logging("up")
     try:
@@ -185,12 +212,19 @@ def up(args: argparse.Namespace) -> int:
         return 2
     zones = ["local-a", "local-b"]
     dir_args = [arg for d in model_dirs for arg in ("--model-dir", d)]
-    plan = MeshPlan(
-        data_dir=Path(args.data_dir), routers=args.routers, base_port=args.base_port,
-        otlp_endpoint=args.otlp_traces_endpoint,
-        gateways=args.gateways, cache_store_bytes=max(0, args.cache_store_mb) << 20,
-        servers=[ServerPlan(f"server-{i}", zone=zones[i % len(zones)], extra_args=dir_args)
-                 for i in range(args.servers)])
+    try:
+        pool = _pool_settings(args)
+    except ValueError as exc:
+        print(f"meshserve up: {exc}", file=sys.stderr)
+        return 2
+    count = pool.min_servers if pool else args.servers
+    planned = [ServerPlan(f"server-{i}", zone=zones[i % len(zones)], extra_args=dir_args)
+               for i in range(pool.max_servers if pool else count)]
+    plan = MeshPlan(data_dir=Path(args.data_dir), routers=args.routers, base_port=args.base_port,
+                    otlp_endpoint=args.otlp_traces_endpoint, gateways=args.gateways,
+                    cache_store_bytes=max(0, args.cache_store_mb) << 20,
+                    servers=planned[:count],
+                    standby_servers=planned[count:])
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -204,14 +238,17 @@ def up(args: argparse.Namespace) -> int:
         return 1
     try:
         try:
-            _deploy(mesh, models, args.servers, args.engine_option, plan.load_timeout_s)
+            _deploy(mesh, models, count, args.engine_option, plan.load_timeout_s)
         except (StartError, grpc.RpcError, ValueError) as exc:
             print(f"meshserve up: deploying {models} failed: {exc}", file=sys.stderr)
             return 1
         _print_endpoints(mesh, models[0].split("=")[0])
         if args.demo:
             _demo(mesh, models[0].split("=")[0])
+        pool_loop = _pool(mesh, pool) if pool else None
         while not stop.is_set():
+            if pool_loop is not None:
+                pool_loop.step()
             for name, child in mesh.children.items():
                 if not child.alive():
                     log.error("%s exited unexpectedly (code %s); see %s", name,

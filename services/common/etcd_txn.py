@@ -32,6 +32,13 @@ def delete_op(key: str) -> rpc.RequestOp:
     return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key.encode()))
 
 
+def delete_prefix_op(prefix: str) -> rpc.RequestOp:
+    """Delete every key under `prefix` (a range up to the prefix with its last byte + 1)."""
+    key = prefix.encode()
+    end = key[:-1] + bytes([key[-1] + 1])
+    return rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key, range_end=end))
+
+
 def absent(client: EtcdClient, key: str):
     """Compare: the key does not exist."""
     return client.raw.transactions.create(key.encode()) == 0

@@ -13,6 +13,10 @@ Layout (values are binary protobuf, never ad-hoc JSON):
     /meshserve/settings/routing         RoutingPolicy   managed by the control plane
     /meshserve/election/controlplane    LeaderRecord    on the leader's lease
     /meshserve/loadfailures/<model>     LoadFailures    the leader's, fenced; halts placement
+    /meshserve/autoscale/policies/<m>   AutoscalePolicy operator intent (meshctl autoscale set)
+    /meshserve/autoscale/state/<m>      AutoscaleState  the leader's decision, fenced
+    /meshserve/autoscale/history/<m>/<n> RateHistory    the leader's, fenced; request-rate history
+    /meshserve/settings/budgets         ScalingBudgets  region/zone caps scaling never crosses
     /meshserve/traffic/policies/<name>  TrafficPolicy   operator intent (meshctl traffic)
     /meshserve/traffic/canary/<name>    CanaryState     the leader's canary steps, fenced
     /meshserve/traffic/stats/<name>/<router>  TrafficStats  a router's canary window, on its lease
@@ -26,7 +30,7 @@ from __future__ import annotations
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
-from meshserve.v1 import controlplane_pb2, modelserver_pb2, traffic_pb2
+from meshserve.v1 import autoscale_pb2, controlplane_pb2, modelserver_pb2, traffic_pb2
 
 from . import names
 
@@ -43,6 +47,10 @@ HEALTH = ROOT + "health/"
 ROUTING_POLICY = ROOT + "settings/routing"
 ELECTION = ROOT + "election/controlplane"
 LOAD_FAILURES = ROOT + "loadfailures/"
+AUTOSCALE_POLICIES = ROOT + "autoscale/policies/"
+AUTOSCALE_STATE = ROOT + "autoscale/state/"
+AUTOSCALE_HISTORY = ROOT + "autoscale/history/"
+SCALING_BUDGETS = ROOT + "settings/budgets"
 TRAFFIC_POLICIES = ROOT + "traffic/policies/"
 CANARY_STATES = ROOT + "traffic/canary/"
 TRAFFIC_STATS = ROOT + "traffic/stats/"
@@ -101,6 +109,25 @@ def health_key(server_id: str) -> str:
 
 def load_failures_key(model: str) -> str:
     return LOAD_FAILURES + _check_id("model", model)
+
+
+def autoscale_policy_key(model: str) -> str:
+    return AUTOSCALE_POLICIES + _check_id("model", model)
+
+
+def autoscale_state_key(model: str) -> str:
+    return AUTOSCALE_STATE + _check_id("model", model)
+
+
+def history_prefix(model: str) -> str:
+    return AUTOSCALE_HISTORY + _check_id("model", model) + "/"
+
+
+def history_key(model: str, segment: int) -> str:
+    """Zero-padded so that keys sort in time order."""
+    if segment < 0:
+        raise ValueError(f"history segment {segment} is negative")
+    return f"{history_prefix(model)}{segment:015d}"
 
 
 def traffic_policy_key(name: str) -> str:
@@ -166,6 +193,10 @@ VALUE_TYPES: dict[str, type[Message]] = {
     ROUTING_POLICY: controlplane_pb2.RoutingPolicy,
     ELECTION: controlplane_pb2.LeaderRecord,
     LOAD_FAILURES: controlplane_pb2.LoadFailures,
+    AUTOSCALE_POLICIES: autoscale_pb2.AutoscalePolicy,
+    AUTOSCALE_STATE: autoscale_pb2.AutoscaleState,
+    AUTOSCALE_HISTORY: autoscale_pb2.RateHistory,
+    SCALING_BUDGETS: autoscale_pb2.ScalingBudgets,
     TRAFFIC_POLICIES: traffic_pb2.TrafficPolicy,
     CANARY_STATES: traffic_pb2.CanaryState,
     TRAFFIC_STATS: traffic_pb2.TrafficStats,

@@ -10,8 +10,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from meshserve.v1 import autoscale_pb2, modelserver_pb2
 from meshserve.v1 import controlplane_pb2 as cp
-from meshserve.v1 import modelserver_pb2
 from meshserve.v1 import traffic_pb2 as tp
 
 from . import keyspace
@@ -39,6 +39,8 @@ class MeshView:
         #: leader's canary states.
         self.traffic_policies: dict[str, tp.TrafficPolicy] = {}
         self.canary_states: dict[str, tp.CanaryState] = {}
+        self.autoscale_policies: dict[str, autoscale_pb2.AutoscalePolicy] = {}
+        self.autoscale_states: dict[str, autoscale_pb2.AutoscaleState] = {}
         self._singles: dict[str, object] = {}
         self._listeners: list[Callable[[], None]] = []
         self._waiters: set[asyncio.Event] = set()
@@ -56,6 +58,9 @@ class MeshView:
             self._mirror(keyspace.LOAD_FAILURES, self.load_failures),
             self._mirror(keyspace.TRAFFIC_POLICIES, self.traffic_policies),
             self._mirror(keyspace.CANARY_STATES, self.canary_states),
+            self._mirror(keyspace.AUTOSCALE_POLICIES, self.autoscale_policies),
+            self._mirror(keyspace.AUTOSCALE_STATE, self.autoscale_states),
+            self._mirror(keyspace.SCALING_BUDGETS, self._singles),
         ]
 
     def _mirror(self, prefix: str, table: dict, pair: bool = False) -> PrefixMirror:
@@ -124,6 +129,11 @@ class MeshView:
     def leader(self) -> cp.LeaderRecord | None:
         record = self._singles.get(keyspace.ELECTION)
         return record if isinstance(record, cp.LeaderRecord) else None
+
+    @property
+    def scaling_budgets(self) -> autoscale_pb2.ScalingBudgets | None:
+        record = self._singles.get(keyspace.SCALING_BUDGETS)
+        return record if isinstance(record, autoscale_pb2.ScalingBudgets) else None
 
     def is_draining(self, server_id: str) -> bool:
         return server_id in self.drains

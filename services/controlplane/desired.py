@@ -8,12 +8,15 @@ given a model, and halted models get no new replicas.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from meshserve.v1 import controlplane_pb2 as cp
 
 from services.common import names
 from services.common.membership import MeshView
 
-from . import halts
+from . import budgets, halts
+from .autoscaler.effective import effective_replicas
 from .placement import ModelRequest, Plan, Server, plan
 from .specs import stored_spec_problem
 
@@ -45,8 +48,12 @@ def servers_from_view(view: MeshView) -> list[Server]:
     return out
 
 
-def requests_from_view(models: dict[str, cp.ModelSpec], records: halts.Records) -> list[ModelRequest]:
-    return [ModelRequest(name=spec.name, replicas=spec.replicas, memory_bytes=spec.memory_bytes,
+def requests_from_view(models: dict[str, cp.ModelSpec], records: halts.Records,
+                       replicas: Mapping[str, int] | None = None) -> list[ModelRequest]:
+    """`replicas`: counts that replace the deployed ones (the autoscaler's)."""
+    counts = replicas or {}
+    return [ModelRequest(name=spec.name, replicas=counts.get(spec.name, spec.replicas),
+                         memory_bytes=spec.memory_bytes,
                          region_minimums=tuple((r.region, r.min_replicas) for r in spec.regions),
                          halted=halts.halted(records, spec) is not None)
             for spec in models.values()]
@@ -67,12 +74,16 @@ def failed_from_view(view: MeshView, models: dict[str, cp.ModelSpec]) -> set[tup
             and st.generation == models[m].generation}
 
 
-def plan_for(view: MeshView, records: halts.Records | None = None) -> Plan:
-    """`records`: load-failure records newer than the view (the leader's own, just written)."""
+def plan_for(view: MeshView, records: halts.Records | None = None,
+             replicas: Mapping[str, int] | None = None) -> Plan:
+    """`records`: load-failure records newer than the view (the leader's own, just written);
+    `replicas`: the autoscaler's counts when newer than the view (else its stored decisions)."""
     records = view.load_failures if records is None else records
+    counts = effective_replicas(view) if replicas is None else replicas
     models, invalid = split_models(view)
-    result = plan(requests_from_view(models, records), servers_from_view(view),
-                  current_from_view(view), failed_from_view(view, models))
+    result = plan(requests_from_view(models, records, counts), servers_from_view(view),
+                  current_from_view(view), failed_from_view(view, models),
+                  budgets.from_record(view.scaling_budgets))
     for name, spec in models.items():
         record = halts.halted(records, spec)
         if record is not None:

@@ -18,7 +18,16 @@ from meshserve.v1 import controlplane_pb2 as cp
 from services.common import keyspace, names
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from services.common.etcd_client import EtcdClient, EtcdError, retrying
-from services.common.etcd_txn import TxnResult, absent, delete_op, present, put_op, txn, unchanged
+from services.common.etcd_txn import (
+    TxnResult,
+    absent,
+    delete_op,
+    delete_prefix_op,
+    present,
+    put_op,
+    txn,
+    unchanged,
+)
 from services.common.lifecycle import now_ms
 from services.common.membership import MeshView
 
@@ -155,8 +164,12 @@ class Operations:
         if undeploy_problem(self._view, name):
             raise FailedPrecondition(undeploy_problem(self._view, name))
         key = keyspace.model_key(name)
+        # Its autoscale policy, decision and rate history go with it: deploying again starts afresh.
         result = await self._commit(key, [present(self._etcd, key)], [
-            delete_op(key), delete_op(keyspace.load_failures_key(name))])
+            delete_op(key), delete_op(keyspace.load_failures_key(name)),
+            delete_op(keyspace.autoscale_policy_key(name)),
+            delete_op(keyspace.autoscale_state_key(name)),
+            delete_prefix_op(keyspace.history_prefix(name))])
         if not result.succeeded:
             known = ", ".join(sorted(self._view.models)) or "none"
             raise NotFound(f"model {name!r} is not deployed (deployed: {known})")

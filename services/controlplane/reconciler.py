@@ -1,5 +1,6 @@
 """The leader's loop: check health, release finished drains, record load failures (halting a model
-that failed on too many servers), and make placements follow the plan.
+that failed on too many servers), let the autoscaler decide replica counts, and make placements
+follow the plan.
 
 Only the leader acts, and every write is fenced on its election term, so a deposed leader's late
 writes are refused by etcd. Followers run nothing here; they take over from etcd's state.
@@ -20,6 +21,8 @@ from services.common.lifecycle import now_ms
 from services.common.membership import MeshView
 
 from . import halts, metrics
+from .autoscaler.autoscaler import Autoscaler
+from .autoscaler.effective import effective_replicas
 from .desired import plan_for, split_models
 from .election import Election
 from .health import HealthChecker
@@ -38,7 +41,8 @@ def _same_spec(a: cp.ModelSpec, b: cp.ModelSpec) -> bool:
 class Reconciler:
     def __init__(self, client: EtcdClient, view: MeshView, election: Election,
                  checker: HealthChecker, probe: ServerProbe, interval_s: float = 1.0,
-                 halt_after: int = halts.DEFAULT_HALT_AFTER) -> None:
+                 halt_after: int = halts.DEFAULT_HALT_AFTER,
+                 autoscaler: Autoscaler | None = None) -> None:
         self._client = client
         self._view = view
         self._election = election
@@ -46,6 +50,7 @@ class Reconciler:
         self._probe = probe
         self._interval_s = interval_s
         self._halt_after = halt_after
+        self._autoscaler = autoscaler
         self._wake = asyncio.Event()
         view.subscribe(self._wake.set)
         self._last_health = 0.0
@@ -65,6 +70,10 @@ class Reconciler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._interval_s)
 
+    def wake(self) -> None:
+        """Run a round now (the autoscaler has something urgent: requests wait for a replica)."""
+        self._wake.set()
+
     async def _write(self, puts: dict[str, bytes], deletes: list[str],
                      existing: tuple[str, ...] = ()) -> bool:
         if not puts and not deletes:
@@ -83,8 +92,20 @@ class Reconciler:
             await self._write(puts, deletes)
         await self._release_drains()
         records = await self._track_failures()
+        await self._autoscale()
         await self._place(records)
         self._export_gauges()
+
+    async def _autoscale(self) -> None:
+        """Decide replica counts; trouble in the autoscaler never stops placement."""
+        if self._autoscaler is None:
+            return
+        try:
+            await self._autoscaler.step()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("autoscaler step failed; placing with the last decisions")
 
     async def _release_drains(self) -> None:
         for sid, record in list(self._view.drains.items()):
@@ -119,7 +140,8 @@ class Reconciler:
         return records
 
     async def _place(self, records: halts.Records) -> None:
-        plan = plan_for(self._view, records)
+        plan = plan_for(self._view, records,
+                        self._autoscaler.replicas() if self._autoscaler is not None else None)
         desired = plan.pairs()
         current = set(self._view.placements)
         puts, deletes = {}, []
@@ -164,8 +186,9 @@ class Reconciler:
                 states["SERVING"] += 1
         for state, n in states.items():
             metrics.SERVERS.labels(state).set(n)
+        autoscaled = effective_replicas(self._view)
         for name, spec in self._view.models.items():
-            metrics.PLACEMENTS_DESIRED.labels(name).set(spec.replicas)
+            metrics.PLACEMENTS_DESIRED.labels(name).set(autoscaled.get(name, spec.replicas))
             metrics.PLACEMENTS_READY.labels(name).set(len(
                 [1 for (s, m), st in self._view.statuses.items()
                  if m == name and st.state == cp.MODEL_STATE_READY]))

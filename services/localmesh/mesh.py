@@ -62,6 +62,9 @@ class MeshPlan:
     gateway_args: list[str] = field(default_factory=list)
     #: The shared cache store's maxmemory (0 = no store: servers cache only in their own pool).
     cache_store_bytes: int = 0
+    #: Servers planned (ports, ids) but not started: a server pool starts them when placement
+    #: needs them (services/localmesh/serverpool.py).
+    standby_servers: list[ServerPlan] = field(default_factory=list)
 
 
 class PortPlan:
@@ -112,7 +115,7 @@ class LocalMesh:
                               for i in range(plan.controlplanes)]
         self.routers = [f"{HOST}:{ports.take(f'router{i}', 20 + i)}" for i in range(plan.routers)]
         self.servers = {s.server_id: f"{HOST}:{ports.take(s.server_id, 30 + i)}"
-                        for i, s in enumerate(plan.servers)}
+                        for i, s in enumerate([*plan.servers, *plan.standby_servers])}
         #: Each gateway's OpenAI HTTP listener (what Envoy routes to) and its gRPC health port.
         self.gateways_http = [f"{HOST}:{ports.take(f'gateway{i}-http', 60 + i)}" for i in range(plan.gateways)]
         self.gateways = [f"{HOST}:{ports.take(f'gateway{i}', 70 + i)}" for i in range(plan.gateways)]
@@ -219,6 +222,12 @@ class LocalMesh:
             self.sup.wait_ready(child, lambda: c.grpc_serving(address), self.plan.load_timeout_s,
                                 "serving (model loaded)")
         return child
+
+    def stop_server(self, server_id: str) -> None:
+        """Stop one model server (it drains first) and forget it, so it can start again."""
+        child = self.children.pop(server_id, None)
+        if child is not None:
+            self.sup.stop_child(child)
 
     def start_router(self, i: int) -> None:
         name = f"router{i}"

@@ -4,6 +4,10 @@ CRITICAL goes ahead (the engines order their own queues by priority too). SHEDDA
 at once with RESOURCE_EXHAUSTED and a retry hint. STANDARD waits here, first in first out, in a
 bounded queue until some candidate has room or its deadline passes. Waiting in the router rather
 than at a server keeps the choice of server open until the moment one has room.
+
+A model scaled to zero has no replica at all: its requests (every priority) wait in a second
+bounded queue per model, with their deadlines, until the control plane has placed one
+(`wait_for_replica`); the leader sees them waiting through RouterLoadService and places at once.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class Admission:
         self.shed_utilization = shed_utilization
         self.queue_size = queue_size
         self._queues: dict[str, AdmissionQueue] = {}
+        self._activation: dict[str, AdmissionQueue] = {}  # models waiting for a first replica
         self.queue_timeout_s = queue_timeout_s
         self.retry_after_ms = retry_after_ms
 
@@ -95,10 +100,42 @@ class Admission:
         """Load changed or a request ended: the head of every model's queue re-checks."""
         for queue in self._queues.values():
             queue.notify()
+        for queue in self._activation.values():
+            queue.notify()
 
     def waiting(self, model: str) -> int:
         queue = self._queues.get(model)
         return len(queue) if queue is not None else 0
+
+    def waiting_for_replica(self, model: str) -> int:
+        queue = self._activation.get(model)
+        return len(queue) if queue is not None else 0
+
+    async def wait_for_replica(self, model: str, deadline: float | None, timeout_s: float) -> float:
+        """Seconds waited until the model has a replica (it was scaled to zero). Raises
+        Unavailable when the queue is full, DeadlineExceeded / Unavailable when it ran out."""
+        wait = timeout_s if deadline is None else max(0.0, deadline - time.monotonic())
+        queue = self._activation.get(model)
+        if queue is None:
+            queue = self._activation[model] = AdmissionQueue(self.queue_size)
+        hint = self.retry_after_ms
+        metrics.child(metrics.WAITING_FOR_REPLICA, model).inc()
+        try:
+            waited = await queue.wait(lambda: bool(self._candidates(model)), wait)
+        except QueueFull as exc:
+            metrics.SHED.labels(model, "ANY", "activation_queue_full").inc()
+            raise Unavailable(f"model {model!r} is scaled to zero and {exc}; retry after {hint} ms",
+                              retry_after_ms=hint) from None
+        except QueueTimeout as exc:
+            metrics.SHED.labels(model, "ANY", "activation_timeout").inc()
+            text = f"model {model!r} is scaled to zero and no replica became ready in time ({exc})"
+            if deadline is not None:
+                raise DeadlineExceeded(text) from None
+            raise Unavailable(f"{text}; retry after {hint} ms", retry_after_ms=hint) from None
+        finally:
+            metrics.child(metrics.WAITING_FOR_REPLICA, model).dec()
+        metrics.child(metrics.ACTIVATION_WAIT, model).observe(waited)
+        return waited
 
     def saturated(self, model: str) -> bool:
         replicas = self._candidates(model)

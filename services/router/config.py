@@ -38,6 +38,9 @@ class DispatchSettings:
     queue_size: int = 256
     #: How long STANDARD waits when the client set no deadline.
     queue_timeout_s: float = 30.0
+    #: How long a request without a deadline waits for the first replica of a model scaled to
+    #: zero (the control plane places one; loading may take a while).
+    activation_timeout_s: float = 120.0
     retry_after_ms: int = 1000
 
     def validate(self) -> None:
@@ -50,7 +53,7 @@ class DispatchSettings:
         if self.max_attempts < 1 or self.max_migrations < 0:
             raise ValueError("max_attempts must be >= 1 and max_migrations >= 0")
         for name in ("first_token_timeout_s", "stall_timeout_s", "queue_timeout_s", "shed_utilization",
-                     "hang_timeout_s", "slow_consumer_s"):
+                     "hang_timeout_s", "slow_consumer_s", "activation_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         if self.queue_size < 0 or self.retry_after_ms < 0:

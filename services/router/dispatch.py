@@ -38,6 +38,7 @@ from .policy.prefix import render
 from .pool import BackendPool
 from .replica import Replica
 from .retry_budget import RetryBudget
+from .stats import RouterStats
 from .traffic.call import Call
 from .traffic.executor import TrafficExecutor
 from .traffic.stats import CanaryRecorder, Observer
@@ -93,6 +94,7 @@ class Dispatcher:
                                     s.retry_after_ms)
         self._budget = RetryBudget(s.retry_budget_ratio, s.retry_budget_floor, s.retry_budget_window_s)
         self._rng = random.Random()
+        self.stats = RouterStats()  # demand figures for the control plane's autoscaler
         self._settings_cache: tuple[cp.RoutingPolicy | None, Settings] | None = None
         self._counted: set[str] = set()  # models whose metrics start at zero (metrics.init_model)
         pool.on_change(self._admission.notify)
@@ -100,7 +102,11 @@ class Dispatcher:
         pool.on_kv_events(self._kv_events)
         self._known_cache: tuple[frozenset[str], frozenset[str], frozenset[str]] | None = None
         self.traffic = None if traffic is None else TrafficExecutor(
-            traffic, self.serve, pool.candidates, recorder, s.retry_after_ms)
+            traffic, self.serve, pool.candidates, recorder, s.retry_after_ms, wakes=pool.scales_from_zero)
+
+    @property
+    def admission(self) -> Admission:
+        return self._admission
 
     def _policy_named(self, name: str) -> Policy:
         if name not in self._policies:
@@ -198,23 +204,38 @@ class Dispatcher:
                     span: tracing.Span = tracing.NOOP) -> AsyncGenerator[inference_pb2.GenerateResponse, None]:
         """One deployment's path: admission, pick, attempts. `deadline` is on time.monotonic();
         `observer` (a canary side) hears of every attempt and the first token; `span` is the
-        request's trace span (its route and attempt spans hang under it)."""
+        request's trace span (its route and attempt spans hang under it). The deployment's demand
+        (arrivals, in flight, time to first token) is counted for the autoscaler."""
         started = time.monotonic()
+        counted = req.model in self._pool.known_models()
+        if counted:
+            self.stats.arrived(req.model)
+        activation = 0.0
         if not self._pool.candidates(req.model):
-            raise self._no_candidates(req.model)
+            activation = await self._activate(req, deadline)
         state = self._start(req, deadline, metadata)
         state.observer, state.span = observer, span
         span.set("meshserve.request_id", state.request_id)
         self._budget.request()
         queued = await self._admission.admit(req.model, req.priority, state.deadline)
         spans.queued(span, queued)
-        async with aclosing(self._attempts(state, started + queued)) as chunks:
-            async for chunk in chunks:
-                if observer is not None and chunk.token_ids:
-                    observer.first_token(time.monotonic() - started)
-                    observer = None
-                chunk.served_by.deployment = req.model
-                yield chunk
+        if counted:
+            self.stats.started(req.model)
+        first = True
+        try:
+            async with aclosing(self._attempts(state, started + activation + queued)) as chunks:
+                async for chunk in chunks:
+                    if first and chunk.token_ids:
+                        first = False
+                        if counted:
+                            self.stats.first_token(req.model, time.monotonic() - started)
+                        if observer is not None:
+                            observer.first_token(time.monotonic() - started)
+                    chunk.served_by.deployment = req.model
+                    yield chunk
+        finally:
+            if counted:
+                self.stats.finished(req.model)
 
     def _start(self, req: ValidRequest, deadline: float | None,
                metadata: Sequence[tuple[str, object]] | None) -> _Request:
@@ -228,6 +249,15 @@ class Dispatcher:
                              share_system_prompt=req.share_system_prompt)
         return _Request(req=req, request_id=req.request_id or uuid.uuid4().hex, route=route, policy=policy,
                         settings=settings, deadline=deadline, relayed=list(req.resume_token_ids))
+
+    async def _activate(self, req: ValidRequest, deadline: float | None) -> float:
+        """No replica is ready. A model that scales to zero waits (bounded, with its deadline)
+        while the control plane places one; any other model gets its answer at once. Returns the
+        seconds waited."""
+        if not self._pool.scales_from_zero(req.model):
+            raise self._no_candidates(req.model)
+        return await self._admission.wait_for_replica(req.model, deadline,
+                                                      self.settings.activation_timeout_s)
 
     def _no_candidates(self, model: str) -> ServiceError:
         if model not in self.known_models():

@@ -25,13 +25,21 @@ MIGRATIONS = Counter("meshserve_router_migrations_total",
 RETRY_BUDGET_EXHAUSTED = Counter("meshserve_router_retry_budget_exhausted_total",
                                  "Retries or migrations refused by the retry budget", ["model"])
 SHED = Counter("meshserve_router_shed_total",
-               "Requests refused or timed out by admission control, by priority and why",
+               "Requests refused or timed out by admission control, by priority and why "
+               "(saturated, queue_full, queue_timeout, activation_queue_full, activation_timeout)",
                ["model", "priority", "reason"])
 QUEUED = Gauge("meshserve_router_queue_depth", "STANDARD requests waiting for a server with room",
                ["model"])
 QUEUE_WAIT = Histogram("meshserve_router_queue_wait_seconds",
                        "Time STANDARD requests waited in the router's queue", ["model"],
                        buckets=LATENCY_BUCKETS)
+WAITING_FOR_REPLICA = Gauge("meshserve_router_waiting_for_replica",
+                            "Requests waiting for a first replica of a model scaled to zero",
+                            ["model"])
+ACTIVATION_WAIT = Histogram("meshserve_router_activation_wait_seconds",
+                            "Time requests for a model scaled to zero waited for its first replica",
+                            ["model"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120,
+                                                300))
 OVERHEAD = Histogram("meshserve_router_overhead_seconds",
                      "Time the router adds: 'route' = request arrival to the upstream call issued "
                      "(queueing excluded), 'relay' = per chunk, upstream receipt to hand-off",

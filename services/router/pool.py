@@ -233,6 +233,13 @@ class BackendPool:
             self._known = frozenset(self._view.known_models()) | lingering
         return self._known
 
+    def scales_from_zero(self, model: str) -> bool:
+        """A deployed model whose autoscale policy lets it go to zero replicas: its requests wait
+        for the control plane to place one instead of failing."""
+        policy = self._view.autoscale_policies.get(model)
+        return (model in self._view.models and policy is not None and policy.model == model
+                and policy.enabled and policy.scale_to_zero)
+
     def _usable(self, sid: str, link: ServerLink) -> bool:
         if link.orphaned_since is None:
             return self._view.serving(sid)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 from inference import grpc_service_pb2_grpc as kserve_pb2_grpc
 from meshserve.v1 import controlplane_pb2 as cp
-from meshserve.v1 import inference_pb2, inference_pb2_grpc
+from meshserve.v1 import inference_pb2, inference_pb2_grpc, routerload_pb2_grpc
 
 from services.common import keyspace
 from services.common.lifecycle import now_ms
@@ -17,6 +17,8 @@ from .config import DispatchSettings
 from .dispatch import Dispatcher
 from .kserve.servicer import SERVICE_NAME as KSERVE_SERVICE_NAME
 from .kserve.servicer import KServeServicer
+from .load_servicer import SERVICE_NAME as LOAD_SERVICE_NAME
+from .load_servicer import RouterLoadServicer
 from .pool import BackendPool
 from .servicer import InferenceServicer
 from .traffic.stats import CanaryRecorder
@@ -56,6 +58,7 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
         dispatcher = Dispatcher(pool, config.router_id, settings, TrafficTable(parts.view), recorder)
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dispatcher), parts.server)
         kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dispatcher), parts.server)
+        routerload_pb2_grpc.add_RouterLoadServiceServicer_to_server(RouterLoadServicer(dispatcher), parts.server)
 
     def record(parts: ReplicaParts) -> cp.ReplicaInfo:
         return cp.ReplicaInfo(replica_id=config.router_id, address=parts.address, region=config.region,
@@ -64,7 +67,7 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     try:
         async with run_replica(
                 key=keyspace.router_key(config.router_id), replica_id=config.router_id,
-                service_names=[SERVICE_NAME, KSERVE_SERVICE_NAME], register=register, record=record,
+                service_names=[SERVICE_NAME, KSERVE_SERVICE_NAME, LOAD_SERVICE_NAME], register=register, record=record,
                 listen=config.listen, advertise=config.advertise, etcd=config.etcd, metrics=config.metrics,
                 lease_ttl=config.lease_ttl, grace_s=config.shutdown_grace_s):
             await stop.wait()

@@ -118,6 +118,9 @@ class FakePool:
     def candidates(self, model: str) -> list[Replica]:
         return list(self.replicas.values()) if model == MODEL else []
 
+    def scales_from_zero(self, model: str) -> bool:
+        return False
+
     def saturate(self, sid: str, running: int, max_running: int = 2) -> None:
         self.replicas[sid].set_report(modelserver_pb2.ModelLoad(model=MODEL, running=running,
                                                                 max_running=max_running))

@@ -3,8 +3,11 @@ dispatcher's ordinary path (admission, pick, attempts, retries, migration).
 
 - split / canary: one target by weight among those with a READY replica (a target without one gets
   no traffic; its share goes to the others; never a 503 because of a split); a session hashes to
-  the same target on every router. A canary's weight is the leader's step; its requests report
-  figures (stats.py) for the leader to judge.
+  the same target on every router. When no target has one, targets whose deployments scale from
+  zero (autoscaling) are chosen by weight instead: the request waits in the router's activation
+  queue while the leader places a replica, and its arrival is the demand that wakes the target.
+  Fallback chains and version aliases likewise wake their first such link or version. A canary's
+  weight is the leader's step; its requests report figures (stats.py) for the leader to judge.
 - rules: the first matching rule's target, else the default (rules.py).
 - fallback: links in order, with the same deadline. UNAVAILABLE, RESOURCE_EXHAUSTED, NOT_FOUND
   (no ready replica) or no first chunk within the policy's first-token timeout moves the request
@@ -49,10 +52,11 @@ Serve = Callable[[ValidRequest, float | None, Sequence[tuple[str, object]] | Non
 class TrafficExecutor:
     def __init__(self, table: TrafficTable, serve: Serve, candidates: Callable[[str], Sequence[object]],
                  recorder: CanaryRecorder | None = None, retry_after_ms: int = 1000,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, wakes: Callable[[str], bool] | None = None) -> None:
         self.table = table
         self._serve = serve
         self._candidates = candidates
+        self._wakes = wakes or (lambda model: False)  # a deployment that scales from zero
         self.recorder = recorder
         self._retry_after_ms = retry_after_ms
         self._rng = rng or random.Random()
@@ -65,20 +69,25 @@ class TrafficExecutor:
     def _leaf_available(self, model: str) -> bool:
         return bool(self._candidates(model))
 
-    def available(self, target: str, depth: int = 0) -> bool:
-        """Whether the target has a READY replica to serve from, through its policies."""
+    def ready_or_wakes(self, model: str) -> bool:
+        return self._leaf_available(model) or self._wakes(model)
+
+    def available(self, target: str, depth: int = 0, leaf: Callable[[str], bool] | None = None) -> bool:
+        """Whether the target has a READY replica to serve from, through its policies (with
+        `leaf=self.ready_or_wakes`: or a deployment that a request wakes from zero)."""
+        leaf = leaf or self._leaf_available
         if depth > MAX_DEPTH:
             return False
         policy = self.table.policy(target)
         if policy is None:
             versions = self.table.versions(target)
-            return any(map(self._leaf_available, versions or [target]))
+            return any(map(leaf, versions or [target]))
         spec = policy.spec
         if isinstance(spec, Ensemble):
-            return sum(self.available(m.target, depth + 1) for m in spec.members) >= spec.quorum
+            return sum(self.available(m.target, depth + 1, leaf) for m in spec.members) >= spec.quorum
         if isinstance(spec, Canary) and self.table.canary(policy).phase == tp.CANARY_PHASE_ROLLED_BACK:
-            return self.available(spec.stable, depth + 1)
-        return any(self.available(t, depth + 1) for t in policy.targets())
+            return self.available(spec.stable, depth + 1, leaf)
+        return any(self.available(t, depth + 1, leaf) for t in policy.targets())
 
     def deployments(self, target: str, depth: int = 0) -> set[str]:
         """The deployments a target can reach (ListModels counts their replicas)."""
@@ -120,6 +129,8 @@ class TrafficExecutor:
     async def _leaf(self, target: str, req: ValidRequest, call: Call, route: str,
                     observer: Observer | None) -> Chunks:
         model = self.table.concrete(target, self._leaf_available)
+        if not self._leaf_available(model):
+            model = self.table.concrete(target, self.ready_or_wakes)
         if model != target:
             route = f"{route}{target}[alias]>"
         path = f"{route}{model}" if route else ""
@@ -152,8 +163,11 @@ class TrafficExecutor:
     def _weighted(self, policy: Policy, options: list[tuple[str, int]], never: set[str], call: Call,
                   depth: int) -> str:
         """By weight among targets with a READY replica; when no weighted one has any, any ready
-        target (weight 0 included, never a rolled-back canary)."""
+        target (weight 0 included, never a rolled-back canary); when none is ready, those that wake
+        from zero, the same way."""
         ready = [(t, w) for t, w in options if t not in never and self.available(t, depth + 1)]
+        if not ready:
+            ready = [(t, w) for t, w in options if t not in never and self.available(t, depth + 1, self.ready_or_wakes)]
         key = f"{policy.name}\x00{call.session}" if call.session else ""
         chosen = choose.pick(ready, key, self._rng) or choose.pick([(t, 1) for t, _ in ready], key, self._rng)
         if chosen is None:
@@ -168,8 +182,10 @@ class TrafficExecutor:
         streamed = False
         failures: list[str] = []
         last: ServiceError | None = None
+        # When no link is ready, the links that wake from zero are tried, in order.
+        waking = not any(self.available(link, depth + 1) for link in spec.links)
         for i, link in enumerate(spec.links):
-            if not self.available(link, depth + 1):
+            if not self.available(link, depth + 1, self.ready_or_wakes if waking else None):
                 failures.append(f"{link}: no ready replica")
                 continue
             link_req = req

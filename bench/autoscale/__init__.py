@@ -1,0 +1,1 @@
+"""The autoscaling benchmark of issue 13 (`make bench-autoscale`)."""
