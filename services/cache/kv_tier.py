@@ -69,6 +69,9 @@ class KvTier:
         self.cpu_s = {"offer": 0.0, "write": 0.0, "read": 0.0}
         self._thread = threading.Thread(target=self._write_loop, name=f"kv-tier-{model}", daemon=True)
         self._thread.start()
+        self._stop = threading.Event()
+        threading.Thread(target=store.watch_evictions, args=(self._on_evicted, self._stop),
+                         name=f"kv-tier-evictions-{model}", daemon=True).start()
 
     def name(self, ref: BlockRef) -> str:
         return store_key(KIND, self.namespace, ref.salt, ref.key)
@@ -80,6 +83,21 @@ class KvTier:
                 self._known.move_to_end(k)
             while len(self._known) > self._known_capacity:
                 self._known.popitem(last=False)
+
+    def _on_evicted(self, names: list[str]) -> None:
+        """The store evicted entries: those of this tier's blocks that it knew go out as `removed`
+        (shared), so routers stop crediting them."""
+        prefix = f"ms:{KIND}:{self.namespace[:8].hex()}:"
+        gone = []
+        with self._known_lock:
+            for name in names:
+                if name.startswith(prefix):
+                    with contextlib.suppress(ValueError):
+                        key = bytes.fromhex(name.rpartition(":")[2])
+                        if self._known.pop(key, False) is None:  # present (its value is None)
+                            gone.append(key)
+        if gone and self.events is not None:
+            self.events.record(events.REMOVED, events.SHARED, gone)
 
     def known(self, key: bytes) -> bool:
         with self._known_lock:
@@ -179,6 +197,7 @@ class KvTier:
         return items, written
 
     def close(self) -> None:
+        self._stop.set()
         self._queue.put(None)
 
     # ---- reads (any thread but the step thread) -------------------------------------------------

@@ -9,6 +9,7 @@ the write is dropped and counted. `up` and the counters say so in metrics.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -145,6 +146,31 @@ class Store:
             metrics.STORE_EVICTED.set(out["evicted_keys"])
             metrics.STORE_KEYS.set(out["keys"])
         return out
+
+    def watch_evictions(self, on_keys: Callable[[list[str]], None], stop: threading.Event) -> None:
+        """Pass the names the store evicts to `on_keys` until `stop` (keyspace notifications, which
+        `meshserve up` enables; asked for here too when the store has none). Reconnects after a
+        failure; what is evicted meanwhile is learnt later from a fetch that misses."""
+        db = int(self._client.connection_pool.connection_kwargs.get("db", 0))
+        while not stop.is_set():
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                with contextlib.suppress(self._errors.ResponseError):  # a managed store may refuse CONFIG
+                    if not self._client.config_get("notify-keyspace-events").get("notify-keyspace-events"):
+                        self._client.config_set("notify-keyspace-events", "Ee")
+                pubsub.subscribe(f"__keyevent@{db}__:evicted")
+                while not stop.is_set():
+                    msg = pubsub.get_message(timeout=0.5)
+                    if msg is not None and msg.get("type") == "message":
+                        data = msg["data"]
+                        on_keys([data.decode() if isinstance(data, bytes) else str(data)])
+            except Exception as e:  # noqa: BLE001 - a store that fails or closes must not end the thread
+                if not stop.is_set():
+                    log.debug("eviction notifications from %s interrupted: %s", self.url, e)
+                stop.wait(_MIN_BACKOFF_S)
+            finally:
+                with contextlib.suppress(Exception):
+                    pubsub.close()
 
     def close(self) -> None:
         self._client.close()

@@ -28,6 +28,7 @@ def redis_argv(host: str, port: int, data_dir: Path, maxmemory_bytes: int) -> li
     data_dir.mkdir(parents=True, exist_ok=True)
     return [redis_binary(), "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no",
             "--maxmemory", str(maxmemory_bytes), "--maxmemory-policy", "allkeys-lru",
+            "--notify-keyspace-events", "Ee",  # servers tell routers which KV blocks LRU evicted
             "--dir", str(data_dir), "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning"]
 
 

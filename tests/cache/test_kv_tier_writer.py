@@ -4,11 +4,15 @@ in load reports, and routers steer away from a server whose pool looks full."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from services.cache import keys, runtime
+from services.cache import events, keys, runtime
 from services.cache.block_format import BlockShape
 from services.cache.kv_tier import BlockRef, KvTier
+from tests.helpers import wait_for
+from tests.redis_server import RedisServer
 
 SHAPE = BlockShape(torch.float32, 4, 2, 1, 8)  # 4-token pages, 2 layers, 1 KV head, head dim 8
 
@@ -62,3 +66,39 @@ def test_a_block_that_cannot_be_encoded_is_released_once_and_not_written(store_u
         assert len(tier.fetch([good])) == 1
     finally:
         tier.close()
+
+
+def test_blocks_the_store_evicts_go_out_as_removed_events(tmp_path: Path):
+    """A store smaller than what is written evicts (allkeys-lru); the tier hears of it from the
+    store's keyspace notifications and says `removed` (shared), so routers stop crediting them."""
+    server = RedisServer(tmp_path, maxmemory=4 << 20)
+    server.start()
+    runtime.configure(server.url, secret="test-secret")
+    store = runtime.store()
+    assert store is not None
+    log = events.EventLog()
+    k = torch.randn(SHAPE.layers, 6, SHAPE.kv_heads, SHAPE.head_dim, SHAPE.block_size)
+    v = torch.randn(SHAPE.layers, 6, SHAPE.kv_heads, SHAPE.block_size, SHAPE.head_dim)
+    tier = KvTier(store, "tiny", b"ns" * 16, SHAPE, k, v, log)
+    client = server.client()
+    try:
+        refs = _refs([[1, 2, 3, 4], [5, 6, 7, 8]])
+        tier.offer(refs)
+        assert tier.wait_writes(30) and all(tier.known(r.key) for r in refs)
+        names = [tier.name(r) for r in refs]
+        filler = b"x" * (256 << 10)
+        for i in range(200):  # fill the store until LRU has evicted both blocks
+            if not any(client.exists(n) for n in names):
+                break
+            client.set(f"filler-{i}", filler)
+        assert not any(client.exists(n) for n in names), "the store never evicted the blocks"
+        wait_for(lambda: not any(tier.known(r.key) for r in refs), 20, "the tier to hear of the evictions")
+        removed = {key for e in log.read(0).events if e.kind == events.REMOVED and e.tier == events.SHARED
+                   for key in e.keys}
+        assert removed == {r.key for r in refs}
+        assert log.sizes()[1] == 0
+    finally:
+        tier.close()
+        client.close()
+        runtime.configure("")
+        server.stop()
