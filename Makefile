@@ -11,7 +11,7 @@ DESCRIPTOR := build/meshserve.pb
 AGAINST ?= main
 
 .PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos bench-traffic \
-	bench-autoscale bench-cache gpu-check
+	bench-autoscale bench-async bench-cache gpu-check
 
 all: setup
 
@@ -141,6 +141,12 @@ bench-cache: setup
 # `make bench-autoscale ARGS=--smoke` for a short check (autoscale-smoke.*).
 bench-autoscale: setup
 	$(BIN)/python -m bench.autoscale.run $(ARGS)
+
+# Asynchronous serving benchmark (issue 11): durability under faults, coexistence with interactive
+# traffic (torch), cancel latency, queue throughput against etcd; ~15 min; bench/results/async.{json,md}.
+# `make bench-async ARGS=--smoke` for a short check, `ARGS="--parts queue,cancel"` for a subset.
+bench-async: setup
+	$(BIN)/python -m bench.asyncjobs.run $(ARGS)
 
 run: setup
 	$(BIN)/meshserve up --demo $(ARGS)

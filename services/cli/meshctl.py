@@ -13,7 +13,7 @@ import sys
 
 import grpc
 
-from . import ctl_autoscale, ctl_cache, ctl_cluster, ctl_models, ctl_traffic
+from . import ctl_autoscale, ctl_cache, ctl_cluster, ctl_jobs, ctl_models, ctl_traffic
 from .ctl_common import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, to_dict
 
 UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl_models.add_parsers(sub)
     ctl_traffic.add_parsers(sub)
     ctl_autoscale.add_parsers(sub)
+    ctl_jobs.add_parsers(sub)
     ctl_cache.add_parsers(sub)
     p = sub.add_parser("generate", help="send one request through the public endpoint")
     p.add_argument("model")
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         code = exc.code()
         if code in UNREACHABLE:
-            target = args.endpoint if args.command == "generate" else args.controlplane
+            target = args.endpoint if args.command in ("generate", "jobs", "batch") else args.controlplane
             print(f"meshctl: cannot reach {target} ({code.name}: {exc.details()}); is the mesh up? "
                   "(`make run`, or pass --controlplane/--endpoint)", file=sys.stderr)
             return EXIT_UNREACHABLE

@@ -103,9 +103,31 @@ def cmd_router(args: argparse.Namespace) -> int:
     config = RouterConfig(router_id=args.id or default_id("router"), listen=args.listen,
                           advertise=args.advertise, region=args.region, zone=args.zone,
                           etcd=args.etcd, metrics=args.metrics, lease_ttl=args.lease_ttl,
-                          dispatch=dispatch)
+                          dispatch=dispatch, jetstream=_servers(args.jetstream),
+                          jetstream_replicas=args.jetstream_replicas)
     return _run_service(f"router[{config.router_id}]", lambda stop: run(config, stop), args,
                         "meshserve-router", config.router_id)
+
+
+def _servers(text: str) -> tuple[str, ...]:
+    return tuple(s if "://" in s else f"nats://{s}" for s in text.split(",") if s)
+
+
+def cmd_jobworker(args: argparse.Namespace) -> int:
+    from services.jobs.server import JobWorkerConfig, run_worker
+    from services.jobs.store import StoreSettings
+
+    if not args.jetstream:
+        raise ValueError("--jetstream is required (the JetStream servers holding the jobs)")
+    if not 0 < args.fill <= 1:
+        raise ValueError(f"--fill must be in (0, 1], got {args.fill}")
+    store = StoreSettings(servers=_servers(args.jetstream), replicas=args.jetstream_replicas,
+                          ack_wait_s=args.ack_wait, max_deliver=args.max_deliver)
+    config = JobWorkerConfig(worker_id=args.id or default_id("jobworker"), store=store, listen=args.listen,
+                             region=args.region, etcd=args.etcd, metrics=args.metrics, lease_ttl=args.lease_ttl,
+                             fill=args.fill, max_in_flight=args.max_in_flight)
+    return _run_service(f"jobworker[{config.worker_id}]", lambda stop: run_worker(config, stop), args,
+                        "meshserve-jobworker", config.worker_id)
 
 
 def cmd_controlplane(args: argparse.Namespace) -> int:
@@ -173,6 +195,12 @@ def _common(p: argparse.ArgumentParser, listen: str) -> None:
                    help="export OpenTelemetry spans to this OTLP/gRPC collector, e.g. "
                         "http://otel-collector:4317 ('' = tracing off, the default; OTEL_TRACES_SAMPLER "
                         "and OTEL_BSP_* variables apply)")
+
+
+def _jetstream(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--jetstream", default="", metavar="HOST:PORT,...", help=what)
+    p.add_argument("--jetstream-replicas", type=int, default=1,
+                   help="copies of each stream and bucket when they are created (3 on a 3-node cluster)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,7 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="retries + migrations allowed per request over a 10 s window")
     p.add_argument("--retry-budget-floor", type=int, default=10,
                    help="retries allowed per 10 s window regardless of traffic")
+    _jetstream(p, "serve JobService (jobs and batches) from these JetStream servers (empty: not served)")
     p.set_defaults(func=cmd_router)
+
+    p = sub.add_parser("jobworker", help="run a job worker: jobs and batch lines on spare capacity")
+    _common(p, "127.0.0.1:0")
+    _jetstream(p, "the JetStream servers holding jobs and batches (required)")
+    p.add_argument("--fill", type=float, default=0.5,
+                   help="background work fills a replica only up to this share of its running capacity")
+    p.add_argument("--max-in-flight", type=int, default=64, help="generations in flight in this worker")
+    p.add_argument("--ack-wait", type=float, default=30.0,
+                   help="seconds a silent worker keeps a job before it is delivered to another")
+    p.add_argument("--max-deliver", type=int, default=5,
+                   help="deliveries of one job before it goes to the dead letter (fails)")
+    p.set_defaults(func=cmd_jobworker)
 
     p = sub.add_parser("controlplane", help="run a control-plane replica")
     _common(p, "127.0.0.1:9001")

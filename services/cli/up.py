@@ -58,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="maxmemory of the shared cache store (redis-server, allkeys-lru); 0 = no store")
     p.add_argument("--otlp-traces-endpoint", default="", metavar="HOST:PORT",
                    help="OTLP/gRPC collector for every process's spans, Envoy's included ('' = off)")
+    p.add_argument("--jetstream-nodes", type=int, default=1, choices=[0, 1, 3],
+                   help="NATS JetStream servers for jobs and batches (data under --data-dir/jetstream; 3 = a "
+                        "cluster keeping 3 replicas; 0 = no JobService)")
+    p.add_argument("--job-workers", type=int, default=1,
+                   help="job worker processes (they run jobs and batches on spare capacity)")
     p.add_argument("--demo", action="store_true",
                    help="send a demo request through Envoy once the mesh is up")
 
@@ -77,12 +82,15 @@ def _print_endpoints(mesh: LocalMesh, model: str) -> None:
         *(f"  model server {sid:<22} {a}" for sid, a in mesh.servers.items()),
         f"  etcd                                {mesh.etcd_endpoints}",
         *([f"  shared cache store (redis)          {mesh.cache_store}"] if mesh.cache_store else []),
+        *([f"  JetStream (jobs, batches)           {mesh.jetstream_urls}"] if mesh.nats else []),
+        *(f"  job worker {i}                        {a}" for i, a in enumerate(mesh.jobworkers)),
         *(f"  metrics {name:<27} http://{a}/metrics" for name, a in mesh.metrics.items()),
         f"  logs                                {mesh.sup.log_dir}",
         f"  Prometheus config (rules, targets)  {prometheus}  (dashboard: deploy/grafana/meshserve.json)",
         "Try:",
         f"  meshctl --controlplane {mesh.controlplane} status",
         f"  meshctl --endpoint {mesh.envoy} generate {model} 'What is the capital of France?'",
+        *([f"  meshctl --endpoint {mesh.envoy} jobs submit {model} 'Write a haiku' --watch"] if mesh.nats else []),
         f"  curl -s -X POST http://{mesh.envoy}/v1/generate -d "
         f"'{{\"model\":\"{model}\","
         f"\"messages\":[{{\"role\":\"user\",\"content\":\"Hi!\"}}]}}'",
@@ -224,7 +232,8 @@ def up(args: argparse.Namespace) -> int:
                     otlp_endpoint=args.otlp_traces_endpoint, gateways=args.gateways,
                     cache_store_bytes=max(0, args.cache_store_mb) << 20,
                     servers=planned[:count],
-                    standby_servers=planned[count:])
+                    standby_servers=planned[count:], jetstream_nodes=args.jetstream_nodes,
+                    job_workers=args.job_workers if args.jetstream_nodes else 0)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -57,6 +57,7 @@ TRAFFIC_STATS = ROOT + "traffic/stats/"
 #: Every policy write compares and rewrites this key, so two writers that each checked the graph
 #: (cycles, references) against what they read cannot both commit.
 TRAFFIC_GUARD = ROOT + "traffic/guard"
+JOBWORKERS = ROOT + "jobworkers/"
 
 M = TypeVar("M", bound=Message)
 
@@ -73,6 +74,10 @@ def server_key(server_id: str) -> str:
 
 def router_key(router_id: str) -> str:
     return ROUTERS + _check_id("router", router_id)
+
+
+def jobworker_key(worker_id: str) -> str:
+    return JOBWORKERS + _check_id("job worker", worker_id)
 
 
 def controlplane_key(replica_id: str) -> str:
@@ -200,4 +205,5 @@ VALUE_TYPES: dict[str, type[Message]] = {
     TRAFFIC_POLICIES: traffic_pb2.TrafficPolicy,
     CANARY_STATES: traffic_pb2.CanaryState,
     TRAFFIC_STATS: traffic_pb2.TrafficStats,
+    JOBWORKERS: controlplane_pb2.ReplicaInfo,
 }

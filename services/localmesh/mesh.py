@@ -18,6 +18,7 @@ from services.common.envoy_config import EnvoySettings, render
 
 from . import cache_store as cs
 from . import components as c
+from .jetstream import NatsNode, nats_argv, nats_healthy, write_config
 from .processes import Child, StartError, Supervisor
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ class MeshPlan:
     #: Servers planned (ports, ids) but not started: a server pool starts them when placement
     #: needs them (services/localmesh/serverpool.py).
     standby_servers: list[ServerPlan] = field(default_factory=list)
+    #: NATS JetStream nodes for jobs and batches (0: none, and routers serve no JobService; 3 makes
+    #: a cluster whose streams keep 3 replicas) and job workers using them.
+    jetstream_nodes: int = 0
+    job_workers: int = 0
+    #: Extra `meshserve jobworker` flags (e.g. ["--fill", "0.5"]).
+    job_worker_args: list[str] = field(default_factory=list)
 
 
 class PortPlan:
@@ -114,6 +121,9 @@ class LocalMesh:
         self.controlplanes = [f"{HOST}:{ports.take(f'controlplane{i}', 10 + i)}"
                               for i in range(plan.controlplanes)]
         self.routers = [f"{HOST}:{ports.take(f'router{i}', 20 + i)}" for i in range(plan.routers)]
+        self.nats = [NatsNode(f"nats{i}", HOST, ports.take(f"nats{i}", 81 + i), ports.take(f"nats{i}-monitor", 84 + i),
+                              ports.take(f"nats{i}-cluster", 87 + i)) for i in range(plan.jetstream_nodes)]
+        self.jobworkers = [f"{HOST}:{ports.take(f'jobworker{i}', 90 + i)}" for i in range(plan.job_workers)]
         self.servers = {s.server_id: f"{HOST}:{ports.take(s.server_id, 30 + i)}"
                         for i, s in enumerate([*plan.servers, *plan.standby_servers])}
         #: Each gateway's OpenAI HTTP listener (what Envoy routes to) and its gRPC health port.
@@ -124,9 +134,10 @@ class LocalMesh:
                                                     for i in range(plan.controlplanes)),
                                                   *self.servers,
                                                   *(f"router{i}" for i in range(plan.routers)),
-                                                  *(f"gateway{i}" for i in range(plan.gateways))])}
+                                                  *(f"gateway{i}" for i in range(plan.gateways)),
+                                                  *(f"jobworker{i}" for i in range(plan.job_workers))])}
         #: The shared cache store (redis-server), when the plan has one.
-        self.cache_store = f"{HOST}:{ports.take('cache-store', 90)}" if plan.cache_store_bytes else ""
+        self.cache_store = f"{HOST}:{ports.take('cache-store', 99)}" if plan.cache_store_bytes else ""
         self.ports = ports
         self.children: dict[str, Child] = {}
 
@@ -139,6 +150,15 @@ class LocalMesh:
     def etcd_endpoints(self) -> str:
         return ",".join(self.etcd_clients)
 
+    @property
+    def jetstream_urls(self) -> str:
+        return ",".join(node.url for node in self.nats)
+
+    def _jetstream_args(self) -> list[str]:
+        if not self.nats:
+            return []
+        return ["--jetstream", self.jetstream_urls, "--jetstream-replicas", str(min(3, len(self.nats)))]
+
     # --- starting ---------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -146,6 +166,7 @@ class LocalMesh:
         self.sup.new_run()
         try:
             self.start_etcd()
+            self.start_jetstream()
             if self.cache_store:
                 self.start_cache_store()
             for i in range(self.plan.controlplanes):
@@ -156,6 +177,8 @@ class LocalMesh:
                 self.start_router(i)
             for i in range(self.plan.gateways):
                 self.start_gateway(i)
+            for i in range(self.plan.job_workers):
+                self.start_jobworker(i)
             self.start_envoy()
         except BaseException:
             self.stop()
@@ -175,6 +198,29 @@ class LocalMesh:
             name, self.data_dir / name, self.etcd_clients[i], self.etcd_peers[i], cluster,
             new_cluster=not (self.data_dir / name / "member").exists()))
         self.children[name] = child
+        return child
+
+    def start_jetstream(self) -> None:
+        for i in range(len(self.nats)):
+            self.start_nats_node(i, wait=False)
+        for i, node in enumerate(self.nats):
+            self.sup.wait_ready(self.children[f"nats{i}"], partial(nats_healthy, node), 60, "healthy (JetStream)")
+
+    def start_nats_node(self, i: int, wait: bool = True) -> Child:
+        """Start (or restart, on its data) JetStream node i."""
+        node = self.nats[i]
+        config = write_config(node, self.data_dir / "jetstream", self.nats)
+        child = self.children[node.name] = self.sup.start(node.name, nats_argv(config))
+        if wait:
+            self.sup.wait_ready(child, partial(nats_healthy, node), 60, "healthy (JetStream)")
+        return child
+
+    def start_jobworker(self, i: int) -> Child:
+        name = f"jobworker{i}"
+        child = self.children[name] = self.sup.start(name, c.service_argv(
+            "jobworker", *self._common(name, self.jobworkers[i]), *self._jetstream_args(),
+            *self.plan.job_worker_args))
+        self.sup.wait_ready(child, lambda: c.grpc_serving(self.jobworkers[i]), 60, "serving")
         return child
 
     def restart_etcd_member(self, i: int) -> Child:
@@ -232,7 +278,7 @@ class LocalMesh:
     def start_router(self, i: int) -> None:
         name = f"router{i}"
         self.children[name] = self.sup.start(name, c.service_argv(
-            "router", *self._common(name, self.routers[i]), *self.plan.router_args))
+            "router", *self._common(name, self.routers[i]), *self._jetstream_args(), *self.plan.router_args))
         self.sup.wait_ready(self.children[name], lambda: c.grpc_serving(self.routers[i]), 60,
                             "serving")
 

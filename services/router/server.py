@@ -7,11 +7,14 @@ from dataclasses import dataclass, field, replace
 
 from inference import grpc_service_pb2_grpc as kserve_pb2_grpc
 from meshserve.v1 import controlplane_pb2 as cp
-from meshserve.v1 import inference_pb2, inference_pb2_grpc, routerload_pb2_grpc
+from meshserve.v1 import inference_pb2, inference_pb2_grpc, jobs_pb2_grpc, routerload_pb2_grpc
 
 from services.common import keyspace
 from services.common.lifecycle import now_ms
 from services.common.replica import ReplicaParts, run_replica
+from services.jobs.server import RouterJobs
+from services.jobs.servicer import SERVICE_NAME as JOBS_SERVICE_NAME
+from services.jobs.store import StoreSettings
 
 from .config import DispatchSettings
 from .dispatch import Dispatcher
@@ -40,11 +43,16 @@ class RouterConfig:
     shutdown_grace_s: float = 10.0
     #: The request path's knobs (policy, retries, shedding); region and zone come from above.
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
+    #: JetStream servers for JobService (asynchronous jobs and batches); empty: not served.
+    jetstream: tuple[str, ...] = ()
+    jetstream_replicas: int = 1
 
 
 async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     pools: list[BackendPool] = []
     recorders: list[CanaryRecorder] = []
+    jobs = RouterJobs(StoreSettings(servers=config.jetstream, replicas=config.jetstream_replicas),
+                      config.router_id) if config.jetstream else None
     settings = replace(config.dispatch, region=config.region, zone=config.zone)
     settings.validate()
     started = now_ms()
@@ -59,6 +67,9 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(dispatcher), parts.server)
         kserve_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(KServeServicer(dispatcher), parts.server)
         routerload_pb2_grpc.add_RouterLoadServiceServicer_to_server(RouterLoadServicer(dispatcher), parts.server)
+        if jobs is not None:
+            jobs_pb2_grpc.add_JobServiceServicer_to_server(jobs.servicer, parts.server)
+            jobs.start(dispatcher)
 
     def record(parts: ReplicaParts) -> cp.ReplicaInfo:
         return cp.ReplicaInfo(replica_id=config.router_id, address=parts.address, region=config.region,
@@ -67,12 +78,16 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     try:
         async with run_replica(
                 key=keyspace.router_key(config.router_id), replica_id=config.router_id,
-                service_names=[SERVICE_NAME, KSERVE_SERVICE_NAME, LOAD_SERVICE_NAME], register=register, record=record,
+                service_names=[SERVICE_NAME, KSERVE_SERVICE_NAME, LOAD_SERVICE_NAME,
+                               *([JOBS_SERVICE_NAME] if jobs else [])],
+                register=register, record=record,
                 listen=config.listen, advertise=config.advertise, etcd=config.etcd, metrics=config.metrics,
                 lease_ttl=config.lease_ttl, grace_s=config.shutdown_grace_s):
             await stop.wait()
     finally:
         for recorder in recorders:
             await recorder.close()
+        if jobs is not None:
+            await jobs.close()
         for pool in pools:
             await pool.close()

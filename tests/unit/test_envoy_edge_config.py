@@ -23,7 +23,7 @@ def test_only_public_grpc_services_route_to_routers():
     routes = _hcm(_config())["route_config"]["virtual_hosts"][0]["routes"]
     to_routers = [r["match"]["prefix"] for r in routes if r.get("route", {}).get("cluster") == "routers"]
     assert to_routers == ["/meshserve.v1.InferenceService/", "/inference.GRPCInferenceService/",
-                          "/grpc.reflection.v1alpha.ServerReflection/",
+                          "/meshserve.v1.JobService/", "/grpc.reflection.v1alpha.ServerReflection/",
                           "/grpc.reflection.v1.ServerReflection/", "/grpc.health.v1.Health/"]
     assert all(r["match"]["headers"][0]["name"] == "content-type" for r in routes
                if r.get("route", {}).get("cluster") == "routers")

@@ -7,6 +7,12 @@ bounded). When the KV pool runs dry, the least important, newest running sequenc
 recompute: its blocks are released (full ones stay in the prefix cache) and it waits again.
 A paused sequence (its consumer stopped reading) is skipped, keeping its blocks, and never holds
 up the others.
+Background work (SHEDDABLE: job and batch workers) yields whole steps while a more important
+request has prompt tokens to compute, so an interactive first token never waits behind batch
+decodes; the paused sequences keep their blocks and continue in the next step without it.
+Background prompts are also computed in small chunks (`background_prefill` tokens per step in
+all): an interactive request that arrives mid-step waits for that step only, so a step must
+never be a long batch prefill.
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
 from .sequence import SeqStatus, Sequence
+
+#: Priority value of background work (Priority.SHEDDABLE).
+BACKGROUND = 3
+#: Background prompt tokens computed per step, all background sequences together.
+BACKGROUND_PREFILL_TOKENS = 32
 
 
 @dataclass
@@ -30,8 +41,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_running: int, token_budget: int) -> None:
+    def __init__(self, blocks: BlockManager, max_running: int, token_budget: int,
+                 background_prefill: int = BACKGROUND_PREFILL_TOKENS) -> None:
         self.blocks = blocks
+        self.background_prefill = max(1, background_prefill)
         self.block_size = blocks.block_size
         self.max_running = max_running
         self.token_budget = token_budget
@@ -76,15 +89,21 @@ class Scheduler:
             return victim
 
         i = 0
+        pause_background = self._urgent_prefill()
+        background_left = self.background_prefill
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.paused:
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            prompt = self._background_prompt(seq, n)
+            if prompt:
+                n = min(n, background_left)  # a small chunk per step
+            if seq.paused or n <= 0 or (pause_background and seq.priority >= BACKGROUND):
                 i += 1
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
             if self._grow(seq, n):
                 scheduled[seq] = n
                 budget -= n
+                background_left -= n if prompt else 0
                 i += 1
                 continue
             if preempt_last() is seq:
@@ -108,6 +127,11 @@ class Scheduler:
             remote = _remote_after(seq, len(hits), limit)
             num_cached = (len(hits) + len(remote)) * self.block_size
             n = min(seq.num_tokens - num_cached, budget)
+            prompt = self._background_prompt(seq, n)
+            if prompt:
+                if background_left <= 0:
+                    break  # the rest of the queue is background too (it is sorted by priority)
+                n = min(n, background_left)
             need = self.blocks.blocks_needed(num_cached + n, len(hits))
             if not self.blocks.can_allocate(need, hits):
                 if self._outranks_last_running(seq):
@@ -118,6 +142,7 @@ class Scheduler:
             waiting.pop(0)
             scheduled[seq] = n
             budget -= n
+            background_left -= n if prompt else 0
         return SchedulerOutput(scheduled=list(scheduled.items()), preempted=preempted)
 
     def _admit(self, seq: Sequence, hits: list[int], remote: list, need: int) -> None:
@@ -155,6 +180,17 @@ class Scheduler:
                 seq.num_committed_blocks = full
 
     # ---- helpers -------------------------------------------------------------------------------
+    def _urgent_prefill(self) -> bool:
+        """A request above the background band waits, or is still computing its prompt."""
+        if self.waiting and self.waiting[0].priority < BACKGROUND:
+            return True
+        return any(s.priority < BACKGROUND and s.num_tokens - s.num_computed > 1 for s in self.running)
+
+    @staticmethod
+    def _background_prompt(seq: Sequence, n: int) -> bool:
+        """A chunk of a background sequence's prompt (more than the one decode token)."""
+        return seq.priority >= BACKGROUND and n > 1
+
     def _outranks_last_running(self, seq: Sequence) -> bool:
         return bool(self.running) and self.running[-1].priority > seq.priority
 

@@ -6,15 +6,29 @@ transformers rebuilds a fast tokenizer (vocab, merges, chat template) from GGUF 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Sequence
+from typing import Any
 
 from .weights import CheckpointError
+
+#: transformers' first import is not thread-safe: a second thread importing it meanwhile gets
+#: "cannot import name 'AutoTokenizer'". Loads run in threads, and a cancelled load's thread
+#: goes on importing while the next load starts: that is how both servers of a mesh halted.
+_IMPORT_LOCK = threading.Lock()
+
+
+def auto_tokenizer() -> Any:
+    """transformers.AutoTokenizer, imported by one thread at a time."""
+    with _IMPORT_LOCK:
+        from transformers import AutoTokenizer
+    return AutoTokenizer
 
 
 class Tokenizer:
     def __init__(self, path: str) -> None:
         """`path` is a .gguf file or a folder with tokenizer files; nothing is fetched from the hub."""
-        from transformers import AutoTokenizer
+        AutoTokenizer = auto_tokenizer()
 
         try:
             if os.path.isdir(path):

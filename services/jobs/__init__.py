@@ -1,0 +1,1 @@
+"""Asynchronous serving: durable jobs and batches on NATS JetStream (docs/architecture.md, "Jobs")."""
