@@ -157,7 +157,7 @@ class TorchEngine(Engine):
         s = core.scheduler
         return EngineLoad(
             queue_depth=len(s.waiting) + len(self._inbox), running=len(s.running),
-            kv_blocks_used=core.blocks.num_used, kv_blocks_total=core.blocks.num_blocks,
+            kv_blocks_used=core.kv_blocks_in_use(), kv_blocks_total=core.blocks.num_blocks,
             max_running=s.max_running, prefix_cache_hit_rate=core.blocks.hit_rate,
             tokens_per_second=core.tokens_per_second(), preemptions_total=s.num_preemptions,
             prefix_cache_hit_tokens_total=core.blocks.hit_tokens)

@@ -74,6 +74,7 @@ class EngineCore:
         self.tier = tier
         self.clock = clock
         self._active: dict[str, _Active] = {}
+        self._pinned: dict[int, int] = {}  # pool block -> references the tier's writer holds
         self._arrivals = 0
         # observability
         self.num_steps = 0
@@ -221,6 +222,8 @@ class EngineCore:
         accepted = self.tier.offer(refs) if refs else []
         if accepted:
             self.blocks.take_hits(r.block for r in accepted)
+            for r in accepted:
+                self._pinned[r.block] = self._pinned.get(r.block, 0) + 1
 
     def has_unpins(self) -> bool:
         """Blocks the tier's writer has copied and the pool may reuse (step() unpins them)."""
@@ -229,6 +232,15 @@ class EngineCore:
     def _unpin(self, block_ids: list[int]) -> None:
         for b in block_ids:
             self.blocks.free([b])
+            left = self._pinned.pop(b, 1) - 1
+            if left > 0:
+                self._pinned[b] = left
+
+    def kv_blocks_in_use(self) -> int:
+        """Blocks sequences hold: the pool's used blocks less those only the tier's writer pins
+        (a copy in flight is not KV pressure; routers read this). Safe from any thread."""
+        pinned_only = sum(1 for b, n in list(self._pinned.items()) if self.blocks.ref_counts[b] <= n)
+        return max(0, self.blocks.num_used - pinned_only)
 
     # ---- stats ---------------------------------------------------------------------------------
     def _count_tokens(self, n: int) -> None:
