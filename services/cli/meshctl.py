@@ -13,7 +13,7 @@ import sys
 
 import grpc
 
-from . import ctl_auth, ctl_autoscale, ctl_certs, ctl_cluster, ctl_jobs, ctl_models, ctl_traffic
+from . import ctl_auth, ctl_autoscale, ctl_cache, ctl_certs, ctl_cluster, ctl_jobs, ctl_models, ctl_traffic
 from .ctl_common import EXIT_OK, EXIT_REFUSED, EXIT_UNREACHABLE, EXIT_USAGE, to_dict
 
 UNREACHABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     ctl_auth.add_parsers(sub)
     ctl_autoscale.add_parsers(sub)
     ctl_jobs.add_parsers(sub)
+    ctl_cache.add_parsers(sub)
     p = sub.add_parser("generate", help="send one request through the public endpoint")
     p.add_argument("model")
     p.add_argument("prompt")

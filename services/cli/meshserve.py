@@ -82,7 +82,7 @@ def cmd_modelserver(args: argparse.Namespace) -> int:
         metrics=args.metrics, lease_ttl=args.lease_ttl, memory_bytes=args.memory_bytes,
         idle_unload_s=args.idle_unload_s, failure_backoff_s=args.failure_backoff_s,
         engine_options=options, labels=labels, model_dirs=_model_dirs(args.model_dir),
-        slow_consumer_s=args.slow_consumer_timeout)
+        slow_consumer_s=args.slow_consumer_timeout, cache_store=args.cache_store)
     return _run_service(f"modelserver[{config.server_id}]", lambda stop: run(config, stop), args,
                         "meshserve-modelserver", config.server_id)
 
@@ -230,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--label` (repeatable)")
     p.add_argument("--memory-bytes", type=int, default=0,
                    help="memory budget for placed models (0 = unlimited)")
+    p.add_argument("--cache-store", default="", metavar="URL",
+                   help="shared cache store (redis://HOST:PORT/DB): KV blocks and deterministic answers "
+                        "shared by every server; $MESHSERVE_CACHE_SECRET salts tenants' keys (the same "
+                        "on every server and router)")
     p.add_argument("--idle-unload-s", type=float, default=300.0,
                    help="unload a released model after this long idle")
     p.add_argument("--failure-backoff-s", type=float, default=60.0,
@@ -245,9 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "'' = none")
     p.add_argument("--zone", default="", help="the router's zone (requests prefer servers there)")
     p.add_argument("--policy", default="meshserve",
-                   choices=["meshserve", "least_load", "round_robin"],
+                   choices=["meshserve", "least_load", "round_robin", "meshserve_text"],
                    help="how to pick a server: meshserve (locality, session affinity, prefix "
-                        "cache and load), or the baselines least_load / round_robin")
+                        "cache - on KV events where servers publish them - and load), or the "
+                        "baselines least_load / round_robin / meshserve_text (prefix by the text guess)")
     p.add_argument("--model-policy", action="append", default=[], metavar="MODEL=POLICY",
                    help="a different policy for one model (repeatable)")
     p.add_argument("--max-attempts", type=int, default=3,

@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-dir", action="append", default=[], metavar="DIR",
                    help="model directory of every server: deployed sources are relative to it")
     p.add_argument("--engine-option", action="append", default=[], help="key=value for engines")
+    p.add_argument("--cache-store-mb", type=int, default=1024,
+                   help="maxmemory of the shared cache store (redis-server, allkeys-lru); 0 = no store")
     p.add_argument("--otlp-traces-endpoint", default="", metavar="HOST:PORT",
                    help="OTLP/gRPC collector for every process's spans, Envoy's included ('' = off)")
     p.add_argument("--insecure-dev", action="store_true",
@@ -83,6 +85,7 @@ def _print_endpoints(mesh: LocalMesh, model: str, api_key: str) -> None:
         *(f"  OpenAI gateway {i}                    http://{a}" for i, a in enumerate(mesh.gateways_http)),
         *(f"  model server {sid:<22} {a}" for sid, a in mesh.servers.items()),
         f"  etcd                                {mesh.etcd_endpoints}",
+        *([f"  shared cache store (redis)          {mesh.cache_store}"] if mesh.cache_store else []),
         *([f"  JetStream (jobs, batches)           {mesh.jetstream_urls}"] if mesh.nats else []),
         *(f"  job worker {i}                        {a}" for i, a in enumerate(mesh.jobworkers)),
         *(f"  metrics {name:<27} http://{a}/metrics" for name, a in mesh.metrics.items()),
@@ -267,6 +270,7 @@ def up(args: argparse.Namespace) -> int:
                for i in range(pool.max_servers if pool else count)]
     plan = MeshPlan(data_dir=Path(args.data_dir), routers=args.routers, base_port=args.base_port,
                     otlp_endpoint=args.otlp_traces_endpoint, gateways=args.gateways,
+                    cache_store_bytes=max(0, args.cache_store_mb) << 20,
                     servers=planned[:count],
                     standby_servers=planned[count:], jetstream_nodes=args.jetstream_nodes,
                     job_workers=args.job_workers if args.jetstream_nodes else 0,

@@ -41,6 +41,8 @@ BACKENDS = ("sim", "torch", "tensorrt_llm")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _REGION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MAX_TENANT_CHARS = 128
+_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class Priority(enum.IntEnum):
@@ -165,9 +167,17 @@ class ValidRequest:
     region: str = ""
     #: Tokens already produced (a client's resume, or an earlier attempt's before a migration).
     resume_token_ids: tuple[int, ...] = ()
+    #: Whose cache the request shares (KV blocks and answers are salted with it); '' = anonymous.
+    tenant: str = ""
+    #: The leading system message(s) go under the public salt, shared with tenants that opt in.
+    share_system_prompt: bool = False
+    bypass_response_cache: bool = False
 
     def __post_init__(self) -> None:
         check_model_name(self.model)
+        check_tenant(self.tenant)
+        if self.share_system_prompt and not self.messages:
+            raise InvalidArgument("share_system_prompt needs messages with a leading system message")
         check_content(self.prompt, self.messages)
         check_resume(self.resume_token_ids, self.sampling.max_tokens)
         _check_token("request_id", self.request_id, MAX_ID_CHARS)
@@ -175,6 +185,14 @@ class ValidRequest:
         if self.region and not _REGION.fullmatch(self.region):
             raise InvalidArgument(f"region {self.region[:64]!r} is not a region name (letters, digits, "
                                   "'.', '_' or '-')")
+
+
+def check_tenant(tenant: str) -> str:
+    """A tenant is a name: letters, digits and `._-`, at most 128 characters ('' = anonymous)."""
+    if tenant and not _TENANT.fullmatch(tenant):
+        raise InvalidArgument(f"tenant {tenant[:64]!r} is not a tenant name (letters, digits, '.', '_' or '-', "
+                              f"at most {MAX_TENANT_CHARS} characters)")
+    return tenant
 
 
 # --- from the wire ------------------------------------------------------------------------------
@@ -212,4 +230,6 @@ def validate_request(msg: Any) -> ValidRequest:
         model=msg.model, prompt=msg.prompt or None, messages=messages,
         sampling=sampling_from_proto(msg.sampling), priority=priority_from_proto(msg.priority),
         request_id=msg.request_id, session_id=getattr(msg, "session_id", ""),
-        region=getattr(msg, "region", ""), resume_token_ids=tuple(msg.resume_token_ids))
+        region=getattr(msg, "region", ""), resume_token_ids=tuple(msg.resume_token_ids),
+        tenant=getattr(msg, "tenant", ""), share_system_prompt=bool(getattr(msg, "share_system_prompt", False)),
+        bypass_response_cache=bool(getattr(msg, "bypass_response_cache", False)))

@@ -18,6 +18,7 @@ from services.common import ports as port_rules
 from services.common.envoy_config import EnvoySettings, render, sds_files
 from services.common.tls import TlsFiles
 
+from . import cache_store as cs
 from . import components as c
 from . import etcd_auth
 from .jetstream import NatsNode, nats_argv, nats_healthy, write_config
@@ -67,6 +68,8 @@ class MeshPlan:
     #: on first start). False = --insecure-dev everywhere (tests that dial internal ports in
     #: plaintext; `meshserve up` is secure unless told --insecure-dev).
     secure: bool = False
+    #: The shared cache store's maxmemory (0 = no store: servers cache only in their own pool).
+    cache_store_bytes: int = 0
     #: Servers planned (ports, ids) but not started: a server pool starts them when placement
     #: needs them (services/localmesh/serverpool.py).
     standby_servers: list[ServerPlan] = field(default_factory=list)
@@ -143,6 +146,8 @@ class LocalMesh:
                                                   *(f"router{i}" for i in range(plan.routers)),
                                                   *(f"gateway{i}" for i in range(plan.gateways)),
                                                   *(f"jobworker{i}" for i in range(plan.job_workers))])}
+        #: The shared cache store (redis-server), when the plan has one.
+        self.cache_store = f"{HOST}:{ports.take('cache-store', 99)}" if plan.cache_store_bytes else ""
         self.ports = ports
         self.children: dict[str, Child] = {}
         self.certs_dir = self.data_dir / "certs"
@@ -222,6 +227,8 @@ class LocalMesh:
         try:
             self.start_etcd()
             self.start_jetstream()
+            if self.cache_store:
+                self.start_cache_store()
             for i in range(self.plan.controlplanes):
                 self.start_controlplane(i)
             for server in self.plan.servers:
@@ -283,6 +290,14 @@ class LocalMesh:
         """Start a stopped member again on its data (failure tests); does not wait for quorum."""
         return self._spawn_etcd(i)
 
+    def start_cache_store(self) -> Child:
+        port = int(self.cache_store.rpartition(":")[2])
+        child = self.sup.start("cache-store", cs.redis_argv(HOST, port, self.data_dir / "cache-store",
+                                                            self.plan.cache_store_bytes))
+        self.children["cache-store"] = child
+        self.sup.wait_ready(child, lambda: cs.redis_ready(self.cache_store), 30, "answering PING")
+        return child
+
     def _common(self, name: str, listen: str) -> list[str]:
         args = ["--id", name, "--listen", listen, "--etcd", self.etcd_endpoints,
                 "--metrics", self.metrics[name], "--lease-ttl", str(self.plan.lease_ttl),
@@ -313,6 +328,8 @@ class LocalMesh:
         for o in server.engine_options:
             args += ["--engine-option", o]
         args += ["--memory-bytes", str(server.memory_bytes), *server.extra_args]
+        if self.cache_store:
+            args += ["--cache-store", cs.redis_url(self.cache_store)]
         child = self.sup.start(server.server_id, c.service_argv("modelserver", *args))
         self.children[server.server_id] = child
         if wait:

@@ -26,7 +26,7 @@ def request_from_proto(req: modelserver_pb2.ModelServerServiceGenerateRequest,
 
 def chunk_to_proto(chunk: GenerationChunk) -> modelserver_pb2.ModelServerServiceGenerateResponse:
     out = modelserver_pb2.ModelServerServiceGenerateResponse(
-        text=chunk.text, token_ids=chunk.token_ids, logprobs=chunk.logprobs)
+        text=chunk.text, token_ids=chunk.token_ids, logprobs=chunk.logprobs, cached=chunk.cached)
     if chunk.finish_reason is not None:
         out.finish_reason = _FINISH[chunk.finish_reason]
     if chunk.usage is not None:

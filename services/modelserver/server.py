@@ -14,6 +14,7 @@ from grpc_health.v1 import health
 from meshserve.v1 import controlplane_pb2 as cp
 from meshserve.v1 import modelserver_pb2, modelserver_pb2_grpc
 
+from services.cache import runtime as cache_runtime
 from services.common import keyspace
 from services.common.etcd_client import EtcdClient, LeaseKeeper, PrefixMirror
 from services.common.grpc_util import set_serving
@@ -55,6 +56,8 @@ class ModelServerConfig:
     model_dirs: list[str] = field(default_factory=list)  # where placed models' sources resolve
     #: A caller that reads nothing for this long has its generation cancelled.
     slow_consumer_s: float = 60.0
+    #: The shared cache store (redis://host:port/db); '' = no shared tier and no response cache.
+    cache_store: str = ""
 
 
 class _Registration:
@@ -133,6 +136,7 @@ async def _follow_placements(config: ModelServerConfig, etcd: EtcdClient, manage
 
 
 async def run(config: ModelServerConfig, stop: asyncio.Event) -> None:
+    cache_runtime.configure(config.cache_store)
     info = modelserver_pb2.ServerInfo(
         server_id=config.server_id, region=config.region, zone=config.zone,
         memory_bytes=config.memory_bytes, labels=config.labels, started_at_ms=now_ms())

@@ -10,7 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
 import grpc
 from meshserve.v1 import modelserver_pb2, modelserver_pb2_grpc
@@ -19,11 +19,13 @@ from services.common import tracing
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, ServiceError, Unavailable
 from services.common.grpc_util import require_peer
 from services.common.slow_consumer import SlowConsumerGuard
+from services.common.validation import check_tenant
 
-from . import metrics
+from . import cache_rpc, metrics
 from .convert import chunk_to_proto, load_to_proto, request_from_proto
 from .engine.base import Engine, EngineLoad, FinishReason, GenerationChunk, GenerationRequest
 from .manager import ModelManager
+from .response_cache import Recorder, ResponseCache
 from .spans import EngineTimes, generate_span, trace_engine
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,8 @@ DEFAULT_SLOW_CONSUMER_S = 60.0
 #: `client` tools (readiness checks, benchmarks). Not Envoy, gateways or tenants: everything from
 #: outside goes through a router, where authentication, authorisation and quotas are.
 CALLERS = frozenset({"router", "jobworker", "controlplane", "client"})
+#: Who may drop a server's cached KV blocks and answers (`meshctl cache flush`).
+OPERATORS = frozenset({"operator"})
 
 class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
     def __init__(self, manager: ModelManager, info: Callable[[], modelserver_pb2.ServerInfo],
@@ -48,6 +52,7 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
         self._info = info
         self._slow_consumer_s = slow_consumer_s
         self.accepting = True
+        self._responses = ResponseCache()
 
     def _engine(self, model: str) -> Engine:
         engine = self._manager.get(model)
@@ -97,9 +102,14 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
         guard = SlowConsumerGuard(self._slow_consumer_s)
         times = EngineTimes()
         with self._manager.track(model):
-            stream = engine.generate(req)
+            name = self._responses.key(engine, req)
+            hit = await self._responses.lookup(model, name) if name is not None else None
+            recorder = Recorder(name) if name is not None and hit is None else None
+            stream = engine.generate(req) if hit is None else _one(hit)
             try:
                 async for chunk in stream:
+                    if recorder is not None:
+                        recorder.add(chunk)
                     now = time.monotonic()
                     if chunk.token_ids:
                         if produced == 0:
@@ -120,12 +130,36 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
                         raise ResourceExhausted(
                             f"the caller read nothing for {self._slow_consumer_s:g}s; the generation was "
                             "cancelled to free the engine")
+                if recorder is not None:
+                    self._responses.save(model, recorder)
             finally:
                 guard.close()
                 await stream.aclose()
                 metrics.E2E.labels(model).observe(time.monotonic() - started)
                 trace_engine(span, req, times, produced, engine)
         return outcome
+
+    def _engines(self) -> dict[str, Engine]:
+        out = {}
+        for name in self._manager.ready_models():
+            engine = self._manager.get(name)
+            if engine is not None:
+                out[name] = engine
+        return out
+
+    async def GetTokenizer(self, request: modelserver_pb2.GetTokenizerRequest,
+                           context: grpc.aio.ServicerContext) -> modelserver_pb2.GetTokenizerResponse:
+        return cache_rpc.tokenizer(self._manager.get(request.model), request.model)
+
+    async def GetCacheStats(self, request: modelserver_pb2.GetCacheStatsRequest,
+                            context: grpc.aio.ServicerContext) -> modelserver_pb2.GetCacheStatsResponse:
+        return await asyncio.to_thread(cache_rpc.stats, self._info().server_id, self._engines())
+
+    async def FlushCache(self, request: modelserver_pb2.FlushCacheRequest,
+                         context: grpc.aio.ServicerContext) -> modelserver_pb2.FlushCacheResponse:
+        require_peer(context, OPERATORS, "FlushCache")
+        check_tenant(request.tenant)
+        return await cache_rpc.flush(self._engines(), request.model, request.tenant, request.shared)
 
     async def GetServerInfo(self, request: modelserver_pb2.GetServerInfoRequest,
                             context: grpc.aio.ServicerContext) -> modelserver_pb2.GetServerInfoResponse:
@@ -153,12 +187,14 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
         interval = min(max(request.interval_ms or DEFAULT_LOAD_INTERVAL_MS, 20), 1000) / 1000.0
         last_key: object = None
         last_sent = 0.0
+        cursor = cache_rpc.EventCursor()
         while True:
             report = self.load_report()
+            report.kv_events.extend(cursor.collect(self._engines()))
             key = tuple((m.model, m.queue_depth, m.running, m.kv_blocks_used, m.kv_blocks_total)
                         for m in report.models)
             now = time.monotonic()
-            if key != last_key or now - last_sent >= LOAD_HEARTBEAT_S:
+            if key != last_key or report.kv_events or now - last_sent >= LOAD_HEARTBEAT_S:
                 yield modelserver_pb2.StreamLoadResponse(report=report)
                 last_key, last_sent = key, now
             await asyncio.sleep(interval)
@@ -173,6 +209,11 @@ class ModelServerServicer(modelserver_pb2_grpc.ModelServerServiceServicer):
             metrics.TOKENS_PER_SECOND.labels(name).set(load.tokens_per_second)
             metrics.follow_total(metrics.PREEMPTIONS, name, load.preemptions_total)
             metrics.follow_total(metrics.PREFIX_HIT_TOKENS, name, load.prefix_cache_hit_tokens_total)
+
+
+async def _one(chunk: GenerationChunk) -> AsyncGenerator[GenerationChunk, None]:
+    """A cached answer as a stream of one chunk."""
+    yield chunk
 
 
 def _observe_tokens(model: str, chunk: GenerationChunk, gap: float, first: bool) -> None:

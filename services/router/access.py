@@ -13,6 +13,7 @@ With --insecure-dev nobody can be told apart: nothing is enforced (development o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from meshserve.v1 import inference_pb2
 from services.common.auth_records import KeySet
 from services.common.errors import PermissionDenied, Unauthenticated
 from services.common.tls import describe_peer, peer_identity
+from services.common.validation import ValidRequest
 
 from .quota import TenantQuotas
 
@@ -78,6 +80,14 @@ class Access:
             if chunk.finish_reason and caller.tenant is not None and self.quotas is not None:
                 self.quotas.charge(caller.tenant, chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
             yield chunk
+
+    def bind_tenant(self, caller: Caller, req: ValidRequest) -> ValidRequest:
+        """The request under its authenticated tenant: the shared cache partitions by
+        `tenant`, so a tenant the client wrote into the request is replaced by the edge's
+        identity (a caller inside the mesh keeps its own; --insecure-dev trusts the field)."""
+        if not self.enforce or caller.tenant is None or req.tenant == caller.tenant:
+            return req
+        return dataclasses.replace(req, tenant=caller.tenant)
 
     def visible(self, caller: Caller, model: str) -> bool:
         return caller.tenant is None or self.keys.may_call(caller.tenant, model)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class DispatchSettings:
-    policy: str = "meshserve"  # meshserve, least_load or round_robin
+    policy: str = "meshserve"  # meshserve, least_load, round_robin or meshserve_text
     #: model name -> policy name, for models that should route differently from the default.
     model_policies: tuple[tuple[str, str], ...] = ()
     region: str = "local"  # the router's own region: requests without one prefer it

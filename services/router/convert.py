@@ -26,7 +26,8 @@ def upstream_request(req: ValidRequest, request_id: str) -> modelserver_pb2.Mode
     out = modelserver_pb2.ModelServerServiceGenerateRequest(
         request_id=request_id, model=req.model, prompt=req.prompt or "",
         sampling=sampling_to_proto(req.sampling), priority=common_pb2.Priority.ValueType(req.priority),
-        resume_token_ids=req.resume_token_ids)
+        resume_token_ids=req.resume_token_ids, tenant=req.tenant, share_system_prompt=req.share_system_prompt,
+        bypass_response_cache=req.bypass_response_cache)
     for m in req.messages or ():
         out.messages.add(role=m.role, content=m.content)
     return out
@@ -64,6 +65,8 @@ def public_chunk(part: modelserver_pb2.ModelServerServiceGenerateResponse,
     if part.logprobs:
         out.logprobs.extend(part.logprobs)
     out.finish_reason = part.finish_reason
+    if part.cached:
+        out.served_by.cached = True
     if part.HasField("usage"):
         out.usage.CopyFrom(part.usage)
     return out

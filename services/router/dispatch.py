@@ -16,12 +16,12 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
 from meshserve.v1 import controlplane_pb2 as cp
-from meshserve.v1 import inference_pb2
+from meshserve.v1 import inference_pb2, modelserver_pb2
 
 from services.common import tracing
 from services.common.errors import DeadlineExceeded, NotFound, ServiceError, Unavailable
@@ -99,6 +99,7 @@ class Dispatcher:
         self._counted: set[str] = set()  # models whose metrics start at zero (metrics.init_model)
         pool.on_change(self._admission.notify)
         pool.on_leave(self._forget)
+        pool.on_kv_events(self._kv_events)
         self._known_cache: tuple[frozenset[str], frozenset[str], frozenset[str]] | None = None
         self.traffic = None if traffic is None else TrafficExecutor(
             traffic, self.serve, pool.candidates, recorder, s.retry_after_ms, wakes=pool.scales_from_zero)
@@ -116,6 +117,10 @@ class Dispatcher:
         for policy in self._policies.values():
             policy.forget(replica_id)
         metrics.forget_replica(replica_id)
+
+    def _kv_events(self, replica_id: str, msg: modelserver_pb2.KvEvents,
+                   fetch_tokenizer: Callable[[], Awaitable[modelserver_pb2.GetTokenizerResponse]]) -> bool:
+        return all([policy.kv_events(replica_id, msg, fetch_tokenizer) for policy in self._policies.values()])
 
     def policy_for(self, model: str) -> Policy:
         return self._model_policy.get(model, self._default_policy)
@@ -239,7 +244,9 @@ class Dispatcher:
         policy = self.policy_for(req.model)
         route = RouteRequest(model=req.model, region=req.region or self.settings.region, zone=self.settings.zone,
                              session=session[:256],
-                             text=render(req.prompt or "", req.messages or ()) if policy.uses_text else "")
+                             text=render(req.prompt or "", req.messages or ()) if policy.uses_text else "",
+                             prompt=req.prompt or "", messages=req.messages or (), tenant=req.tenant,
+                             share_system_prompt=req.share_system_prompt)
         return _Request(req=req, request_id=req.request_id or uuid.uuid4().hex, route=route, policy=policy,
                         settings=settings, deadline=deadline, relayed=list(req.resume_token_ids))
 

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from meshserve.v1 import controlplane_pb2 as cp
@@ -31,6 +31,9 @@ from services.common.membership import MeshView
 from .replica import Replica, ServerLink
 
 log = logging.getLogger(__name__)
+
+KvListener = Callable[[str, modelserver_pb2.KvEvents,
+                       Callable[[], Awaitable[modelserver_pb2.GetTokenizerResponse]]], bool]
 
 DEFAULT_HANG_TIMEOUT_S = 3.0
 DEFAULT_LINGER_S = 30.0
@@ -48,6 +51,7 @@ class BackendPool:
         self._tasks: set[asyncio.Task] = set()
         self._on_change: list[Callable[[], None]] = []
         self._on_leave: list[Callable[[str], None]] = []
+        self._on_kv: list[KvListener] = []
         # Per-request lookups, rebuilt only after membership changes (every change calls sync).
         self._candidates: dict[str, list[Replica]] = {}
         self._known: frozenset[str] | None = None
@@ -61,6 +65,20 @@ class BackendPool:
     def on_leave(self, listener: Callable[[str], None]) -> None:
         """Called with the replica id when a replica leaves (the policy forgets its record)."""
         self._on_leave.append(listener)
+
+    def on_kv_events(self, listener: KvListener) -> None:
+        """Called with (replica id, KvEvents, a tokenizer fetch) for each model's KV events on a load
+        stream; a listener returning False (it missed events) makes the stream reopen (a snapshot)."""
+        self._on_kv.append(listener)
+
+    def _kv_events(self, link: ServerLink, report: modelserver_pb2.LoadReport) -> bool:
+        ok = True
+        for msg in report.kv_events:
+            def fetch(model: str = msg.model) -> Awaitable[modelserver_pb2.GetTokenizerResponse]:
+                return link.stub.GetTokenizer(modelserver_pb2.GetTokenizerRequest(model=model), timeout=30.0)
+            for listener in self._on_kv:
+                ok = listener(f"{link.server_id}/{msg.model}", msg, fetch) and ok
+        return ok
 
     def _changed(self) -> None:
         for listener in self._on_change:
@@ -172,6 +190,9 @@ class BackendPool:
                 async for msg in call:
                     link.on_report(msg.report, time.monotonic())
                     self._changed()
+                    if msg.report.kv_events and not self._kv_events(link, msg.report):
+                        call.cancel()  # reopened below: the server starts a new stream with a snapshot
+                        break
             except grpc.aio.AioRpcError:
                 link.lost_reports()
             await asyncio.sleep(0.2)

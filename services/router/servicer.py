@@ -25,6 +25,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                        context: grpc.aio.ServicerContext) -> inference_pb2.GenerateResponse:
         req = validate_request(request)
         caller = self._access.admit(context, req.model)
+        req = self._access.bind_tenant(caller, req)
         async with aclosing(self._access.meter(caller, self._dispatcher.stream(
                 req, context.time_remaining(), context.invocation_metadata()))) as chunks:
             return merge_chunks([chunk async for chunk in chunks])
@@ -34,6 +35,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         """Written with context.write so a client that stops reading can be told apart and let go."""
         req = validate_request(request)
         caller = self._access.admit(context, req.model)
+        req = self._access.bind_tenant(caller, req)
         limit = self._dispatcher.settings.slow_consumer_s
         guard = SlowConsumerGuard(limit)
         try:

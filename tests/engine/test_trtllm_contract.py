@@ -36,7 +36,7 @@ def test_sampling_kwargs_use_recorded_names(p):
 
 def test_generate_async_kwargs_use_recorded_names():
     req = GenerationRequest("r", "m", prompt="x", priority=Priority.CRITICAL)
-    req.tenant = "team-a"  # type: ignore[attr-defined]  # the tenancy hook
+    req.tenant = "team-a"  # the tenancy hook (a GenerationRequest field since issue 14)
     kw = request_kwargs(req, recorded_names("generate_async"))
     assert kw == {"priority": 1.0, "cache_salt": "team-a"}
     assert {"inputs", "sampling_params", "streaming"} | set(kw) <= recorded_names("generate_async")

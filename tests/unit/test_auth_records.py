@@ -97,3 +97,17 @@ def test_operator_methods() -> None:
     assert needs_operator("/meshserve.v1.AuthService/ListApiKeys")
     assert not needs_operator("/meshserve.v1.ControlPlaneService/ListServers")
     assert not needs_operator("/meshserve.v1.InferenceService/Generate")
+
+
+def test_the_edge_tenant_replaces_a_client_written_one() -> None:
+    from meshserve.v1 import inference_pb2
+
+    from services.common.validation import validate_request
+
+    keys, _, _ = keyset_with("alpha", ["*"])
+    access = Access(keys, enforce=True)
+    req = validate_request(inference_pb2.GenerateRequest(model="echo", prompt="x", tenant="victim"))
+    edge = access.admit(FakeContext(ENVOY, ((TENANT_HEADER, "alpha"),)), "echo")
+    assert access.bind_tenant(edge, req).tenant == "alpha"
+    inside = access.admit(FakeContext("spiffe://meshserve.local/client/tool"), "echo")
+    assert access.bind_tenant(inside, req).tenant == "victim"

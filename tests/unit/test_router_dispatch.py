@@ -109,6 +109,9 @@ class FakePool:
     def on_leave(self, f) -> None:
         pass
 
+    def on_kv_events(self, f) -> None:
+        pass
+
     def known_models(self) -> frozenset[str]:
         return frozenset({MODEL})
 

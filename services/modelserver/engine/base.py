@@ -77,6 +77,10 @@ class GenerationRequest:
     # time.monotonic() value after which the request is cancelled; None = no deadline.
     deadline: float | None = None
     timeline: Timeline = field(default_factory=Timeline, compare=False, repr=False)
+    # Cache scope (services/cache): the tenant salts KV keys and answers; see ValidRequest.
+    tenant: str = ""
+    share_system_prompt: bool = False
+    bypass_response_cache: bool = False
 
     def __post_init__(self) -> None:
         check_content(self.prompt, self.messages)
@@ -86,7 +90,8 @@ class GenerationRequest:
     def from_valid(cls, req: ValidRequest, deadline: float | None) -> GenerationRequest:
         return cls(request_id=req.request_id, model=req.model, prompt=req.prompt, messages=req.messages,
                    sampling=req.sampling, priority=req.priority, resume_token_ids=req.resume_token_ids,
-                   deadline=deadline)
+                   deadline=deadline, tenant=req.tenant, share_system_prompt=req.share_system_prompt,
+                   bypass_response_cache=req.bypass_response_cache)
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,7 @@ class GenerationChunk:
     logprobs: list[float] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    cached: bool = False  # the whole answer came from the response cache
 
 
 @dataclass(frozen=True)

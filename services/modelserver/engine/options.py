@@ -150,6 +150,8 @@ TORCH = (
     _opt("resume_chunks", int, 16, "unread chunks below which a paused request resumes", low=1,
          high=1 << 20),
     _opt("warmup", bool, True, "run a short generation at start"),
+    _opt("shared_kv", bool, True, "write full KV blocks to the server's shared store and fetch them on a "
+         "local prefix miss (needs --cache-store)"),
 )
 TENSORRT_LLM = (
     _opt("max_context", int, 4096, "prompt + output tokens (max_seq_len)", low=1, high=1 << 24),

@@ -1,24 +1,28 @@
 """Paged KV cache bookkeeping: a fixed pool of blocks, reference counts, and automatic prefix caching.
 
 A full block is identified by a hash chained over its parent's hash and its own tokens, so equal
-hashes mean equal KV content for the whole prefix. Blocks nobody references stay in an LRU free
+hashes mean equal KV content for the whole prefix. The hash is the canonical key of
+services/cache/keys.py (SHA-256, seedless), the same on every server, so the shared tier and the
+routers' indexes use it as is. Blocks nobody references stay in an LRU free
 queue with their hash intact and are reused on a prefix hit; they are evicted only when a fresh
 block is needed and nothing unhashed is left. The pool size is fixed at construction and never grows.
 """
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+
+from services.cache.keys import block_key
+
+#: Told (kind, keys) when blocks are published ("stored") or evicted ("removed"): the KV events.
+BlockListener = Callable[[str, list[bytes]], None]
 
 
-def hash_block(parent: bytes | None, tokens: Sequence[int]) -> bytes:
-    """Collision-resistant id of a full block given the id of the block before it (None for the first)."""
-    h = hashlib.blake2b(parent or b"", digest_size=16)
-    h.update(array("q", tokens).tobytes())
-    return h.digest()
+def hash_block(parent: bytes | None, tokens: Sequence[int], salt: bytes = b"") -> bytes:
+    """Canonical key of a full block given the key of the block before it (None: the chain's root
+    is empty, as in tests; engines start at their model's namespace)."""
+    return block_key(parent or b"", tokens, salt)
 
 
 class BlockManager:
@@ -36,6 +40,8 @@ class BlockManager:
         self._cached: dict[bytes, int] = {}
         self.lookup_tokens = 0
         self.hit_tokens = 0
+        self.evictions = 0
+        self.listener: BlockListener | None = None
 
     # ---- queries -------------------------------------------------------------------------------
     @property
@@ -96,15 +102,21 @@ class BlockManager:
         if num_new > len(self._free):
             raise RuntimeError(f"KV pool exhausted: need {num_new} blocks, {len(self._free)} free")
         out = []
+        evicted: list[bytes] = []
         for _ in range(num_new):
             b, _ = self._free.popitem(last=False)
             h = self.block_hash[b]
             if h is not None:
                 if self._cached.get(h) == b:
                     del self._cached[h]
+                    evicted.append(h)
                 self.block_hash[b] = None
             self.ref_counts[b] = 1
             out.append(b)
+        if evicted:
+            self.evictions += len(evicted)
+            if self.listener is not None:
+                self.listener("removed", evicted)
         return out
 
     def free(self, block_ids: Sequence[int]) -> None:
@@ -121,8 +133,13 @@ class BlockManager:
 
     def commit(self, block_ids: Sequence[int], hashes: Sequence[bytes], start: int, end: int) -> None:
         """Publish blocks [start, end) of a sequence, whose KV is now fully computed, for prefix reuse."""
+        self.publish(block_ids, hashes, start, end)
+
+    def publish(self, block_ids: Sequence[int], hashes: Sequence[bytes], start: int, end: int) -> list[int]:
+        """commit(), returning the indexes i in [start, end) whose block became the cached copy."""
         if not self.enable_prefix_caching:
-            return
+            return []
+        published: list[int] = []
         for i in range(start, end):
             b = block_ids[i]
             if self.block_hash[b] is not None:
@@ -132,3 +149,22 @@ class BlockManager:
                 continue  # another sequence computed the same block first; keep this one private
             self.block_hash[b] = h
             self._cached[h] = b
+            published.append(i)
+        if published and self.listener is not None:
+            self.listener("stored", [hashes[i] for i in published])
+        return published
+
+    def cached_keys(self) -> list[bytes]:
+        """Every published block's key (a snapshot for KV events)."""
+        return list(self._cached)
+
+    def drop_cached(self) -> list[bytes]:
+        """Unpublish every cached block nobody references (a flush); returns their keys."""
+        dropped = [h for h, b in self._cached.items() if self.ref_counts[b] == 0]
+        for h in dropped:
+            b = self._cached.pop(h)
+            self.block_hash[b] = None
+            self._free.move_to_end(b, last=False)
+        if dropped and self.listener is not None:
+            self.listener("removed", dropped)
+        return dropped

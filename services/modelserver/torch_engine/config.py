@@ -46,6 +46,8 @@ class TorchEngineConfig:
     resume_chunks: int = 16
     #: run a short generation in start() so the first real request does not pay for lazy init.
     warmup: bool = True
+    #: use the shared KV tier when the server has a store (services/cache/kv_tier.py).
+    shared_kv: bool = True
 
     def validate(self) -> None:
         """Fail at construction rather than deep inside the step loop; the ranges and the rules

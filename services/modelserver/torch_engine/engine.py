@@ -17,8 +17,9 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -32,6 +33,7 @@ from ..engine.base import (
     InvalidRequestError,
     SamplingParams,
 )
+from .cache_link import EngineCache
 from .config import TorchEngineConfig, resolve_dtype
 from .engine_core import CoreRequest, EngineCore
 from .model import KVCache, LlamaModel
@@ -39,6 +41,7 @@ from .tokenizer import Tokenizer
 from .weights import CheckpointError, load_checkpoint, resolve_source
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -63,6 +66,7 @@ class TorchEngine(Engine):
         self.config = config or TorchEngineConfig()
         self.config.validate()
         self.core: EngineCore | None = None
+        self.cache: EngineCache | None = None
         self.tokenizer: Tokenizer | None = None
         self.dtype: torch.dtype | None = None
         self._vocab_size = 0
@@ -110,8 +114,13 @@ class TorchEngine(Engine):
         del tensors
         num_blocks = cfg.num_blocks(KVCache.bytes_per_block(args, cfg.block_size, dtype))
         kv = KVCache.allocate(args, num_blocks, cfg.block_size, dtype)
-        self.core = EngineCore(model, kv, tokenizer.decode, tokenizer.eos_token_ids, cfg.max_running,
-                               cfg.step_token_budget, max_context)
+        core = EngineCore(model, kv, tokenizer.decode, tokenizer.eos_token_ids, cfg.max_running,
+                          cfg.step_token_budget, max_context)
+        self.cache = EngineCache(self.model_name, path, args, dtype, cfg, kv, core.blocks, tokenizer)
+        core.tier = self.cache.tier
+        if core.tier is not None:  # an idle loop wakes to unpin what the writer copied (load reports count pins)
+            core.tier.on_released = self._wake
+        self.core = core
         self.tokenizer, self.dtype = tokenizer, dtype
         self._vocab_size, self._max_context = args.vocab_size, max_context
         log.info("torch engine %s: %s, %d KV blocks of %d tokens, max context %d", self.model_name, dtype,
@@ -129,6 +138,8 @@ class TorchEngine(Engine):
             self._thread = None
         for rid in list(self._streams):
             self._deliver(rid, EngineUnavailableError("engine stopped"))
+        if self.cache is not None:
+            self.cache.close()
         self.core = None
 
     @property
@@ -146,7 +157,7 @@ class TorchEngine(Engine):
         s = core.scheduler
         return EngineLoad(
             queue_depth=len(s.waiting) + len(self._inbox), running=len(s.running),
-            kv_blocks_used=core.blocks.num_used, kv_blocks_total=core.blocks.num_blocks,
+            kv_blocks_used=core.kv_blocks_in_use(), kv_blocks_total=core.blocks.num_blocks,
             max_running=s.max_running, prefix_cache_hit_rate=core.blocks.hit_rate,
             tokens_per_second=core.tokens_per_second(), preemptions_total=s.num_preemptions,
             prefix_cache_hit_tokens_total=core.blocks.hit_tokens)
@@ -158,6 +169,11 @@ class TorchEngine(Engine):
         core_req = self._prepare(request)
         if len(self._inbox) + len(self.core.scheduler.waiting) >= self.config.max_waiting:
             raise CapacityError(f"{self.config.max_waiting} requests already wait for model {self.model_name!r}")
+        if self.cache is not None:  # key the prompt; fetch shared blocks after the local hit (off the step loop)
+            core_req.cache = self.cache.keying(request, core_req.prompt_ids)
+            core_req.remote = await self.cache.prefetch(core_req.cache, core_req.prompt_ids)
+            if not self._accepting or self.core is None:
+                raise EngineUnavailableError(f"model {self.model_name!r} is not loaded")
         rid = f"{request.request_id}#{next(self._ids)}"
         core_req.request_id = rid
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -214,10 +230,31 @@ class TorchEngine(Engine):
         return CoreRequest(request_id="", prompt_ids=ids, sampling=p, priority=int(request.priority),
                            resume_ids=resume, deadline=request.deadline, timeline=request.timeline)
 
+    async def on_core_thread(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the step thread between steps (what touches the block manager must)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[T] = loop.create_future()
+
+        def call() -> None:
+            try:
+                out = fn()
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                loop.call_soon_threadsafe(done.set_exception, e)
+            else:
+                loop.call_soon_threadsafe(done.set_result, out)
+        if self._thread is None:
+            raise EngineUnavailableError(f"model {self.model_name!r} is not loaded")
+        self._submit("call", call)
+        return await done
+
     # ---- core thread ---------------------------------------------------------------------------
     def _submit(self, kind: str, payload: object) -> None:
         with self._cv:
             self._inbox.append((kind, payload))
+            self._cv.notify()
+
+    def _wake(self) -> None:
+        with self._cv:
             self._cv.notify()
 
     def _deliver(self, rid: str, item: object) -> None:
@@ -248,7 +285,7 @@ class TorchEngine(Engine):
         while True:
             self._apply_backpressure(core)
             with self._cv:
-                while not self._inbox and not core.has_runnable() and not self._shutdown:
+                while not self._inbox and not core.has_runnable() and not core.has_unpins() and not self._shutdown:
                     # only paused work left: wake on a consumer's notify, or soon to expire deadlines
                     self._cv.wait(timeout=0.1 if core.has_work() else None)
                     self._apply_backpressure(core)
@@ -258,6 +295,8 @@ class TorchEngine(Engine):
             for kind, payload in inbox:
                 if kind == "add":
                     core.add_request(payload)  # type: ignore[arg-type]
+                elif kind == "call":
+                    payload()  # type: ignore[operator]
                 else:
                     core.abort(payload)  # type: ignore[arg-type]
             try:

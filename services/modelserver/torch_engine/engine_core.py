@@ -12,6 +12,9 @@ from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
+from services.cache.keys import PUBLIC_SALT
+from services.cache.kv_tier import BlockRef, KvTier
+
 from ..engine.base import FinishReason, GenerationChunk, SamplingParams, Timeline, Usage
 from .block_manager import BlockManager
 from .detokenizer import IncrementalDetokenizer
@@ -33,6 +36,18 @@ class CoreRequest:
     resume_ids: list[int] = field(default_factory=list)
     deadline: float | None = None  # time.monotonic() value
     timeline: Timeline | None = None  # the scheduler marks first admission (tracing)
+    cache: CacheKeying | None = None  # key chain root, tenant salt, public blocks
+    remote: tuple[int, list] | None = None  # blocks fetched from the shared tier (first index, [(k, v)])
+
+
+@dataclass(frozen=True)
+class CacheKeying:
+    """How a request's blocks are keyed: the model's namespace, the tenant's salt, and how many
+    leading blocks are public (services/cache/keys.py)."""
+
+    root: bytes
+    salt: bytes
+    public_blocks: int = 0
 
 
 @dataclass
@@ -47,7 +62,7 @@ class _Active:
 class EngineCore:
     def __init__(self, model: LlamaModel, kv: KVCache, decode: Callable[[Seq[int]], str],
                  eos_token_ids: frozenset[int], max_running: int, token_budget: int, max_context: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, tier: KvTier | None = None) -> None:
         self.model = model
         self.kv = kv
         self.decode = decode
@@ -55,8 +70,11 @@ class EngineCore:
         self.max_context = max_context
         self.blocks = BlockManager(kv.num_blocks, kv.block_size)
         self.scheduler = Scheduler(self.blocks, max_running, token_budget)
+        self.scheduler.install_remote = self._install_remote
+        self.tier = tier
         self.clock = clock
         self._active: dict[str, _Active] = {}
+        self._pinned: dict[int, int] = {}  # pool block -> references the tier's writer holds
         self._arrivals = 0
         # observability
         self.num_steps = 0
@@ -73,7 +91,9 @@ class EngineCore:
         seq = Sequence(
             seq_id=self._arrivals, token_ids=list(req.prompt_ids) + list(req.resume_ids),
             num_prompt_tokens=len(req.prompt_ids), max_tokens=p.max_tokens, priority=int(req.priority),
-            arrival=self._arrivals, deadline=req.deadline, timeline=req.timeline)
+            arrival=self._arrivals, deadline=req.deadline, timeline=req.timeline, remote=req.remote)
+        if req.cache is not None:
+            seq.hash_root, seq.cache_salt, seq.public_blocks = req.cache.root, req.cache.salt, req.cache.public_blocks
         row = SamplingRow(p.temperature, p.top_k, p.top_p, make_generator(p.seed), p.logprobs)
         detok = IncrementalDetokenizer(self.decode, seq.token_ids, p.stop)
         self._active[req.request_id] = _Active(req, seq, row, detok, self.eos_token_ids | frozenset(p.stop_token_ids))
@@ -111,6 +131,8 @@ class EngineCore:
     # ---- the loop ------------------------------------------------------------------------------
     def step(self) -> list[tuple[str, GenerationChunk]]:
         """Run one engine iteration; return the chunks it produced, keyed by request id."""
+        if self.tier is not None:
+            self._unpin(self.tier.drain_released())
         outputs = self._expire_deadlines()
         if not self.scheduler.has_work():
             return outputs
@@ -130,7 +152,10 @@ class EngineCore:
                 rid = by_seq[seq]
                 outputs.append((rid, self._finish(rid, self._active[rid], FinishReason.ERROR, "")))
             return outputs
+        committed = {seq: seq.num_committed_blocks for seq, _ in sched.scheduled} if self.tier is not None else {}
         self.scheduler.update_after_step(sched)
+        if committed:
+            self._offer_to_tier(committed)
         self.num_steps += 1
         self.max_batch_seqs = max(self.max_batch_seqs, len(sched.scheduled))
         if batch.logits_owner:
@@ -170,6 +195,52 @@ class EngineCore:
         expired = [(rid, a) for rid, a in self._active.items()
                    if a.req.deadline is not None and now >= a.req.deadline]
         return [(rid, self._finish(rid, a, FinishReason.CANCELLED, a.detok.flush())) for rid, a in expired]
+
+    # ---- the shared tier ------------------------------------------------------------------------
+    def _install_remote(self, seq: Sequence, start: int, data: list) -> None:
+        """Copy fetched blocks into the sequence's fresh blocks [start, start + len) and publish them."""
+        for j, (k, v) in enumerate(data):
+            b = seq.block_ids[start + j]
+            self.kv.k[:, b].copy_(k)
+            self.kv.v[:, b].copy_(v)
+        self.blocks.publish(seq.block_ids, seq.full_block_hashes(self.kv.block_size), start, start + len(data))
+
+    def _offer_to_tier(self, committed_before: dict[Sequence, int]) -> None:
+        """Blocks published this step go to the shared tier; the accepted ones stay pinned until copied."""
+        assert self.tier is not None
+        bs = self.kv.block_size
+        refs: list[BlockRef] = []
+        for seq, before in committed_before.items():
+            hashes = seq.block_hashes
+            for i in range(before, seq.num_committed_blocks):
+                b = seq.block_ids[i]
+                if self.blocks.block_hash[b] != hashes[i]:
+                    continue  # another sequence's copy is the cached one; it was offered then
+                salt = PUBLIC_SALT if i < seq.public_blocks else seq.cache_salt
+                refs.append(BlockRef(hashes[i], hashes[i - 1] if i else seq.hash_root, salt,
+                                     tuple(seq.token_ids[i * bs:(i + 1) * bs]), b))
+        accepted = self.tier.offer(refs) if refs else []
+        if accepted:
+            self.blocks.take_hits(r.block for r in accepted)
+            for r in accepted:
+                self._pinned[r.block] = self._pinned.get(r.block, 0) + 1
+
+    def has_unpins(self) -> bool:
+        """Blocks the tier's writer has copied and the pool may reuse (step() unpins them)."""
+        return self.tier is not None and bool(self.tier.released)
+
+    def _unpin(self, block_ids: list[int]) -> None:
+        for b in block_ids:
+            self.blocks.free([b])
+            left = self._pinned.pop(b, 1) - 1
+            if left > 0:
+                self._pinned[b] = left
+
+    def kv_blocks_in_use(self) -> int:
+        """Blocks sequences hold: the pool's used blocks less those only the tier's writer pins
+        (a copy in flight is not KV pressure; routers read this). Safe from any thread."""
+        pinned_only = sum(1 for b, n in list(self._pinned.items()) if self.blocks.ref_counts[b] <= n)
+        return max(0, self.blocks.num_used - pinned_only)
 
     # ---- stats ---------------------------------------------------------------------------------
     def _count_tokens(self, n: int) -> None:

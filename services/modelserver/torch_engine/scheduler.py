@@ -18,6 +18,7 @@ never be a long batch prefill.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .block_manager import BlockManager
@@ -50,6 +51,9 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by sort_key
         self.running: list[Sequence] = []  # sorted by sort_key; the last one is the preemption victim
         self.num_preemptions = 0
+        #: Copies blocks fetched from the shared tier into a newly admitted sequence's blocks
+        #: (seq, first block index, [(k, v)]) and publishes them; set by the engine core.
+        self.install_remote: Callable[[Sequence, int, list], None] | None = None
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -118,8 +122,10 @@ class Scheduler:
                 break
             hashes = seq.full_block_hashes(self.block_size)
             # keep at least one token to compute: its logits produce the next token
-            hits = self.blocks.match_prefix(hashes[: (seq.num_tokens - 1) // self.block_size])
-            num_cached = len(hits) * self.block_size
+            limit = (seq.num_tokens - 1) // self.block_size
+            hits = self.blocks.match_prefix(hashes[:limit])
+            remote = _remote_after(seq, len(hits), limit)
+            num_cached = (len(hits) + len(remote)) * self.block_size
             n = min(seq.num_tokens - num_cached, budget)
             prompt = self._background_prompt(seq, n)
             if prompt:
@@ -132,22 +138,30 @@ class Scheduler:
                     preempt_last()
                     continue
                 break
-            seq.block_ids = self.blocks.take_hits(hits) + self.blocks.allocate(need)
-            seq.num_computed = num_cached
-            seq.num_committed_blocks = len(hits)
-            if seq.num_cached_tokens < 0:  # first admission: the hit the client benefits from
-                seq.num_cached_tokens = num_cached
-                self.blocks.record_lookup(seq.num_tokens, num_cached)
-                if seq.timeline is not None:
-                    seq.timeline.scheduled()
+            self._admit(seq, hits, remote, need)
             waiting.pop(0)
-            self.waiting.remove(seq)
-            seq.status = SeqStatus.RUNNING
-            bisect.insort(self.running, seq, key=lambda s: s.sort_key)
             scheduled[seq] = n
             budget -= n
             background_left -= n if prompt else 0
         return SchedulerOutput(scheduled=list(scheduled.items()), preempted=preempted)
+
+    def _admit(self, seq: Sequence, hits: list[int], remote: list, need: int) -> None:
+        """Give a waiting sequence its blocks (local hits, then fresh ones with the fetched shared
+        blocks installed) and move it to running."""
+        seq.block_ids = self.blocks.take_hits(hits) + self.blocks.allocate(need)
+        if remote and self.install_remote is not None:
+            self.install_remote(seq, len(hits), remote)
+        seq.remote = None
+        seq.num_computed = (len(hits) + len(remote)) * self.block_size
+        seq.num_committed_blocks = len(hits) + len(remote)
+        if seq.num_cached_tokens < 0:  # first admission: the hit the client benefits from
+            seq.num_cached_tokens = seq.num_computed
+            self.blocks.record_lookup(seq.num_tokens, len(hits) * self.block_size)
+            if seq.timeline is not None:
+                seq.timeline.scheduled()
+        self.waiting.remove(seq)
+        seq.status = SeqStatus.RUNNING
+        bisect.insort(self.running, seq, key=lambda s: s.sort_key)
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Advance computed counts and publish newly completed blocks to the prefix cache.
@@ -194,3 +208,13 @@ class Scheduler:
             self.blocks.free(seq.block_ids)
         seq.block_ids = []
         seq.num_committed_blocks = 0
+
+
+def _remote_after(seq: Sequence, num_hits: int, limit: int) -> list:
+    """Fetched blocks that continue the local hit without a gap (local hits win where both have one)."""
+    if seq.remote is None:
+        return []
+    start, data = seq.remote
+    if start > num_hits:
+        return []  # local blocks before them were evicted since the fetch: recompute
+    return data[num_hits - start: max(0, limit - start)]

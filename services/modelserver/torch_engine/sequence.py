@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from services.cache.keys import PUBLIC_SALT
+
 from ..engine.base import Timeline
 from .block_manager import hash_block
 
@@ -33,6 +35,13 @@ class Sequence:
     num_preemptions: int = 0
     paused: bool = False  # its consumer stopped reading: not scheduled, blocks kept (backpressure)
     timeline: Timeline | None = None  # marked at first admission, for tracing
+    #: Cache keys: the chain starts at the model's namespace; blocks take the tenant's salt, the
+    #: first `public_blocks` the public one (an opted-in shared system prompt).
+    hash_root: bytes = b""
+    cache_salt: bytes = b""
+    public_blocks: int = 0
+    #: Blocks fetched from the shared tier before admission: (first block index, [(k, v)]).
+    remote: tuple[int, list] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -51,6 +60,7 @@ class Sequence:
         """Hash chain over every full block of token_ids, extended incrementally."""
         n_full = len(self.token_ids) // block_size
         for i in range(len(self.block_hashes), n_full):
-            parent = self.block_hashes[i - 1] if i else None
-            self.block_hashes.append(hash_block(parent, self.token_ids[i * block_size:(i + 1) * block_size]))
+            parent = self.block_hashes[i - 1] if i else self.hash_root
+            salt = PUBLIC_SALT if i < self.public_blocks else self.cache_salt
+            self.block_hashes.append(hash_block(parent, self.token_ids[i * block_size:(i + 1) * block_size], salt))
         return self.block_hashes

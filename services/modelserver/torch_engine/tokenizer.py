@@ -59,13 +59,14 @@ class Tokenizer:
         """Plain prompt: the tokenizer's own special-token policy (BOS where the model expects it)."""
         return list(self._tok(text)["input_ids"])
 
-    def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+    def encode_chat(self, messages: Sequence[tuple[str, str]], add_generation_prompt: bool = True) -> list[int]:
         """Render the chat template with the assistant turn opened, then tokenize the rendered text
         as-is (the template already placed every special token)."""
         if not self.has_chat_template:
             raise ValueError("this model has no chat template; send a plain prompt")
         text = self._tok.apply_chat_template(
-            [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=True)
+            [{"role": r, "content": c} for r, c in messages], tokenize=False,
+            add_generation_prompt=add_generation_prompt)
         return list(self._tok(text, add_special_tokens=False)["input_ids"])
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -32,6 +32,7 @@ from ..engine.base import (
 )
 from .api import TrtApi, field_names, import_api
 from .config import TrtllmConfig, llm_kwargs
+from .kv_bridge import TrtKvCache
 from .kv_events import KvEventFeed, Subscription, poll_events
 from .mapping import cached_tokens, finish_reason, request_kwargs, sampling_kwargs
 from .stats import StatsCache, poll_stats
@@ -60,6 +61,7 @@ class TensorRTLLMEngine(Engine):
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self._stats = StatsCache(self.config.max_running, self.config.stats_stale_s)
         self._events = KvEventFeed()
+        self.cache: TrtKvCache | None = None
         self._tasks: list[asyncio.Task] = []
         #: streams where TensorRT-LLM took back text or ids already sent (logged; expected 0).
         self.inconsistent_streams = 0
@@ -83,6 +85,9 @@ class TensorRTLLMEngine(Engine):
         if self.config.kv_event_buffer and hasattr(llm, "get_kv_cache_events_async"):
             self._tasks.append(asyncio.create_task(
                 poll_events(lambda: llm.get_kv_cache_events_async(timeout), self._events)))
+            # the same KvEvents path as the torch engine (load stream -> routers' index)
+            self.cache = TrtKvCache(self.model_path, self.config.block_size, getattr(llm, "tokenizer", None))
+            self.cache.follow(self._events.subscribe())
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -93,6 +98,9 @@ class TensorRTLLMEngine(Engine):
                 await t
         llm, self._llm = self._llm, None
         self._events.publish("reset")
+        if self.cache is not None:
+            await self.cache.close()
+            self.cache = None
         if llm is not None:
             await asyncio.to_thread(llm.shutdown)
 

@@ -101,7 +101,7 @@ class KServeServicer(kserve_pb2_grpc.GRPCInferenceServiceServicer):
         caller = self._access.admit(context, request.model_name)
         self._require_model(request.model_name)
         call = mapping.to_generate(request)
-        return call, validate_request(call.generate), caller
+        return call, self._access.bind_tenant(caller, validate_request(call.generate)), caller
 
     async def ModelInfer(self, request: kserve_pb2.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> kserve_pb2.ModelInferResponse:

@@ -1,6 +1,8 @@
 """The policies a router can run (`--policy`), built from the stages.
 
-meshserve   candidates -> locality -> affinity (with a session) -> prefix/load score
+meshserve   candidates -> locality -> affinity (with a session) -> prefix/load score; the prefix is
+            scored on KV events where replicas publish them, else on the text guess
+meshserve_text  the same, always on the text guess (a baseline for the cache benchmark)
 least_load  candidates -> fewest requests in flight, random among ties (a baseline)
 round_robin candidates -> the next server in turn (a baseline)
 
@@ -11,12 +13,14 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
-from . import affinity, candidates, locality, scoring
+from . import affinity, candidates, locality, precise, scoring
+from .kv_index import KvIndex
 from .prefix import PrefixIndex
+from .tokens import TokenizerCache
 from .types import Endpoint, RouteRequest, Settings
 
 E = TypeVar("E", bound=Endpoint)
@@ -46,12 +50,22 @@ class Policy:
     def forget(self, replica_id: str) -> None:
         """Called when a replica left (its server, or the model on it)."""
 
+    def kv_events(self, replica_id: str, msg: Any,
+                  fetch_tokenizer: Callable[[], Awaitable[Any]]) -> bool:
+        """A replica's KV events (load stream); False asks for a snapshot (events were missed)."""
+        return True
+
 
 @dataclass
 class MeshServePolicy(Policy):
     index: PrefixIndex = field(default_factory=PrefixIndex)
     weights: scoring.Weights = field(default_factory=scoring.Weights)
     rng: random.Random = field(default_factory=random.Random)
+    #: What replicas really cache (KV events) and the tokenizers to key requests with.
+    kv: KvIndex = field(default_factory=KvIndex)
+    tokenizers: TokenizerCache = field(default_factory=TokenizerCache)
+    #: False: score by the text guess even where events exist (the benchmark's baseline).
+    use_events: bool = True
     name = "meshserve"
     uses_text = True
 
@@ -64,7 +78,8 @@ class MeshServePolicy(Policy):
         if chosen is not None:
             reason = "affinity"
         else:
-            chosen, reason = scoring.choose(tier, req, self.index, self.weights, self.rng)
+            found = precise.cached_tokens(tier, req, self.kv, self.tokenizers) if self.use_events else None
+            chosen, reason = scoring.choose(tier, req, self.index, self.weights, self.rng, found)
         return Pick(chosen, "spill" if spilled else reason)
 
     def sent(self, replica_id: str, req: RouteRequest) -> None:
@@ -74,6 +89,13 @@ class MeshServePolicy(Policy):
 
     def forget(self, replica_id: str) -> None:
         self.index.forget(replica_id)
+        self.kv.forget(replica_id)
+
+    def kv_events(self, replica_id, msg, fetch_tokenizer):
+        ok = self.kv.apply(replica_id, msg)
+        if msg.info.tokenizer_digest:
+            self.tokenizers.ensure(msg.info.tokenizer_digest, fetch_tokenizer)
+        return ok
 
 
 @dataclass
@@ -102,8 +124,13 @@ class RoundRobinPolicy(Policy):
         return Pick(usable[next(self.counter) % len(usable)], "round_robin")
 
 
+def _text_guess() -> Policy:
+    return MeshServePolicy(use_events=False)
+
+
 POLICIES: dict[str, Callable[[], Policy]] = {
     "meshserve": MeshServePolicy,
+    "meshserve_text": _text_guess,
     "least_load": LeastLoadPolicy,
     "round_robin": RoundRobinPolicy,
 }

@@ -2,8 +2,9 @@
 
 The router has no tokenizer, so it approximates an engine's token blocks with fixed-size blocks
 of the rendered prompt's characters (64 characters, about 16 tokens of English, about one KV
-block) and hashes them as a chain: block i's hash covers blocks 0..i, so a
-match means the whole prefix up to that block is the same, as in the engine's own cache.
+block) and hashes them as a chain: block i's hash covers blocks 0..i (blake2b: the same in every
+router process, where Python's hash() is seeded per process), so a match means the whole prefix
+up to that block is the same, as in the engine's own cache.
 Chat requests are rendered as role and content per message with separators, so a conversation's
 next turn extends the previous turn's rendering.
 
@@ -16,6 +17,7 @@ traffic flows.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
@@ -44,10 +46,11 @@ def render(prompt: str, messages: Sequence[ChatMessage]) -> str:
 def block_hashes(text: str, block_chars: int = DEFAULT_BLOCK_CHARS) -> list[int]:
     """Chained hashes of the full blocks (a partial last block is never cached by engines)."""
     out: list[int] = []
-    h = 0
+    h = b""
     for start in range(0, len(text) - block_chars + 1, block_chars):
-        h = hash((h, text[start:start + block_chars]))
-        out.append(h)
+        h = hashlib.blake2b(h + text[start:start + block_chars].encode("utf-8", "surrogatepass"),
+                            digest_size=8).digest()
+        out.append(int.from_bytes(h, "little"))
     return out
 
 

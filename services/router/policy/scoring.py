@@ -47,14 +47,26 @@ def two_choices(tier: Sequence[E], w: Weights, rng: random.Random) -> E:
     return a if ca < cb else b
 
 
+#: Prompt tokens per cost unit: the text guess's 64-character blocks are about 16 tokens, so
+#: precise (token) matches are scored on the same scale as the load weights.
+TOKENS_PER_UNIT = 16.0
+
+
 def choose(tier: Sequence[E], req: RouteRequest, index: PrefixIndex, w: Weights,
-           rng: random.Random) -> tuple[E, str]:
-    """(endpoint, reason): reason is "prefix" when cached blocks decided, else "load"."""
-    hashes = req.block_hashes(index.block_chars)
-    matched = {e.replica_id: index.match(e.replica_id, hashes) for e in tier} if hashes else {}
+           rng: random.Random, precise: tuple[dict[str, float], int] | None = None) -> tuple[E, str]:
+    """(endpoint, reason): reason is "prefix" when cached blocks decided, else "load".
+
+    `precise` - tokens each replica really has cached and the prompt's tokens (KV events) -
+    replaces the text guess when given."""
+    if precise is not None:
+        matched, total = {k: v / TOKENS_PER_UNIT for k, v in precise[0].items()}, precise[1] / TOKENS_PER_UNIT
+    else:
+        hashes = req.block_hashes(index.block_chars)
+        matched = {e.replica_id: float(index.match(e.replica_id, hashes)) for e in tier} if hashes else {}
+        total = float(len(hashes))
     if not any(matched.values()):
         return two_choices(tier, w, rng), "load"
-    costs = [(len(hashes) - matched[e.replica_id] + load_cost(e, w), e) for e in tier]
+    costs = [(total - matched[e.replica_id] + load_cost(e, w), e) for e in tier]
     best = min(c for c, _ in costs)
     top = [e for c, e in costs if c - best < 1e-9]
     chosen = top[0] if len(top) == 1 else two_choices(top, w, rng)

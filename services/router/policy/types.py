@@ -3,8 +3,9 @@ policy settings (from the RoutingPolicy record in etcd, with documented defaults
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from services.common.routing_defaults import (
     DEFAULT_AFFINITY_LOAD_BOUND,
@@ -95,6 +96,13 @@ class RouteRequest:
     session: str = ""
     text: str = ""  # the rendered prompt (prefix.render), hashed lazily
     _hashes: list[int] | None = field(default=None, repr=False)
+    # For scoring on KV events (policy/precise.py): what the engine tokenizes and keys with.
+    prompt: str = ""
+    messages: Sequence[Any] = ()
+    tenant: str = ""
+    share_system_prompt: bool = False
+    token_memo: dict[str, Any] = field(default_factory=dict, repr=False)
+    kv_keys: dict[bytes, list[bytes]] = field(default_factory=dict, repr=False)
 
     def block_hashes(self, block_chars: int) -> list[int]:
         if self._hashes is None:

@@ -1,0 +1,1 @@
+"""`make bench-cache`: the shared cache's figures (issue 14) on the torch engine."""

@@ -1,0 +1,100 @@
+"""The stored form of one KV block, versioned, and its check on the way back.
+
+    magic "MSKV" | version u16 | dtype u8 | layout u8 | block_size u16 | layers u16 | kv_heads u16 |
+    head_dim u16 | key 32 B | parent 32 B | token ids (block_size x u32 LE) | K bytes | V bytes
+
+K is [layers, kv_heads, head_dim, block_size] and V [layers, kv_heads, block_size, head_dim]: one
+block's slice of the engine's head-major pool, copied as is. A block read back is used only if
+every field matches what the reader expects - version, dtype, layout, shapes, its own key, its
+parent's key and the very token ids of the request - so a hash collision, a foreign writer or a
+torn value can cost a recompute, never wrong KV.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .keys import KEY_BYTES, token_bytes
+
+MAGIC = b"MSKV"
+VERSION = 1
+LAYOUT_HEAD_MAJOR = 1
+_DTYPES: dict[torch.dtype, int] = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+_HEADER = struct.Struct(f"<4sHBBHHHH{KEY_BYTES}s{KEY_BYTES}s")
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """What a block of one engine looks like; writer and reader must agree on all of it."""
+
+    dtype: torch.dtype
+    block_size: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def elements(self) -> int:
+        """Elements of K (and of V) in one block."""
+        return self.layers * self.kv_heads * self.head_dim * self.block_size
+
+    @property
+    def k_shape(self) -> tuple[int, int, int, int]:
+        return (self.layers, self.kv_heads, self.head_dim, self.block_size)
+
+    @property
+    def v_shape(self) -> tuple[int, int, int, int]:
+        return (self.layers, self.kv_heads, self.block_size, self.head_dim)
+
+    def nbytes(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return _HEADER.size + 4 * self.block_size + 2 * self.elements * elem
+
+
+class BlockMismatch(ValueError):
+    """A stored value is not the block asked for (another version, shape, key or tokens)."""
+
+
+def encode(shape: BlockShape, key: bytes, parent: bytes, tokens: Sequence[int], k: torch.Tensor,
+           v: torch.Tensor) -> bytearray:
+    """One block's bytes; K and V (views into the pool are fine) are copied once, straight into
+    the value (on a 2-core server every copy of 3 MiB competes with the step loop)."""
+    if len(tokens) != shape.block_size or tuple(k.shape) != shape.k_shape or tuple(v.shape) != shape.v_shape:
+        raise ValueError("block does not have the declared shape")
+    out = bytearray(shape.nbytes())
+    _HEADER.pack_into(out, 0, MAGIC, VERSION, _DTYPES[shape.dtype], LAYOUT_HEAD_MAJOR, shape.block_size,
+                      shape.layers, shape.kv_heads, shape.head_dim, key, parent)
+    tok_end = _HEADER.size + 4 * shape.block_size
+    out[_HEADER.size:tok_end] = token_bytes(tokens)
+    torch.frombuffer(out, dtype=shape.dtype, count=shape.elements, offset=tok_end).view(shape.k_shape).copy_(k)
+    torch.frombuffer(out, dtype=shape.dtype, count=shape.elements,
+                     offset=tok_end + shape.elements * k.element_size()).view(shape.v_shape).copy_(v)
+    return out
+
+
+def decode(shape: BlockShape, data: bytes | bytearray, key: bytes, parent: bytes,
+           tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the block, or BlockMismatch saying which field differs."""
+    if len(data) != shape.nbytes():
+        raise BlockMismatch(f"size {len(data)} != {shape.nbytes()}")
+    magic, version, dtype, layout, bs, layers, kvh, hd, got_key, got_parent = _HEADER.unpack_from(data)
+    if magic != MAGIC or version != VERSION:
+        raise BlockMismatch(f"format {magic!r} v{version}, this reader knows v{VERSION}")
+    if (dtype, layout, bs, layers, kvh, hd) != (_DTYPES[shape.dtype], LAYOUT_HEAD_MAJOR, shape.block_size,
+                                                shape.layers, shape.kv_heads, shape.head_dim):
+        raise BlockMismatch("dtype, layout or shape differs")
+    if got_key != key or got_parent != parent:
+        raise BlockMismatch("key or parent key differs")
+    off = _HEADER.size
+    tok_end = off + 4 * shape.block_size
+    if data[off:tok_end] != token_bytes(tokens):
+        raise BlockMismatch("token ids differ (hash collision or foreign writer)")
+    buf = bytearray(data[tok_end:])  # writable: the tensors are copied into the pool from it
+    k = torch.frombuffer(buf, dtype=shape.dtype, count=shape.elements).view(shape.k_shape)
+    v = torch.frombuffer(buf, dtype=shape.dtype, count=shape.elements,
+                         offset=shape.elements * k.element_size()).view(shape.v_shape)
+    return k, v
