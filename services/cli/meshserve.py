@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Awaitable, Callable
 
+from services.cli import serve_args
 from services.common.lifecycle import default_id, install_stop_signals, parse_option
 from services.common.logging_setup import setup_logging
 
@@ -183,173 +184,34 @@ def cmd_up(args: argparse.Namespace) -> int:
     return up(args)
 
 
-def _common(p: argparse.ArgumentParser, listen: str) -> None:
-    from services.common import tls
-
-    tls.add_arguments(p)
-    p.add_argument("--id", default="", help="replica id (default: kind-host-pid)")
-    p.add_argument("--listen", default=listen, help="host:port to serve gRPC on")
-    p.add_argument("--advertise", default="", help="address others dial (default: --listen)")
-    p.add_argument("--region", default="local")
-    p.add_argument("--etcd", default="127.0.0.1:2379", help="etcd endpoints, comma-separated")
-    p.add_argument("--metrics", default="127.0.0.1:0",
-                   help="host:port for Prometheus /metrics ('' disables; port 0 picks one)")
-    p.add_argument("--lease-ttl", type=int, default=10, help="etcd lease TTL in seconds")
-    p.add_argument("--otlp-traces-endpoint", default="", metavar="URL",
-                   help="export OpenTelemetry spans to this OTLP/gRPC collector, e.g. "
-                        "http://otel-collector:4317 ('' = tracing off, the default; OTEL_TRACES_SAMPLER "
-                        "and OTEL_BSP_* variables apply)")
+Adder = Callable[[argparse.ArgumentParser], None]
 
 
-def _jetstream(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--jetstream", default="", metavar="HOST:PORT,...", help=what)
-    p.add_argument("--jetstream-replicas", type=int, default=1,
-                   help="copies of each stream and bucket when they are created (3 on a 3-node cluster)")
+def _commands() -> list[tuple[str, str, Adder, Callable[[argparse.Namespace], int]]]:
+    """Each subcommand: name, help, its flags (serve_args.py) and what runs it."""
+    from services.cli import edge
+
+    return [
+        ("modelserver", "run a model server", serve_args.modelserver, cmd_modelserver),
+        ("router", "run a router", serve_args.router, cmd_router),
+        ("jobworker", "run a job worker: jobs and batch lines on spare capacity", serve_args.jobworker,
+         cmd_jobworker),
+        ("controlplane", "run a control-plane replica", serve_args.controlplane, cmd_controlplane),
+        ("openai-gateway", "run the OpenAI-compatible HTTP API (a client of InferenceService)",
+         serve_args.openai_gateway, cmd_openai_gateway),
+        ("envoy-config", "print the rendered Envoy config", serve_args.envoy_config, cmd_envoy_config),
+        ("edge", "render the Envoy config and run Envoy (the edge container)", serve_args.edge, edge.run),
+        ("up", "start the local mesh: etcd, Envoy, control plane, router, servers", serve_args.up, cmd_up),
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="meshserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("modelserver", help="run a model server")
-    _common(p, "127.0.0.1:7001")
-    p.add_argument("--zone", default="local-a")
-    p.add_argument("--model", action="append", default=[],
-                   help="pin NAME=BACKEND[:SOURCE] on this server, e.g. smollm2=torch:embedded or "
-                        "echo=sim (repeatable; SOURCE may be any path on this host); placements "
-                        "from the control plane add more")
-    p.add_argument("--engine-option", action="append", default=[],
-                   help="engine option key=value for pinned models, and the default for placed "
-                        "ones whose backend knows it (e.g. threads=2, tokens_per_second=50); "
-                        "`meshctl model options` lists them")
-    p.add_argument("--model-dir", action="append", default=[], metavar="DIR",
-                   help="directory that deployed model sources are relative to (repeatable, "
-                        "searched in order); deployments cannot name host paths")
-    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
-                   help="label shown by `meshctl servers` and filtered on by `meshctl servers "
-                        "--label` (repeatable)")
-    p.add_argument("--memory-bytes", type=int, default=0,
-                   help="memory budget for placed models (0 = unlimited)")
-    p.add_argument("--cache-store", default="", metavar="URL",
-                   help="shared cache store (redis://HOST:PORT/DB): KV blocks and deterministic answers "
-                        "shared by every server; $MESHSERVE_CACHE_SECRET salts tenants' keys (the same "
-                        "on every server and router)")
-    p.add_argument("--idle-unload-s", type=float, default=300.0,
-                   help="unload a released model after this long idle")
-    p.add_argument("--failure-backoff-s", type=float, default=60.0,
-                   help="keep a failed load reported this long so it is not retried here at once")
-    p.add_argument("--slow-consumer-timeout", type=float, default=60.0,
-                   help="cancel a generation whose caller read nothing for this many seconds")
-    p.set_defaults(func=cmd_modelserver)
-
-    p = sub.add_parser("router", help="run a router")
-    _common(p, "127.0.0.1:8001")
-    p.add_argument("--authz-listen", default="", metavar="HOST:PORT",
-                   help="serve Envoy's ext_authz API-key check here (HTTP; mTLS with --tls-dir); "
-                        "'' = none")
-    p.add_argument("--zone", default="", help="the router's zone (requests prefer servers there)")
-    p.add_argument("--policy", default="meshserve",
-                   choices=["meshserve", "least_load", "round_robin", "meshserve_text"],
-                   help="how to pick a server: meshserve (locality, session affinity, prefix "
-                        "cache - on KV events where servers publish them - and load), or the "
-                        "baselines least_load / round_robin / meshserve_text (prefix by the text guess)")
-    p.add_argument("--model-policy", action="append", default=[], metavar="MODEL=POLICY",
-                   help="a different policy for one model (repeatable)")
-    p.add_argument("--max-attempts", type=int, default=3,
-                   help="attempts before the first token, on different servers")
-    p.add_argument("--max-migrations", type=int, default=3,
-                   help="times one stream may move to another server mid-answer")
-    p.add_argument("--first-token-timeout", type=float, default=60.0,
-                   help="seconds an attempt may wait for its first token before another server "
-                        "is tried")
-    p.add_argument("--stall-timeout", type=float, default=30.0,
-                   help="seconds a stream may go silent between tokens before it migrates")
-    p.add_argument("--hang-timeout", type=float, default=3.0,
-                   help="seconds without a load report (servers send one at least every second) after "
-                        "which a server counts as hung: its streams move elsewhere at once")
-    p.add_argument("--slow-consumer-timeout", type=float, default=60.0,
-                   help="cancel a stream whose client read nothing for this many seconds")
-    p.add_argument("--shed-utilization", type=float, default=1.0,
-                   help="(running + queued) / max_running at which a server counts as saturated "
-                        "for shedding and queueing")
-    p.add_argument("--queue-size", type=int, default=256,
-                   help="STANDARD requests that may wait for room when every server is saturated")
-    p.add_argument("--queue-timeout", type=float, default=30.0,
-                   help="seconds a queued request without a deadline waits")
-    p.add_argument("--activation-timeout", type=float, default=120.0,
-                   help="seconds a request without a deadline waits for the first replica of a "
-                        "model scaled to zero")
-    p.add_argument("--retry-budget-ratio", type=float, default=0.2,
-                   help="retries + migrations allowed per request over a 10 s window")
-    p.add_argument("--retry-budget-floor", type=int, default=10,
-                   help="retries allowed per 10 s window regardless of traffic")
-    _jetstream(p, "serve JobService (jobs and batches) from these JetStream servers (empty: not served)")
-    p.set_defaults(func=cmd_router)
-
-    p = sub.add_parser("jobworker", help="run a job worker: jobs and batch lines on spare capacity")
-    _common(p, "127.0.0.1:0")
-    _jetstream(p, "the JetStream servers holding jobs and batches (required)")
-    p.add_argument("--fill", type=float, default=0.5,
-                   help="background work fills a replica only up to this share of its running capacity")
-    p.add_argument("--max-in-flight", type=int, default=64, help="generations in flight in this worker")
-    p.add_argument("--ack-wait", type=float, default=30.0,
-                   help="seconds a silent worker keeps a job before it is delivered to another")
-    p.add_argument("--max-deliver", type=int, default=5,
-                   help="deliveries of one job before it goes to the dead letter (fails)")
-    p.set_defaults(func=cmd_jobworker)
-
-    p = sub.add_parser("controlplane", help="run a control-plane replica")
-    _common(p, "127.0.0.1:9001")
-    p.add_argument("--election-ttl", type=int, default=5,
-                   help="leader lease TTL in seconds (failover takes about this long)")
-    p.add_argument("--health-interval", type=float, default=1.0, help="seconds between checks")
-    p.add_argument("--probe-interval", type=float, default=5.0,
-                   help="seconds between one-token generation probes per server")
-    p.add_argument("--health-timeout", type=float, default=1.0, help="deadline of a health check")
-    p.add_argument("--probe-timeout", type=float, default=5.0, help="deadline of a probe")
-    p.add_argument("--unhealthy-after", type=int, default=3, help="failed rounds to NOT_SERVING")
-    p.add_argument("--healthy-after", type=int, default=2, help="good rounds back to SERVING")
-    p.add_argument("--halt-after-failures", type=int, default=2,
-                   help="stop placing a model once it failed to load on this many distinct "
-                        "servers (0 = never); `meshctl model retry NAME` lifts the halt")
-    p.add_argument("--autoscale-interval", type=float, default=1.0,
-                   help="seconds between the leader's autoscaling decisions (signals are pulled "
-                        "from servers and routers at this pace)")
-    p.set_defaults(func=cmd_controlplane)
-
-    p = sub.add_parser("openai-gateway", help="run the OpenAI-compatible HTTP API (a client of InferenceService)")
-    _common(p, "127.0.0.1:8090")
-    p.add_argument("--http", default="127.0.0.1:8080",
-                   help="host:port of the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models); "
-                        "--listen serves gRPC health and reflection")
-    p.add_argument("--upstream", default="127.0.0.1:8000",
-                   help="InferenceService to call: Envoy's host:port (its health checks, retries and rate "
-                        "limit apply), or routers directly as a gRPC target (ipv4:H1:P1,H2:P2 or "
-                        "dns:///routers:8001, balanced round robin)")
-    p.add_argument("--slow-consumer-timeout", type=float, default=60.0,
-                   help="cancel a streamed answer whose client read nothing for this many seconds")
-    p.set_defaults(func=cmd_openai_gateway)
-
-    p = sub.add_parser("envoy-config", help="print the rendered Envoy config")
-    p.add_argument("--listen", default="0.0.0.0:8080")
-    p.add_argument("--admin", default="127.0.0.1:9901")
-    p.add_argument("--router", action="append", required=True, help="router host:port (repeatable)")
-    p.add_argument("--gateway", action="append", default=[],
-                   help="OpenAI gateway HTTP host:port (repeatable; none: the OpenAI paths answer 503)")
-    p.add_argument("--descriptor", default="")
-    p.add_argument("--cluster-type", default="STATIC", choices=["STATIC", "STRICT_DNS"])
-    p.add_argument("--access-log", default="/dev/stdout")
-    p.set_defaults(func=cmd_envoy_config)
-
-    p = sub.add_parser("edge", help="render the Envoy config and run Envoy (the edge container)")
-    from services.cli import edge
-    edge.add_arguments(p)
-    p.set_defaults(func=edge.run)
-
-    p = sub.add_parser("up", help="start the local mesh: etcd, Envoy, control plane, router, servers")
-    from services.cli.up import add_arguments
-    add_arguments(p)
-    p.set_defaults(func=cmd_up)
+    for name, help_text, add_arguments, func in _commands():
+        p = sub.add_parser(name, help=help_text)
+        add_arguments(p)
+        p.set_defaults(func=func)
     return parser
 
 

@@ -251,20 +251,13 @@ def _pool(mesh: LocalMesh, settings: PoolSettings) -> ServerPool:
         autoscale_pb2.GetCapacityRequest(), timeout=2.0))
 
 
-def up(args: argparse.Namespace) -> int:
-    setup_logging("up")
-    try:
-        models, model_dirs = deploy_sources(args.model or [DEFAULT_MODEL], args.model_dir)
-    except ValueError as exc:
-        print(f"meshserve up: {exc}", file=sys.stderr)
-        return 2
+def _plan(args: argparse.Namespace) -> tuple[MeshPlan, list[str], int, PoolSettings | None]:
+    """The mesh to start, the models to deploy on `count` servers, and the server pool if any;
+    ValueError for flags that do not fit."""
+    models, model_dirs = deploy_sources(args.model or [DEFAULT_MODEL], args.model_dir)
+    pool = _pool_settings(args)
     zones = ["local-a", "local-b"]
     dir_args = [arg for d in model_dirs for arg in ("--model-dir", d)]
-    try:
-        pool = _pool_settings(args)
-    except ValueError as exc:
-        print(f"meshserve up: {exc}", file=sys.stderr)
-        return 2
     count = pool.min_servers if pool else args.servers
     planned = [ServerPlan(f"server-{i}", zone=zones[i % len(zones)], extra_args=dir_args)
                for i in range(pool.max_servers if pool else count)]
@@ -275,6 +268,48 @@ def up(args: argparse.Namespace) -> int:
                     standby_servers=planned[count:], jetstream_nodes=args.jetstream_nodes,
                     job_workers=args.job_workers if args.jetstream_nodes else 0,
                     secure=not args.insecure_dev)
+    return plan, models, count, pool
+
+
+def _watch(mesh: LocalMesh, stop: threading.Event, pool_loop: ServerPool | None) -> None:
+    """Until asked to stop: step the server pool; end when a child exits unexpectedly."""
+    while not stop.is_set():
+        if pool_loop is not None:
+            pool_loop.step()
+        for name, child in mesh.children.items():
+            if not child.alive():
+                log.error("%s exited unexpectedly (code %s); see %s", name,
+                          child.returncode, child.log_path)
+                stop.set()
+                break
+        stop.wait(1.0)
+
+
+def _deploy_and_greet(mesh: LocalMesh, args: argparse.Namespace, models: list[str], count: int) -> bool:
+    """Deploy the models, make the demo API key, print the endpoints (and answer the demo)."""
+    try:
+        _deploy(mesh, models, count, args.engine_option, mesh.plan.load_timeout_s)
+    except (StartError, grpc.RpcError, ValueError) as exc:
+        print(f"meshserve up: deploying {models} failed: {exc}", file=sys.stderr)
+        return False
+    try:
+        api_key = demo_key(mesh)
+    except grpc.RpcError as exc:
+        print(f"meshserve up: making the demo API key failed: {exc}", file=sys.stderr)
+        return False
+    _print_endpoints(mesh, models[0].split("=")[0], api_key)
+    if args.demo:
+        _demo(mesh, models[0].split("=")[0], api_key)
+    return True
+
+
+def up(args: argparse.Namespace) -> int:
+    setup_logging("up")
+    try:
+        plan, models, count, pool = _plan(args)
+    except ValueError as exc:
+        print(f"meshserve up: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -290,30 +325,9 @@ def up(args: argparse.Namespace) -> int:
         print(f"meshserve up: {exc}", file=sys.stderr)
         return 1
     try:
-        try:
-            _deploy(mesh, models, count, args.engine_option, plan.load_timeout_s)
-        except (StartError, grpc.RpcError, ValueError) as exc:
-            print(f"meshserve up: deploying {models} failed: {exc}", file=sys.stderr)
+        if not _deploy_and_greet(mesh, args, models, count):
             return 1
-        try:
-            api_key = demo_key(mesh)
-        except grpc.RpcError as exc:
-            print(f"meshserve up: making the demo API key failed: {exc}", file=sys.stderr)
-            return 1
-        _print_endpoints(mesh, models[0].split("=")[0], api_key)
-        if args.demo:
-            _demo(mesh, models[0].split("=")[0], api_key)
-        pool_loop = _pool(mesh, pool) if pool else None
-        while not stop.is_set():
-            if pool_loop is not None:
-                pool_loop.step()
-            for name, child in mesh.children.items():
-                if not child.alive():
-                    log.error("%s exited unexpectedly (code %s); see %s", name,
-                              child.returncode, child.log_path)
-                    stop.set()
-                    break
-            stop.wait(1.0)
+        _watch(mesh, stop, _pool(mesh, pool) if pool else None)
     finally:
         print("stopping the local mesh ...", flush=True)
         mesh.stop()

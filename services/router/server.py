@@ -56,6 +56,29 @@ class RouterConfig:
     jetstream_replicas: int = 1
 
 
+class _EdgeAuth:
+    """Tenants and API keys mirrored from etcd (known before the router reports SERVING) and the
+    ext_authz check Envoy calls."""
+
+    def __init__(self, keys: KeySet, authz_listen: str) -> None:
+        self.keys, self.authz_listen = keys, authz_listen
+        self.parts: list[PrefixMirror | EdgeAuthz] = []
+
+    async def prepare(self, parts: ReplicaParts) -> None:
+        mirror = PrefixMirror(parts.etcd, keyspace.AUTH, self.keys.apply)
+        await mirror.start()
+        self.parts.append(mirror)
+        if self.authz_listen:
+            authz = EdgeAuthz(self.keys, self.authz_listen, grpc_util.current_tls())
+            await authz.start()
+            self.parts.append(authz)
+
+    async def stop(self) -> None:
+        """Before etcd closes (run_replica's drain step), so the mirror's watch ends cleanly."""
+        while self.parts:
+            await self.parts.pop().stop()
+
+
 async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     pools: list[BackendPool] = []
     recorders: list[CanaryRecorder] = []
@@ -68,22 +91,7 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     views: list[MeshView] = []
     quotas = TenantQuotas(keys, routers=lambda: len(views[0].routers) if views else 1)
     access = Access(keys, enforce=grpc_util.current_tls() is not None, quotas=quotas)
-    auth_parts: list[PrefixMirror | EdgeAuthz] = []
-
-    async def prepare(parts: ReplicaParts) -> None:
-        """Tenants and keys are known before the router reports SERVING."""
-        mirror = PrefixMirror(parts.etcd, keyspace.AUTH, keys.apply)
-        await mirror.start()
-        auth_parts.append(mirror)
-        if config.authz_listen:
-            authz = EdgeAuthz(keys, config.authz_listen, grpc_util.current_tls())
-            await authz.start()
-            auth_parts.append(authz)
-
-    async def stop_auth() -> None:
-        """Before etcd closes (run_replica's drain step), so the mirror's watch ends cleanly."""
-        while auth_parts:
-            await auth_parts.pop().stop()
+    edge = _EdgeAuth(keys, config.authz_listen)
 
     def register(parts: ReplicaParts) -> None:
         assert parts.view is not None
@@ -111,11 +119,11 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
                                *([JOBS_SERVICE_NAME] if jobs else [])],
                 register=register, record=record,
                 listen=config.listen, advertise=config.advertise, etcd=config.etcd, metrics=config.metrics,
-                lease_ttl=config.lease_ttl, grace_s=config.shutdown_grace_s, prepare=prepare,
-                drain=stop_auth):
+                lease_ttl=config.lease_ttl, grace_s=config.shutdown_grace_s, prepare=edge.prepare,
+                drain=edge.stop):
             await stop.wait()
     finally:
-        await stop_auth()
+        await edge.stop()
         for recorder in recorders:
             await recorder.close()
         if jobs is not None:

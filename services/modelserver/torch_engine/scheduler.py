@@ -40,6 +40,26 @@ class SchedulerOutput:
         return sum(n for _, n in self.scheduled)
 
 
+#: Outcomes of trying to admit a waiting sequence.
+_ADMITTED, _NO_ROOM, _STOP = "admitted", "no room", "stop"
+
+
+@dataclass
+class _Step:
+    """What one schedule() call has decided so far."""
+
+    budget: int
+    background_left: int  # background prompt tokens this step may still compute
+    scheduled: dict[Sequence, int] = field(default_factory=dict)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def take(self, seq: Sequence, n: int, background_prompt: bool) -> None:
+        self.scheduled[seq] = n
+        self.budget -= n
+        if background_prompt:
+            self.background_left -= n
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, max_running: int, token_budget: int,
                  background_prefill: int = BACKGROUND_PREFILL_TOKENS) -> None:
@@ -72,78 +92,79 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.token_budget
-        scheduled: dict[Sequence, int] = {}
-        preempted: list[Sequence] = []
+        step = _Step(self.token_budget, self.background_prefill)
+        self._schedule_running(step)
+        if not step.preempted:  # blocks were short for running work: admitting more would thrash
+            self._schedule_waiting(step)
+        return SchedulerOutput(scheduled=list(step.scheduled.items()), preempted=step.preempted)
 
-        def preempt_last() -> Sequence:
-            nonlocal budget
-            victim = self.running.pop()
-            self._release(victim)
-            victim.num_computed = 0
-            victim.num_preemptions += 1
-            self.num_preemptions += 1
-            self.add(victim)
-            budget += scheduled.pop(victim, 0)
-            preempted.append(victim)
-            return victim
-
-        i = 0
+    def _schedule_running(self, step: _Step) -> None:
+        """One slice for every running sequence, in priority order, preempting from the back
+        when the KV pool is short."""
         pause_background = self._urgent_prefill()
-        background_left = self.background_prefill
-        while i < len(self.running) and budget > 0:
+        i = 0
+        while i < len(self.running) and step.budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(seq.num_tokens - seq.num_computed, step.budget)
             prompt = self._background_prompt(seq, n)
             if prompt:
-                n = min(n, background_left)  # a small chunk per step
+                n = min(n, step.background_left)  # a small chunk per step
             if seq.paused or n <= 0 or (pause_background and seq.priority >= BACKGROUND):
                 i += 1
                 continue
             if self._grow(seq, n):
-                scheduled[seq] = n
-                budget -= n
-                background_left -= n if prompt else 0
+                step.take(seq, n, prompt)
                 i += 1
-                continue
-            if preempt_last() is seq:
+            elif self._preempt_last(step) is seq:
                 break
-            # a victim behind us freed blocks: retry the same sequence
+            # else a victim behind us freed blocks: retry the same sequence
 
-        # Blocks were short for running work: admitting more now would only thrash.
-        blocks_short = bool(preempted)
+    def _schedule_waiting(self, step: _Step) -> None:
+        """Admit waiting sequences while slots, blocks and budget last; a more important one may
+        preempt the least important running sequence."""
         waiting = [s for s in self.waiting if not s.paused]
-        while not blocks_short and waiting and budget > 0:
+        while waiting and step.budget > 0:
             seq = waiting[0]
-            if len(self.running) >= self.max_running:
-                if self._outranks_last_running(seq):
-                    preempt_last()
-                    continue
+            result = _NO_ROOM if len(self.running) >= self.max_running else self._try_admit(seq, step)
+            if result == _ADMITTED:
+                waiting.pop(0)
+            elif result == _NO_ROOM and self._outranks_last_running(seq):
+                self._preempt_last(step)
+            else:
                 break
-            hashes = seq.full_block_hashes(self.block_size)
-            # keep at least one token to compute: its logits produce the next token
-            limit = (seq.num_tokens - 1) // self.block_size
-            hits = self.blocks.match_prefix(hashes[:limit])
-            remote = _remote_after(seq, len(hits), limit)
-            num_cached = (len(hits) + len(remote)) * self.block_size
-            n = min(seq.num_tokens - num_cached, budget)
-            prompt = self._background_prompt(seq, n)
-            if prompt:
-                if background_left <= 0:
-                    break  # the rest of the queue is background too (it is sorted by priority)
-                n = min(n, background_left)
-            need = self.blocks.blocks_needed(num_cached + n, len(hits))
-            if not self.blocks.can_allocate(need, hits):
-                if self._outranks_last_running(seq):
-                    preempt_last()
-                    continue
-                break
-            self._admit(seq, hits, remote, need)
-            waiting.pop(0)
-            scheduled[seq] = n
-            budget -= n
-            background_left -= n if prompt else 0
-        return SchedulerOutput(scheduled=list(scheduled.items()), preempted=preempted)
+
+    def _try_admit(self, seq: Sequence, step: _Step) -> str:
+        """Admit `seq` with a first chunk that fits the step, after what the local prefix cache
+        and the shared tier hold; or say why not."""
+        # keep at least one token to compute: its logits produce the next token
+        limit = (seq.num_tokens - 1) // self.block_size
+        hits = self.blocks.match_prefix(seq.full_block_hashes(self.block_size)[:limit])
+        remote = _remote_after(seq, len(hits), limit)
+        num_cached = (len(hits) + len(remote)) * self.block_size
+        n = min(seq.num_tokens - num_cached, step.budget)
+        prompt = self._background_prompt(seq, n)
+        if prompt:
+            if step.background_left <= 0:
+                return _STOP  # the rest of the queue is background too (it is sorted by priority)
+            n = min(n, step.background_left)
+        need = self.blocks.blocks_needed(num_cached + n, len(hits))
+        if not self.blocks.can_allocate(need, hits):
+            return _NO_ROOM
+        self._admit(seq, hits, remote, need)
+        step.take(seq, n, prompt)
+        return _ADMITTED
+
+    def _preempt_last(self, step: _Step) -> Sequence:
+        """Preempt the least important, newest running sequence by recompute."""
+        victim = self.running.pop()
+        self._release(victim)
+        victim.num_computed = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self.add(victim)
+        step.budget += step.scheduled.pop(victim, 0)
+        step.preempted.append(victim)
+        return victim
 
     def _admit(self, seq: Sequence, hits: list[int], remote: list, need: int) -> None:
         """Give a waiting sequence its blocks (local hits, then fresh ones with the fetched shared
