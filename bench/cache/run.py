@@ -8,12 +8,10 @@ import argparse
 import asyncio
 import json
 import logging
-import os
-import platform
 import tempfile
-import time
 from pathlib import Path
 
+from ..phases import run_phases
 from . import cross_server, report, routing
 
 PHASES = {"cross_server": cross_server.run, "routing": routing.run}
@@ -21,24 +19,7 @@ OUT = Path(__file__).resolve().parents[1] / "results"
 
 
 async def main(phases: list[str], quick: bool) -> dict:
-    results: dict = {"quick": quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                     "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
-    t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
-        for name in phases:
-            logging.info("phase %s", name)
-            run = {"loadavg_before": [round(x, 2) for x in os.getloadavg()]}
-            try:
-                results[name] = await PHASES[name](Path(tmp) / name, quick)
-            except Exception as exc:  # a failed phase is recorded, the other runs
-                logging.exception("phase %s failed", name)
-                results[name] = {"failed": f"{type(exc).__name__}: {exc}"}
-            run["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-            results[name]["run"] = run
-    results["seconds"] = time.monotonic() - t0
-    results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    return results
+    return await run_phases(PHASES, phases, quick, "bench-cache-")
 
 
 def cli() -> None:

@@ -6,12 +6,10 @@ import argparse
 import asyncio
 import json
 import logging
-import os
-import platform
 import tempfile
-import time
 from pathlib import Path
 
+from ..phases import run_phases
 from . import canary, ensemble, fallback, report
 
 PHASES = {"canary": canary.run, "fallback": fallback.run, "ensemble": ensemble.run}
@@ -19,25 +17,7 @@ OUT = Path(__file__).resolve().parents[1] / "results"
 
 
 async def main(phases: list[str], quick: bool) -> dict:
-    results: dict = {"quick": quick, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-                     "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
-    t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-traffic-") as tmp:
-        for name in phases:
-            logging.info("phase %s", name)
-            run = {"started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                   "loadavg_before": [round(x, 2) for x in os.getloadavg()]}
-            try:
-                results[name] = await PHASES[name](Path(tmp) / name, quick)
-            except Exception as exc:  # a failed phase is recorded, the others run
-                logging.exception("phase %s failed", name)
-                results[name] = {"failed": f"{type(exc).__name__}: {exc}"}
-            run["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-            results[name]["run"] = run
-    results["seconds"] = time.monotonic() - t0
-    results["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
-    return results
+    return await run_phases(PHASES, phases, quick, "bench-traffic-")
 
 
 def cli() -> None:
