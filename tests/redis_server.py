@@ -4,6 +4,7 @@ shared-cache tests; stopped by PID by whoever started it."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import redis
@@ -21,7 +22,9 @@ class RedisServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.proc = subprocess.Popen(self._argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # through exec_child: the server dies with the test process even when that is killed
+        self.proc = subprocess.Popen([sys.executable, "-m", "services.localmesh.exec_child", *self._argv],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         def ready() -> bool:
             try:
