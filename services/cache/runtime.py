@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 
+from services.common import grpc_util
+
 from . import metrics
 from .keys import tenant_salt
 from .store import Store
@@ -27,7 +29,9 @@ def configure(store_url: str = "", secret: str | None = None) -> Store | None:
     global _store, _secret
     if _store is not None:
         _store.close()
-    _store = Store(store_url) if store_url else None
+    # a rediss:// store gets this process's mesh certificate (the store requires one)
+    tls = grpc_util.current_tls() if store_url.startswith("rediss://") else None
+    _store = Store(store_url, tls=tls) if store_url else None
     _secret = (secret if secret is not None else os.environ.get(SECRET_ENV, "")).encode()
     if _store is None:
         metrics.STORE_UP.set(0)

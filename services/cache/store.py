@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from services.common.tls import TlsFiles
+
 from . import metrics
 
 if TYPE_CHECKING:
@@ -27,16 +29,27 @@ T = TypeVar("T")
 _MIN_BACKOFF_S, _MAX_BACKOFF_S = 1.0, 15.0
 
 
+def connect(url: str, timeout_s: float, tls: TlsFiles | None, max_connections: int = 32) -> redis.Redis:
+    """A client for `url`; with `tls` (a rediss:// store) it presents that certificate and trusts
+    only the mesh CA. Imported here: redis-py imports opentelemetry when it can, which a process
+    without a store (and without tracing) must not pay for (tests/unit/test_tracing_hooks.py)."""
+    import redis
+
+    extra: dict[str, Any] = {}
+    if tls is not None:
+        extra = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key), "ssl_ca_certs": str(tls.ca),
+                 "ssl_cert_reqs": "required"}
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                max_connections=max_connections, **extra)
+
+
 class Store:
-    def __init__(self, url: str, timeout_s: float = 1.0) -> None:
-        # imported here: redis-py imports opentelemetry when it can, which a process without a
-        # store (and without tracing) must not pay for (tests/unit/test_tracing_hooks.py)
+    def __init__(self, url: str, timeout_s: float = 1.0, tls: TlsFiles | None = None) -> None:
         import redis
 
         self._errors = redis.exceptions
         self.url = url
-        self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                            max_connections=32)
+        self._client = connect(url, timeout_s, tls)
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._backoff = _MIN_BACKOFF_S

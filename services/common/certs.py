@@ -29,7 +29,7 @@ CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 #: Component kinds a certificate can be issued for (the path segment of the SPIFFE id).
 KINDS = ("etcd", "controlplane", "router", "server", "gateway", "jobworker", "envoy", "operator",
-         "client")
+         "client", "store")
 DEFAULT_DAYS = 365
 #: A certificate closer than this to its end is issued again by `ensure`.
 RENEW_BEFORE = datetime.timedelta(days=7)

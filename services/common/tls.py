@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,14 @@ class TlsFiles:
     def stamp(self) -> tuple[float, ...]:
         """Modification times: what changes when a certificate is rotated."""
         return tuple(os.stat(p).st_mtime_ns for p in (self.ca, self.cert, self.key))
+
+
+def client_ssl_context(files: TlsFiles) -> ssl.SSLContext:
+    """For the non-gRPC hops (NATS, Redis): trust only the mesh CA, check the server's name or IP,
+    present this process's certificate. Read now, so a new connection uses a rotated pair."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca))
+    ctx.load_cert_chain(str(files.cert), str(files.key))
+    return ctx
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

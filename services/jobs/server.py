@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 
 from meshserve.v1 import controlplane_pb2 as cp
 
-from services.common import keyspace
+from services.common import grpc_util, keyspace
 from services.common.lifecycle import now_ms
 from services.common.replica import ReplicaParts, run_replica
 from services.router.config import DispatchSettings
@@ -123,7 +123,8 @@ async def run_worker(config: JobWorkerConfig, stop: asyncio.Event) -> None:
                            grace_s=1.0) as parts:
         assert parts.view is not None
         pool = BackendPool(parts.view, hang_timeout_s=settings.hang_timeout_s)
-        store = JobStore(config.store)
+        # the process's certificate, known once meshserve.py configured it: TLS to JetStream
+        store = JobStore(replace(config.store, tls=config.store.tls or grpc_util.current_tls()))
         try:
             dispatcher = Dispatcher(pool, config.worker_id, settings, TrafficTable(parts.view))
             await connect(store, config.worker_id, stop)

@@ -30,6 +30,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from services.common.errors import Unavailable
+from services.common.tls import TlsFiles, client_ssl_context
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,9 @@ class StoreSettings:
     ack_wait_s: float = 30.0
     max_deliver: int = 5
     timeout_s: float = 5.0
+    #: The process's certificate: TLS to JetStream, which requires one from the mesh CA (None:
+    #: plaintext, --insecure-dev).
+    tls: TlsFiles | None = None
 
 
 def work_subject(band: str, token: str) -> str:
@@ -86,9 +90,10 @@ class JobStore:
     async def connect(self, name: str) -> None:
         """Connect (retrying for ever in the background after the first success) and ensure
         every resource exists; safe to run in many processes at once."""
+        tls = client_ssl_context(self.settings.tls) if self.settings.tls else None
         self.nc = await nats.connect(list(self.settings.servers), name=name, max_reconnect_attempts=-1,
                                      reconnect_time_wait=0.5, connect_timeout=2, allow_reconnect=True,
-                                     error_cb=_log_error, disconnected_cb=_log_disconnect)
+                                     error_cb=_log_error, disconnected_cb=_log_disconnect, tls=tls)
         self._js = self.nc.jetstream(timeout=self.settings.timeout_s)
         await self._ensure()
 

@@ -12,6 +12,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from services.common.tls import TlsFiles
+
 
 def redis_binary() -> str:
     """The virtualenv's redis-server (make setup), else one on PATH."""
@@ -24,22 +26,27 @@ def redis_binary() -> str:
     return found
 
 
-def redis_argv(host: str, port: int, data_dir: Path, maxmemory_bytes: int) -> list[str]:
+def redis_argv(host: str, port: int, data_dir: Path, maxmemory_bytes: int,
+               tls: TlsFiles | None = None) -> list[str]:
+    """With `tls`: only a TLS listener (`--port 0`), and a client certificate from the mesh CA."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    return [redis_binary(), "--bind", host, "--port", str(port), "--save", "", "--appendonly", "no",
+    listen = ["--port", str(port)] if tls is None else [
+        "--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls.cert),
+        "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "yes"]
+    return [redis_binary(), "--bind", host, *listen, "--save", "", "--appendonly", "no",
             "--maxmemory", str(maxmemory_bytes), "--maxmemory-policy", "allkeys-lru",
             "--notify-keyspace-events", "Ee",  # servers tell routers which KV blocks LRU evicted
             "--dir", str(data_dir), "--protected-mode", "yes", "--daemonize", "no", "--loglevel", "warning"]
 
 
-def redis_url(address: str) -> str:
-    return f"redis://{address}/0"
+def redis_url(address: str, secure: bool = False) -> str:
+    return f"{'rediss' if secure else 'redis'}://{address}/0"
 
 
-def redis_ready(address: str) -> bool:
-    import redis  # not at import time: redis-py pulls in opentelemetry (see services/cache/store.py)
+def redis_ready(address: str, tls: TlsFiles | None = None) -> bool:
+    from services.cache.store import connect  # not at import time: redis-py pulls in opentelemetry
 
-    client = redis.Redis.from_url(redis_url(address), socket_timeout=1.0, socket_connect_timeout=1.0)
+    client = connect(redis_url(address, tls is not None), 1.0, tls, max_connections=2)
     try:
         return bool(client.ping())
     finally:

@@ -14,6 +14,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.tls import TlsFiles
+
 #: What one message may carry (job records, batch lines, file chunks); see services/jobs/store.py.
 MAX_PAYLOAD = "8MB"
 
@@ -41,9 +43,16 @@ class NatsNode:
         return f"nats://{self.host}:{self.client_port}"
 
 
-def node_config(node: NatsNode, data_dir: Path, peers: list[NatsNode]) -> str:
+def _tls_block(tls: TlsFiles, indent: str) -> list[str]:
+    """mTLS: the node's certificate, the mesh CA, and a client (or route) certificate required."""
+    return [f"{indent}tls {{", f'{indent}  cert_file: "{tls.cert}"', f'{indent}  key_file: "{tls.key}"',
+            f'{indent}  ca_file: "{tls.ca}"', f"{indent}  verify: true", f"{indent}  timeout: 5", f"{indent}}}"]
+
+
+def node_config(node: NatsNode, data_dir: Path, peers: list[NatsNode], tls: TlsFiles | None = None) -> str:
     """nats-server configuration for one node; `peers` is the whole cluster (this node included),
-    a single node runs without a cluster block."""
+    a single node runs without a cluster block. With `tls`, clients and routes need a certificate
+    from the mesh CA (the monitoring port, /healthz and counters only, stays plain HTTP)."""
     lines = [
         f'server_name: "{node.name}"',
         f'listen: "{node.host}:{node.client_port}"',
@@ -54,19 +63,20 @@ def node_config(node: NatsNode, data_dir: Path, peers: list[NatsNode]) -> str:
         "  max_memory_store: 256MB",
         "  max_file_store: 8GB",
         "}",
+        *(_tls_block(tls, "") if tls else []),
     ]
     if len(peers) > 1:
         routes = ", ".join(f'"nats-route://{p.host}:{p.cluster_port}"' for p in peers if p.name != node.name)
         lines += ["cluster {", '  name: "meshserve-jobs"', f'  listen: "{node.host}:{node.cluster_port}"',
-                  f"  routes: [{routes}]", "}"]
+                  f"  routes: [{routes}]", *(_tls_block(tls, "  ") if tls else []), "}"]
     return "\n".join(lines) + "\n"
 
 
-def write_config(node: NatsNode, root: Path, peers: list[NatsNode]) -> Path:
+def write_config(node: NatsNode, root: Path, peers: list[NatsNode], tls: TlsFiles | None = None) -> Path:
     """The node's config file under root/<name>.conf, data under root/<name>/."""
     root.mkdir(parents=True, exist_ok=True)
     path = root / f"{node.name}.conf"
-    path.write_text(node_config(node, (root / node.name).resolve(), peers))
+    path.write_text(node_config(node, (root / node.name).resolve(), peers, tls))
     return path
 
 

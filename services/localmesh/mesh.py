@@ -164,6 +164,7 @@ class LocalMesh:
                 *(("gateway", f"gateway{i}") for i in range(self.plan.gateways)),
                 *(("jobworker", f"jobworker{i}") for i in range(self.plan.job_workers)),
                 *(("server", s.server_id) for s in self.plan.standby_servers),
+                *(("store", n.name) for n in self.nats), *([("store", "cache-store")] if self.cache_store else []),
                 ("envoy", "envoy"), ("operator", "operator"), ("client", "supervisor"),
                 ("client", "root")]
 
@@ -272,7 +273,7 @@ class LocalMesh:
     def start_nats_node(self, i: int, wait: bool = True) -> Child:
         """Start (or restart, on its data) JetStream node i."""
         node = self.nats[i]
-        config = write_config(node, self.data_dir / "jetstream", self.nats)
+        config = write_config(node, self.data_dir / "jetstream", self.nats, self.tls(node.name))
         child = self.children[node.name] = self.sup.start(node.name, nats_argv(config))
         if wait:
             self.sup.wait_ready(child, partial(nats_healthy, node), 60, "healthy (JetStream)")
@@ -293,9 +294,9 @@ class LocalMesh:
     def start_cache_store(self) -> Child:
         port = int(self.cache_store.rpartition(":")[2])
         child = self.sup.start("cache-store", cs.redis_argv(HOST, port, self.data_dir / "cache-store",
-                                                            self.plan.cache_store_bytes))
+                                                            self.plan.cache_store_bytes, self.tls("cache-store")))
         self.children["cache-store"] = child
-        self.sup.wait_ready(child, lambda: cs.redis_ready(self.cache_store), 30, "answering PING")
+        self.sup.wait_ready(child, lambda: cs.redis_ready(self.cache_store, self.client_tls), 30, "answering PING")
         return child
 
     def _common(self, name: str, listen: str) -> list[str]:
@@ -329,7 +330,7 @@ class LocalMesh:
             args += ["--engine-option", o]
         args += ["--memory-bytes", str(server.memory_bytes), *server.extra_args]
         if self.cache_store:
-            args += ["--cache-store", cs.redis_url(self.cache_store)]
+            args += ["--cache-store", cs.redis_url(self.cache_store, self.plan.secure)]
         child = self.sup.start(server.server_id, c.service_argv("modelserver", *args))
         self.children[server.server_id] = child
         if wait:

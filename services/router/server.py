@@ -82,7 +82,8 @@ class _EdgeAuth:
 async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     pools: list[BackendPool] = []
     recorders: list[CanaryRecorder] = []
-    jobs = RouterJobs(StoreSettings(servers=config.jetstream, replicas=config.jetstream_replicas),
+    jobs = RouterJobs(StoreSettings(servers=config.jetstream, replicas=config.jetstream_replicas,
+                                    tls=grpc_util.current_tls()),
                       config.router_id) if config.jetstream else None
     settings = replace(config.dispatch, region=config.region, zone=config.zone)
     settings.validate()
