@@ -55,9 +55,14 @@ async def test_a_stale_writer_is_fenced_and_outcomes_are_written_once(cluster):
 async def test_losing_one_member_loses_nothing(cluster):
     store = await store_on(cluster, "w")
     try:
-        for i in range(20):
-            await store.create(OUT, f"batch-2.{i}", b"x")
-            await store.enqueue("work.normal.m", str(i).encode(), msg_id=f"m{i}")
+        async def before_loss() -> None:
+            # a fresh R3 stream may not answer on every node yet (no responders): the store says
+            # UNAVAILABLE and callers retry; creates are write-once and enqueues deduplicated by id
+            for i in range(20):
+                await store.create(OUT, f"batch-2.{i}", b"x")
+                await store.enqueue("work.normal.m", str(i).encode(), msg_id=f"m{i}")
+
+        await retry(before_loss, attempts=40, delay=0.25)
         cluster.kill(0)
 
         async def after_loss() -> int:
