@@ -171,10 +171,13 @@ def test_router_scores_on_kv_events_and_recovers_them_after_a_restart(mesh: Loca
         homes[prefix] = answer.served_by.server_id
     wait_for(lambda: "prefix scoring on KV events" in _router_log(mesh), 60, "the router to load the tokenizer")
     # a new router process knows nothing it sent: it learns what each server holds from snapshots
+    snapshots = _router_log(mesh).count("KV snapshot from replica")
     mesh.sup.stop_child(mesh.children["router0"])
     mesh.start_router(0)
     wait_for(lambda: _router_log(mesh).count("prefix scoring on KV events") >= 2, 60,
              "the restarted router to load the tokenizer")
+    wait_for(lambda: _router_log(mesh).count("KV snapshot from replica") >= snapshots + 2, 60,
+             "the restarted router's KV snapshots from both servers")
     for prefix, home in homes.items():
         answer = _generate(mesh, ask(prefix + "Question two?", 2, model=MODEL, bypass_response_cache=True))
         assert answer.served_by.server_id == home, "routed away from the server that holds the prefix"

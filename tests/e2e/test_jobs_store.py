@@ -28,6 +28,9 @@ def cluster(tmp_path):
 async def store_on(cluster: JetStreamCluster, name: str) -> JobStore:
     store = JobStore(StoreSettings(servers=cluster.urls, replicas=3, timeout_s=3.0))
     await retry(lambda: store.connect(name), attempts=40, delay=0.25)
+    # fresh R3 streams answer writes only once their leaders are elected and known on every node
+    # (until then: no responders, which the store reports as UNAVAILABLE)
+    await retry(lambda: store.create(JOBS, f"probe.{name}", b""), attempts=120, delay=0.25)
     return store
 
 
@@ -83,7 +86,7 @@ async def test_losing_one_member_loses_nothing(cluster):
                 got.append(msg.data)
                 await msg.ack()
         assert sorted(int(d) for d in got) == list(range(20))
-        info = await store.js.stream_info(WORK)
+        info = await retry(lambda: store.js.stream_info(WORK), attempts=40, delay=0.25)
         assert info.config.num_replicas == 3
     finally:
         await store.close()

@@ -59,6 +59,7 @@ class KvIndex:
             for e in msg.events:
                 rc.apply(e)
                 rc.seq = max(rc.seq, e.seq)
+            log.info("KV snapshot from replica %s: %d events, up to seq %d", replica_id, len(msg.events), rc.seq)
             return True
         cur = self._replicas.get(replica_id)
         if cur is None or cur.epoch != msg.epoch or cur.info != info:
