@@ -19,6 +19,8 @@ import aetcd
 import aetcd.exceptions
 import aetcd.rpc
 
+from services.common.tasks import stop_task
+
 from . import grpc_util
 from .etcd_tls import new_client as _new_client
 from .tls import TlsFiles
@@ -154,10 +156,7 @@ class EtcdClient:
 
 
 async def _cancel(task: asyncio.Task | None) -> None:
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):  # it is being stopped
-            await task
+    await stop_task(task)
 
 
 @dataclass

@@ -8,7 +8,6 @@ exists. A state whose figures alone changed is written at most every FIGURES_EVE
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from meshserve.v1 import traffic_pb2 as tp
@@ -19,6 +18,7 @@ from services.common.etcd_client import EtcdClient, EtcdError
 from services.common.etcd_txn import present, put_op, txn, unchanged
 from services.common.lifecycle import now_ms
 from services.common.membership import MeshView
+from services.common.tasks import stop_task
 from services.common.traffic import records, window
 
 from .canary_judge import judge, moved
@@ -102,6 +102,4 @@ class CanaryController:
 
 
 async def stop(task: asyncio.Task) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):  # it is being stopped
-        await task
+    await stop_task(task)

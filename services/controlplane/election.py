@@ -18,6 +18,7 @@ from meshserve.v1 import controlplane_pb2 as cp
 from services.common import keyspace
 from services.common.etcd_client import EtcdClient, create_if_absent
 from services.common.lifecycle import now_ms
+from services.common.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,7 @@ class Election:
 
     async def stop(self) -> None:
         """Resign: revoking the lease deletes the key, so a follower takes over at once."""
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        await stop_task(self._task)
         self._set(False)
         if self._lease is not None:
             with contextlib.suppress(Exception):  # best effort on the way out

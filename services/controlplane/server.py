@@ -5,7 +5,6 @@ replica counts and places models. Never on the request path."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -15,6 +14,7 @@ from meshserve.v1 import auth_pb2_grpc, autoscale_pb2_grpc, controlplane_pb2, co
 from services.common import grpc_util, keyspace
 from services.common.lifecycle import now_ms
 from services.common.replica import ReplicaParts, run_replica
+from services.common.tasks import stop_tasks
 
 from . import canary, metrics
 from .auth_servicer import SERVICE_NAME as AUTH_SERVICE_NAME
@@ -115,9 +115,6 @@ async def run(config: ControlPlaneConfig, stop: asyncio.Event) -> None:
             await stop.wait()
         finally:
             await canary.stop(canary_task)
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):  # it is being stopped
-                    await task
+            await stop_tasks(tasks)
             await election.stop()
             await probe.close()

@@ -21,6 +21,7 @@ from meshserve.v1 import controlplane_pb2 as cp
 from services.common import grpc_util, keyspace
 from services.common.lifecycle import now_ms
 from services.common.replica import ReplicaParts, run_replica
+from services.common.tasks import stop_task
 from services.router.config import DispatchSettings
 from services.router.dispatch import Dispatcher
 from services.router.pool import BackendPool
@@ -69,10 +70,7 @@ class RouterJobs:
         self._task = asyncio.get_running_loop().create_task(go(), name="job-store")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
         with contextlib.suppress(*StoreErrors):
             await self.store.close()
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
+
+from services.common.tasks import stop_tasks
 
 from ..engine.base import (
     Engine,
@@ -91,11 +92,7 @@ class TensorRTLLMEngine(Engine):
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await stop_tasks(tasks)
         llm, self._llm = self._llm, None
         self._events.publish("reset")
         if self.cache is not None:

@@ -16,13 +16,13 @@ cross-tenant hit, which TensorRT-LLM's own salted cache prevents). A `reset` cle
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from services.cache import events, keys, runtime
 from services.cache.prompt_tokens import files_digest
+from services.common.tasks import stop_task
 
 from .kv_events import KvEvent
 
@@ -90,7 +90,4 @@ class TrtKvCache:
         self._task = asyncio.get_running_loop().create_task(run(), name="trtllm-kv-bridge")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)

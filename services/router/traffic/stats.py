@@ -10,7 +10,6 @@ from the canary's figures.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -20,6 +19,7 @@ from meshserve.v1 import traffic_pb2 as tp
 
 from services.common import keyspace
 from services.common.lifecycle import now_ms
+from services.common.tasks import stop_task
 from services.common.traffic import window
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,4 @@ class CanaryRecorder:
                 log.exception("publishing canary figures failed")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await stop_task(self._task)
