@@ -104,6 +104,8 @@ def render(results: dict) -> str:
     if results.get("levels_run", "all") != "all":
         lines += [f"**Partial run**: only the scenarios {results['levels_run']} (`--levels`); targets at "
                   "levels not run read n/a.", ""]
+    if results.get("system_levels"):
+        lines += ["Narrowed per system (`--system-levels`): " + ", ".join(results["system_levels"]) + ".", ""]
     notes: list[str] = []
     for w in results.get("workloads", {}):
         lines += [f"## Workload: {w}", "", "Output tokens/s (aggregate); TTFT and inter-token latency (ITL) in ms.",

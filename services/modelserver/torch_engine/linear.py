@@ -1,8 +1,10 @@
-"""Linear layers with weights pre-packed for oneDNN when running bf16 on CPU.
+"""Linear layers with weights pre-packed for oneDNN on CPU (bf16 and float32).
 
 Plain F.linear in bf16 makes oneDNN reorder the weight into its blocked (AMX) layout on every
-call; packing once at load makes decode GEMMs 2-3x faster. Falls back to F.linear where the
-mkldnn ops are missing or disagree with it.
+call; packing once at load makes decode GEMMs 2-3x faster. In float32 (CPUs without native bf16)
+the packed oneDNN GEMM beats MKL's sgemm behind F.linear by 1.2-1.5x on the decode shapes and
+2.2x on the vocabulary projection (AVX2 EPYC, 16 rows). Falls back to F.linear where the mkldnn
+ops are missing or disagree with it.
 
 A step of very few tokens (one sequence decoding) is bound by reading the weights, not by FLOPs,
 so it can use a second, weight-only int8 copy (per-output-channel scales) that halves the bytes
@@ -22,10 +24,13 @@ import torch.nn.functional as F
 _PACK_BATCH_HINT = 64  # measured: packs that serve M=1..300 well
 
 
-def _mkldnn_ok() -> bool:
+_PACKABLE = (torch.bfloat16, torch.float32)
+
+
+def _mkldnn_ok(dtype: torch.dtype) -> bool:
     try:
-        w = torch.randn(32, 16, dtype=torch.bfloat16)
-        x = torch.randn(3, 16, dtype=torch.bfloat16)
+        w = torch.randn(32, 16, dtype=dtype)
+        x = torch.randn(3, 16, dtype=dtype)
         packed = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_BATCH_HINT)  # noqa: SLF001 - no public op
         got = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")  # noqa: SLF001
         return bool(torch.allclose(got.float(), F.linear(x, w).float(), atol=0.1, rtol=0.02))
@@ -33,14 +38,15 @@ def _mkldnn_ok() -> bool:
         return False
 
 
-_MKLDNN: bool | None = None
+_MKLDNN: dict[torch.dtype, bool] = {}
 
 
-def packing_available() -> bool:
-    global _MKLDNN
-    if _MKLDNN is None:
-        _MKLDNN = torch.backends.mkldnn.is_available() and _mkldnn_ok()
-    return _MKLDNN
+def packing_available(dtype: torch.dtype = torch.bfloat16) -> bool:
+    if dtype not in _PACKABLE:
+        return False
+    if dtype not in _MKLDNN:
+        _MKLDNN[dtype] = torch.backends.mkldnn.is_available() and _mkldnn_ok(dtype)
+    return _MKLDNN[dtype]
 
 
 def _int8_ok() -> bool:
@@ -89,7 +95,7 @@ class Linear:
             with torch.inference_mode():
                 self.q, self.scale = quantize_int8(weight)
             self.int8_max_rows = int8_max_rows
-        self.packed = weight.dtype == torch.bfloat16 and packing_available()
+        self.packed = packing_available(weight.dtype)
         if self.packed:
             with torch.inference_mode():
                 self.weight = torch.ops.mkldnn._reorder_linear_weight(  # noqa: SLF001 - no public op
