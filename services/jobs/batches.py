@@ -46,9 +46,12 @@ PUBLISH_WINDOW = 256
 
 class BatchKeeper:
     def __init__(self, store: JobStore, known_models: Callable[[], frozenset[str]], cache: BatchCache,
-                 worker_id: str) -> None:
+                 worker_id: str, may_call: Callable[[str, str], bool] | None = None) -> None:
+        """`may_call(tenant, model)`: the tenants' model grants, checked for a tenant's batch lines
+        (None: nothing to check, as in a mesh without authentication)."""
         self.store = store
         self.known_models = known_models
+        self.may_call = may_call
         self.cache = cache
         self.worker_id = worker_id
         self.files = BatchApi(store)
@@ -129,6 +132,7 @@ class BatchKeeper:
                     line = jsonl.Line(index, line.custom_id, None, "duplicate_custom_id",
                                       f"line {index + 1}: custom_id {line.custom_id[:64]!r} appears earlier too")
                 seen.add(line.custom_id)
+                line = self._as_owner(batch, line)
                 if line.request is None:
                     await write_outcome(self.store, batch.batch_id, line_failed(
                         line.custom_id, index, line.error_code, line.error_message, self.worker_id))
@@ -143,6 +147,18 @@ class BatchKeeper:
                     await msg.in_progress()
             await asyncio.gather(*pending)
         return total
+
+    def _as_owner(self, batch: jobs_pb2.Batch, line: jsonl.Line) -> jsonl.Line:
+        """A tenant's line runs as that tenant: a model it was not granted fails the line, and the
+        request's tenant (cache partition) is the batch owner's whatever the line named."""
+        if line.request is None or not batch.tenant:
+            return line
+        if self.may_call is not None and not self.may_call(batch.tenant, line.request.model):
+            return jsonl.Line(line.index, line.custom_id, None, "PERMISSION_DENIED",
+                              f"line {line.index + 1}: tenant {batch.tenant} may not call model "
+                              f"{line.request.model!r}; an operator grants models per tenant")
+        line.request.tenant = batch.tenant
+        return line
 
     # --- progress, finalizing, expiry ---------------------------------------------------------
 
@@ -196,7 +212,8 @@ class BatchKeeper:
                 if lines:
                     size = spool.tell()
                     spool.seek(0)
-                    stored = await self.files.store_file(spool, f"{name}_{purpose}.jsonl", purpose, size, lines)
+                    stored = await self.files.store_file(spool, f"{name}_{purpose}.jsonl", purpose, size, lines,
+                                                         batch.tenant)
                     setattr(batch, field, stored.file_id)
         batch.request_counts.completed = ok
         batch.request_counts.failed = failed + (missing if final != jobs_pb2.BATCH_STATUS_CANCELLED else 0)

@@ -51,7 +51,8 @@ class BatchApi:
 
     # --- files --------------------------------------------------------------------------------
 
-    async def upload(self, parts: AsyncIterator[jobs_pb2.UploadFileRequest]) -> jobs_pb2.File:
+    async def upload(self, parts: AsyncIterator[jobs_pb2.UploadFileRequest], tenant: str | None = None
+                     ) -> jobs_pb2.File:
         header: jobs_pb2.UploadFileHeader | None = None
         size = lines = 0
         last = b"\n"
@@ -84,24 +85,29 @@ class BatchApi:
             if not 0 < lines <= r.MAX_FILE_LINES:
                 raise InvalidArgument(f"a batch input needs 1 to {r.MAX_FILE_LINES} lines, got {lines}")
             spool.seek(0)
-            return await self.store_file(spool, header.filename[:256] or "input.jsonl", "batch", size, lines)
+            return await self.store_file(spool, header.filename[:256] or "input.jsonl", "batch", size, lines,
+                                         tenant or "")
 
-    async def store_file(self, data, filename: str, purpose: str, size: int, lines: int) -> jobs_pb2.File:
+    async def store_file(self, data, filename: str, purpose: str, size: int, lines: int,
+                         tenant: str = "") -> jobs_pb2.File:
         file = jobs_pb2.File(file_id=r.new_id("file"), filename=filename, bytes=size, lines=lines, purpose=purpose,
-                             created_at_ms=r.now_ms())
+                             created_at_ms=r.now_ms(), tenant=tenant)
         info = await self._store.files.put(file.file_id, data)
         file.sha256 = (info.digest or "").removeprefix("SHA-256=")
         await self._store.create(JOBS, file_key(file.file_id), file.SerializeToString())
         return file
 
-    async def file(self, file_id: str) -> jobs_pb2.File:
+    async def file(self, file_id: str, tenant: str | None = None) -> jobs_pb2.File:
+        """The file's record; NOT_FOUND when missing or owned by a tenant other than `tenant`."""
         found = await self._store.get(JOBS, file_key(r.check_id("file", file_id)))
-        if found is None:
+        file = jobs_pb2.File.FromString(found[0]) if found is not None else None
+        if file is None or not r.owned_by(file.tenant, tenant):
             raise NotFound(f"no file {file_id!r} (unknown, or deleted after its batch's retention)")
-        return jobs_pb2.File.FromString(found[0])
+        return file
 
-    async def download(self, file_id: str) -> AsyncIterator[tuple[jobs_pb2.File | None, bytes]]:
-        file = await self.file(file_id)
+    async def download(self, file_id: str, tenant: str | None = None
+                       ) -> AsyncIterator[tuple[jobs_pb2.File | None, bytes]]:
+        file = await self.file(file_id, tenant)
         with tempfile.TemporaryFile() as spool:
             await self._store.files.get(file_id, writeinto=spool)
             spool.seek(0)
@@ -117,8 +123,9 @@ class BatchApi:
 
     # --- batches ------------------------------------------------------------------------------
 
-    async def create(self, req: jobs_pb2.CreateBatchRequest) -> jobs_pb2.Batch:
-        file = await self.file(req.input_file_id)
+    async def create(self, req: jobs_pb2.CreateBatchRequest, tenant: str | None = None) -> jobs_pb2.Batch:
+        """The batch, owned by `tenant`: its lines run as that tenant (batches.py)."""
+        file = await self.file(req.input_file_id, tenant)
         if file.purpose != "batch":
             raise InvalidArgument(f"file {file.file_id} is a {file.purpose} file, not a batch input")
         if req.endpoint not in ("", r.ENDPOINT):
@@ -129,40 +136,45 @@ class BatchApi:
             batch_id=r.new_id("batch"), status=jobs_pb2.BATCH_STATUS_VALIDATING, input_file_id=file.file_id,
             endpoint=r.ENDPOINT, completion_window=req.completion_window or "24h",
             priority=r.resolved_priority(req.priority), metadata=r.check_metadata(dict(req.metadata)),
-            retention_s=r.retention_s(req.retention_s), created_at_ms=now, expires_at_ms=now + 1000 * window)
+            retention_s=r.retention_s(req.retention_s), created_at_ms=now, expires_at_ms=now + 1000 * window,
+            tenant=tenant or "")
         batch.request_counts.total = file.lines
         revision = await self._store.create(JOBS, batch_key(batch.batch_id), batch.SerializeToString())
         batch.revision = revision or 0
         await self._store.enqueue(PLAN_SUBJECT, batch.batch_id.encode(), msg_id=batch.batch_id)
         return batch
 
-    async def read(self, batch_id: str) -> jobs_pb2.Batch:
+    async def read(self, batch_id: str, tenant: str | None = None) -> jobs_pb2.Batch:
+        """The record; NOT_FOUND when missing or owned by a tenant other than `tenant`."""
         found = await self._store.get(JOBS, batch_key(r.check_id("batch", batch_id)))
-        if found is None:
+        batch = decode_batch(*found) if found is not None else None
+        if batch is None or not r.owned_by(batch.tenant, tenant):
             raise NotFound(f"no batch {batch_id!r} (unknown, or deleted after its retention)")
-        return decode_batch(*found)
+        return batch
 
-    async def get(self, batch_id: str) -> jobs_pb2.Batch:
-        batch = await self.read(batch_id)
+    async def get(self, batch_id: str, tenant: str | None = None) -> jobs_pb2.Batch:
+        batch = await self.read(batch_id, tenant)
         if batch.status in (jobs_pb2.BATCH_STATUS_IN_PROGRESS, jobs_pb2.BATCH_STATUS_CANCELLING,
                             jobs_pb2.BATCH_STATUS_FINALIZING):
             done, failed = await line_counts(self._store, batch_id)
             batch.request_counts.completed, batch.request_counts.failed = done - failed, failed
         return batch
 
-    async def list(self, req: jobs_pb2.ListBatchesRequest) -> tuple[list[jobs_pb2.Batch], str]:
+    async def list(self, req: jobs_pb2.ListBatchesRequest, tenant: str | None = None
+                   ) -> tuple[list[jobs_pb2.Batch], str]:
         size = r.page_size(req.page_size)
         if req.page_token:
             r.check_id("batch", req.page_token)
         found = [decode_batch(value, rev) async for _, value, rev in self._store.scan(JOBS, "batch.")]
-        found = sorted((b for b in found if not req.page_token or b.batch_id < req.page_token),
+        found = sorted((b for b in found if (not req.page_token or b.batch_id < req.page_token)
+                        and r.owned_by(b.tenant, tenant)),
                        key=lambda b: b.batch_id, reverse=True)
         page = found[:size]
         return page, page[-1].batch_id if len(found) > size else ""
 
-    async def cancel(self, batch_id: str) -> jobs_pb2.Batch:
+    async def cancel(self, batch_id: str, tenant: str | None = None) -> jobs_pb2.Batch:
         while True:
-            batch = await self.read(batch_id)
+            batch = await self.read(batch_id, tenant)
             if batch.status in (jobs_pb2.BATCH_STATUS_CANCELLING, jobs_pb2.BATCH_STATUS_CANCELLED):
                 return batch
             if batch.status in r.BATCH_FINAL or batch.status == jobs_pb2.BATCH_STATUS_FINALIZING:

@@ -37,11 +37,13 @@ class JobApi:
         self._store = store
         self._known_models = known_models
 
-    async def read(self, job_id: str) -> jobs_pb2.JobRecord:
+    async def read(self, job_id: str, tenant: str | None = None) -> jobs_pb2.JobRecord:
+        """The record; NOT_FOUND when missing or owned by a tenant other than `tenant`."""
         found = await self._store.get(JOBS, job_key(r.check_id("job", job_id)))
-        if found is None:
+        record = decode_job(*found) if found is not None else None
+        if record is None or not r.owned_by(record.job.tenant, tenant):
             raise NotFound(f"no job {job_id!r} (unknown, or deleted after its retention)")
-        return decode_job(*found)
+        return record
 
     # --- submit -------------------------------------------------------------------------------
 
@@ -61,9 +63,13 @@ class JobApi:
             created_at_ms=now, deadline_ms=now + 1000 * r.window_s(req.completion_window_s),
             retention_s=r.retention_s(req.retention_s))
 
-    async def submit(self, req: jobs_pb2.SubmitJobRequest) -> tuple[jobs_pb2.Job, bool]:
-        """The job, and whether it was created now (False: an earlier one with this key)."""
+    async def submit(self, req: jobs_pb2.SubmitJobRequest, tenant: str | None = None) -> tuple[jobs_pb2.Job, bool]:
+        """The job, and whether it was created now (False: an earlier one with this key).
+        `tenant` (the authenticated caller's) owns the job and its request runs as that tenant."""
         job = self._check(req)
+        if tenant is not None:
+            job.tenant = tenant
+            req.request.tenant = tenant  # its cache partition and quota are the caller's, whatever it named
         body = jobs_pb2.SubmitJobRequest()
         body.CopyFrom(req)
         body.idempotency_key = ""
@@ -84,7 +90,8 @@ class JobApi:
     async def _claim_key(self, job: jobs_pb2.Job, sha: str) -> jobs_pb2.Job | None:
         """Bind the idempotency key to this job id; or return the job it already names (None when
         that submission died before storing its job: this one finishes it under its id)."""
-        key = f"idem.{r.key_digest(job.idempotency_key)}"
+        scoped = f"{job.tenant}\0{job.idempotency_key}" if job.tenant else job.idempotency_key  # per tenant
+        key = f"idem.{r.key_digest(scoped)}"
         ttl = (job.deadline_ms - job.created_at_ms) / 1000 + job.retention_s
         claim = jobs_pb2.JobRecord(job=jobs_pb2.Job(job_id=job.job_id), body_sha256=sha)
         if await self._store.create(JOBS, key, claim.SerializeToString(), ttl_s=ttl) is not None:
@@ -108,10 +115,10 @@ class JobApi:
 
     # --- read ---------------------------------------------------------------------------------
 
-    async def get(self, job_id: str) -> jobs_pb2.Job:
-        return (await self.read(job_id)).job
+    async def get(self, job_id: str, tenant: str | None = None) -> jobs_pb2.Job:
+        return (await self.read(job_id, tenant)).job
 
-    async def list(self, req: jobs_pb2.ListJobsRequest) -> tuple[list[jobs_pb2.Job], str]:
+    async def list(self, req: jobs_pb2.ListJobsRequest, tenant: str | None = None) -> tuple[list[jobs_pb2.Job], str]:
         size = r.page_size(req.page_size)
         if req.page_token:
             r.check_id("job", req.page_token)
@@ -119,6 +126,8 @@ class JobApi:
         jobs = []
         async for _, value, revision in self._store.scan(JOBS, "job."):
             job = decode_job(value, revision).job
+            if not r.owned_by(job.tenant, tenant):
+                continue
             if req.page_token and job.job_id >= req.page_token:
                 continue
             if states and job.state not in states or req.model and job.model != req.model:
@@ -130,8 +139,8 @@ class JobApi:
         page = jobs[:size]
         return page, page[-1].job_id if len(jobs) > size else ""
 
-    async def result(self, job_id: str) -> tuple[jobs_pb2.Job, jobs_pb2.JobRecord]:
-        record = await self.read(job_id)
+    async def result(self, job_id: str, tenant: str | None = None) -> tuple[jobs_pb2.Job, jobs_pb2.JobRecord]:
+        record = await self.read(job_id, tenant)
         state = record.job.state
         if state == jobs_pb2.JOB_STATE_SUCCEEDED:
             return record.job, record
@@ -142,9 +151,9 @@ class JobApi:
 
     # --- cancel and watch ---------------------------------------------------------------------
 
-    async def cancel(self, job_id: str) -> jobs_pb2.Job:
+    async def cancel(self, job_id: str, tenant: str | None = None) -> jobs_pb2.Job:
         while True:
-            record = await self.read(job_id)
+            record = await self.read(job_id, tenant)
             job = record.job
             if job.state == jobs_pb2.JOB_STATE_CANCELLED:
                 return job
@@ -169,9 +178,9 @@ class JobApi:
         except nats.errors.Error as exc:
             log.warning("cancel signal for %s not sent (%s); its worker notices within a second", job_id, exc)
 
-    async def watch(self, job_id: str, after_revision: int) -> AsyncIterator[jobs_pb2.Job]:
+    async def watch(self, job_id: str, after_revision: int, tenant: str | None = None) -> AsyncIterator[jobs_pb2.Job]:
         """The job's state now (if newer than after_revision), then each change until it ends."""
-        await self.read(job_id)  # NOT_FOUND before the stream starts
+        await self.read(job_id, tenant)  # NOT_FOUND before the stream starts (and for other tenants)
         watcher = await self._store.kv[JOBS].watch(job_key(job_id))
         try:
             while True:

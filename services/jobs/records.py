@@ -147,3 +147,10 @@ def state_name(state: int) -> str:
 
 def batch_status_name(status: int) -> str:
     return jobs_pb2.BatchStatus.Name(status).removeprefix("BATCH_STATUS_").lower()
+
+
+def owned_by(owner: str, tenant: str | None) -> bool:
+    """Whether a record whose owner is `owner` is visible to a caller of `tenant` (None: a caller
+    inside the mesh, who sees every record). Records of other tenants are answered as missing, so
+    ids cannot be probed across tenants."""
+    return tenant is None or owner == tenant

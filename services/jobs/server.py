@@ -19,9 +19,12 @@ from dataclasses import dataclass, field, replace
 from meshserve.v1 import controlplane_pb2 as cp
 
 from services.common import grpc_util, keyspace
+from services.common.auth_records import KeySet
+from services.common.etcd_client import PrefixMirror
 from services.common.lifecycle import now_ms
 from services.common.replica import ReplicaParts, run_replica
 from services.common.tasks import stop_task
+from services.router.access import Access
 from services.router.config import DispatchSettings
 from services.router.dispatch import Dispatcher
 from services.router.pool import BackendPool
@@ -57,9 +60,9 @@ async def connect(store: JobStore, name: str, stop: asyncio.Event | None = None)
 class RouterJobs:
     """JobService inside a router: registered at once, answering once the store is connected."""
 
-    def __init__(self, settings: StoreSettings, router_id: str) -> None:
+    def __init__(self, settings: StoreSettings, router_id: str, access: Access | None = None) -> None:
         self.store = JobStore(settings)
-        self.servicer = JobServicer()
+        self.servicer = JobServicer(access)
         self._name = router_id
         self._task: asyncio.Task | None = None
 
@@ -107,6 +110,17 @@ async def run_worker(config: JobWorkerConfig, stop: asyncio.Event) -> None:
     settings.validate()
     started = now_ms()
     holder: dict[str, ReplicaParts] = {}
+    keys = KeySet()  # tenants' model grants, for the lines of a tenant's batch
+    mirrors: list[PrefixMirror] = []
+
+    async def prepare(parts: ReplicaParts) -> None:
+        mirror = PrefixMirror(parts.etcd, keyspace.AUTH, keys.apply)
+        await mirror.start()
+        mirrors.append(mirror)
+
+    async def drain() -> None:
+        while mirrors:
+            await mirrors.pop().stop()
 
     def register(parts: ReplicaParts) -> None:
         holder["parts"] = parts
@@ -118,9 +132,12 @@ async def run_worker(config: JobWorkerConfig, stop: asyncio.Event) -> None:
     async with run_replica(key=keyspace.jobworker_key(config.worker_id), replica_id=config.worker_id,
                            service_names=[], register=register, record=record, listen=config.listen, advertise="",
                            etcd=config.etcd, metrics=config.metrics, lease_ttl=config.lease_ttl,
-                           grace_s=1.0) as parts:
+                           grace_s=1.0, prepare=prepare, drain=drain) as parts:
         assert parts.view is not None
         pool = BackendPool(parts.view, hang_timeout_s=settings.hang_timeout_s)
+        # run_replica has loaded the view already and the pool hears only later changes: without
+        # this a worker (re)started in a steady mesh saw no replica until some etcd key changed
+        pool.sync()
         # the process's certificate, known once meshserve.py configured it: TLS to JetStream
         store = JobStore(replace(config.store, tls=config.store.tls or grpc_util.current_tls()))
         try:
@@ -130,7 +147,8 @@ async def run_worker(config: JobWorkerConfig, stop: asyncio.Event) -> None:
             worker = JobWorker(store, pool, Executor(dispatcher), WorkerSettings(
                 config.worker_id, fill=config.fill, max_in_flight=config.max_in_flight), line_runner=LineRunner(cache),
                 dispatcher=dispatcher)
-            keeper = BatchKeeper(store, dispatcher.known_models, cache, config.worker_id)
+            keeper = BatchKeeper(store, dispatcher.known_models, cache, config.worker_id,
+                                 may_call=keys.may_call if grpc_util.current_tls() is not None else None)
             await asyncio.gather(worker.run(stop), keeper.run(stop), _count_peers(parts, worker, stop))
         finally:
             with contextlib.suppress(*StoreErrors):

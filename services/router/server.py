@@ -82,9 +82,6 @@ class _EdgeAuth:
 async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     pools: list[BackendPool] = []
     recorders: list[CanaryRecorder] = []
-    jobs = RouterJobs(StoreSettings(servers=config.jetstream, replicas=config.jetstream_replicas,
-                                    tls=grpc_util.current_tls()),
-                      config.router_id) if config.jetstream else None
     settings = replace(config.dispatch, region=config.region, zone=config.zone)
     settings.validate()
     started = now_ms()
@@ -92,6 +89,9 @@ async def run(config: RouterConfig, stop: asyncio.Event) -> None:
     views: list[MeshView] = []
     quotas = TenantQuotas(keys, routers=lambda: len(views[0].routers) if views else 1)
     access = Access(keys, enforce=grpc_util.current_tls() is not None, quotas=quotas)
+    jobs = RouterJobs(StoreSettings(servers=config.jetstream, replicas=config.jetstream_replicas,
+                                    tls=grpc_util.current_tls()),
+                      config.router_id, access) if config.jetstream else None
     edge = _EdgeAuth(keys, config.authz_listen)
 
     def register(parts: ReplicaParts) -> None:
