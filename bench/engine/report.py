@@ -104,6 +104,9 @@ def render(results: dict) -> str:
     if results.get("levels_run", "all") != "all":
         lines += [f"**Partial run**: only the scenarios {results['levels_run']} (`--levels`); targets at "
                   "levels not run read n/a.", ""]
+    if results.get("merged_runs", 1) > 1:
+        lines += [f"**Merged**: figures from {results['merged_runs']} runs (`--merge`: a later run replaced "
+                  "the levels it measured); each system's load average is that of its latest run.", ""]
     if results.get("system_levels"):
         lines += ["Narrowed per system (`--system-levels`): " + ", ".join(results["system_levels"]) + ".", ""]
     notes: list[str] = []

@@ -229,6 +229,9 @@ def main() -> None:
     ap.add_argument("--system-levels", action="append", default=[], metavar="NAME=LEVELS",
                     help="narrow one system's scenarios further, e.g. llama_cpp=1 (repeatable): a slow "
                          "peer measured only where a target needs it")
+    ap.add_argument("--merge", action="store_true",
+                    help="update OUT.json with what this run measures, keeping the other systems' figures "
+                         "(e.g. a peer re-run after a fix); the figures then come from more than one run")
     ap.add_argument("--out", default=os.path.join(RESULTS, "engine"))
     a = ap.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
@@ -255,6 +258,13 @@ def main() -> None:
                                   "poisson": {"requests": wl.POISSON_REQUESTS, "rate_per_s": wl.POISSON_RATE},
                                   "sampling": {w: wl.WORKLOADS[w] for w in workloads}},
                      "workloads": {w: {"systems": {}} for w in workloads}}
+    if a.merge and os.path.exists(a.out + ".json"):
+        with open(a.out + ".json", encoding="utf-8") as f:
+            earlier = json.load(f)
+        for w in workloads:
+            earlier.setdefault("workloads", {}).setdefault(w, {"systems": {}})
+        earlier["merged_runs"] = earlier.get("merged_runs", 1) + 1
+        results = earlier
     md = ""
     if not a.no_extras:
         results.update(extras.run_all(PROJECT_PY, a.quick, THREADS, a.quiet_wait))
@@ -269,6 +279,8 @@ def main() -> None:
                 system.scenarios = [sc for sc in system.scenarios if sc.name in only.split(",")]
         print(f"{system.name}: {system.note}", flush=True)
         for w, entry in run_system(system, a).items():
+            if a.merge and isinstance(results["workloads"][w]["systems"].get(system.name), dict):
+                entry = {**results["workloads"][w]["systems"][system.name], **entry}  # levels run now win
             results["workloads"][w]["systems"][system.name] = entry
         md = write(results, a.out)  # after every system, so an interrupted run keeps what it measured
     print(md)

