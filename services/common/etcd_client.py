@@ -155,10 +155,6 @@ class EtcdClient:
                 await single.close()
 
 
-async def _cancel(task: asyncio.Task | None) -> None:
-    await stop_task(task)
-
-
 @dataclass
 class _Registration:
     key: str
@@ -214,7 +210,7 @@ class LeaseKeeper:
             log.warning("etcd not reachable yet; registration continues in the background")
 
     async def stop(self, revoke: bool = True) -> None:
-        await _cancel(self._task)
+        await stop_task(self._task)
         if revoke and self.lease_id is not None:
             with contextlib.suppress(Exception):  # best effort on the way out
                 await asyncio.wait_for(self._client.revoke_lease(self.lease_id), 2.0)
@@ -287,7 +283,7 @@ class PrefixMirror:
             log.warning("no etcd snapshot of %s yet; continuing with an empty view", self.prefix)
 
     async def stop(self) -> None:
-        await _cancel(self._task)
+        await stop_task(self._task)
 
     async def _notify(self, key: str, value: bytes | None) -> None:
         if self._on_change is not None:
