@@ -21,7 +21,7 @@ setup: $(INSTALLED) $(GEN_STAMP) $(CPU_OPS_STAMP) $(BIN)/prometheus $(BIN)/redis
 
 # The torch engine's C++ kernels (OpenMP, -march=native). Never fails setup: without a compiler the
 # engine runs its plain-torch path, and the script says why.
-$(CPU_OPS_STAMP): $(INSTALLED) services/modelserver/torch_engine/csrc/cpu_ops.cpp services/modelserver/torch_engine/ops.py
+$(CPU_OPS_STAMP): $(INSTALLED) $(wildcard services/modelserver/torch_engine/csrc/*) services/modelserver/torch_engine/ops.py
 	$(BIN)/python services/modelserver/torch_engine/ops.py
 	mkdir -p build && touch $@
 

@@ -125,7 +125,7 @@ def main() -> None:
         greedy = [SamplingRow(0.0)] * bsz
         sampled = [SamplingRow(0.8, top_p=0.95)] * bsz
         for key, rows in (("sample_greedy_ms", greedy), ("sample_top_p_ms", sampled)):
-            row[key] = round(_time(lambda lg=logits, r=rows: sample(lg, r), a.repeats) * 1e3, 2)
+            row[key] = round(_time(lambda lg=logits, r=rows: sample(lg, r, model.ops), a.repeats) * 1e3, 2)
         out["decode"][str(bsz)] = row
         print(f"batch {bsz:3d}: " + ", ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     out["prefill"] = prefill_figures(model, kv, a.prefill_tokens, 512, max(1, a.repeats // 2))

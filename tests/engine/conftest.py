@@ -49,3 +49,17 @@ def smol(run):
     run(engine.start())
     yield engine
     run(engine.stop())
+
+
+@pytest.fixture(params=["torch", "kernel"])
+def kernels(request: pytest.FixtureRequest):
+    """The C++ kernels module, or None for the plain-torch path: a test taking it runs on both
+    (the kernel case skips when the op is not built)."""
+    from services.modelserver.torch_engine import ops
+
+    if request.param == "torch":
+        return None
+    mod = ops.load()
+    if mod is None:
+        pytest.skip(f"C++ ops not built: {ops.status()}")
+    return mod

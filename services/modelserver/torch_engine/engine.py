@@ -17,7 +17,7 @@ import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -169,8 +169,7 @@ class TorchEngine(Engine):
                 self._cv.notify()
             await asyncio.to_thread(thread.join)
             self._thread = None
-        for rid in list(self._streams):
-            self._deliver(rid, EngineUnavailableError("engine stopped"))
+        self._deliver([(rid, EngineUnavailableError("engine stopped")) for rid in list(self._streams)])
         if self.cache is not None:
             self.cache.close()
         self.core = None
@@ -290,13 +289,20 @@ class TorchEngine(Engine):
         with self._cv:
             self._cv.notify()
 
-    def _deliver(self, rid: str, item: object) -> None:
-        final = isinstance(item, BaseException) or getattr(item, "finish_reason", None) is not None
-        stream = self._streams.pop(rid, None) if final else self._streams.get(rid)
-        if stream is not None:
-            stream.sent += 1
+    def _deliver(self, outputs: Sequence[tuple[str, object]]) -> None:
+        """Hand one step's chunks to their consumers: one wake-up per event loop per step, not per
+        chunk (at batch 64 the loop thread otherwise wakes 64 times a step and competes with the
+        step's OpenMP threads for the cores)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for rid, item in outputs:
+            final = isinstance(item, BaseException) or getattr(item, "finish_reason", None) is not None
+            stream = self._streams.pop(rid, None) if final else self._streams.get(rid)
+            if stream is not None:
+                stream.sent += 1
+                by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+        for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # the consumer's loop is closed
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+                loop.call_soon_threadsafe(_put_all, items)
 
     def _apply_backpressure(self, core: EngineCore) -> None:
         """Pause requests whose consumers fell behind; resume those that caught up."""
@@ -334,8 +340,11 @@ class TorchEngine(Engine):
                 outputs = core.step()
             except Exception as e:  # scheduler/sampler bug: fail everything rather than hang clients
                 log.exception("engine step failed")
-                for rid in core.abort_all():
-                    self._deliver(rid, EngineUnavailableError(f"engine step failed: {e}"))
+                self._deliver([(rid, EngineUnavailableError(f"engine step failed: {e}")) for rid in core.abort_all()])
                 continue
-            for rid, chunk in outputs:
-                self._deliver(rid, chunk)
+            self._deliver(outputs)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)

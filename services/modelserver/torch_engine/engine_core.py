@@ -161,7 +161,7 @@ class EngineCore:
         if batch.logits_owner:
             seqs = [sched.scheduled[i][0] for i in batch.logits_owner]
             actives = [self._active[by_seq[s]] for s in seqs]
-            result = sample(logits, [a.row for a in actives])
+            result = sample(logits, [a.row for a in actives], self.model.ops)
             for a, tok, lp in zip(actives, result.token_ids, result.logprobs, strict=True):
                 outputs.append(self._on_token(by_seq[a.seq], a, tok, lp))
             self._count_tokens(len(actives))

@@ -1,10 +1,11 @@
-"""The engine's C++ CPU kernels (csrc/cpu_ops.cpp), built with torch's extension tooling.
+"""The engine's C++ CPU kernels (csrc/*.cpp, *.h), built with torch's extension tooling.
 
 `make setup` builds them (`python -m services.modelserver.torch_engine.ops`); at run time `load()`
 imports the build, rebuilding only if the source changed. The build uses the system compiler with
 OpenMP on (without it the kernels would run on one thread) and -march=native, so it is vectorised
-for the CPU it was built on; the build folder is keyed by that CPU's feature flags, so a copy moved
-to another CPU rebuilds instead of dying with SIGILL. Any failure (no compiler, no ninja) leaves
+for the CPU it was built on; the build folder is keyed by that CPU's feature flags and by the
+sources (headers included, which torch's own change check does not see), so a copy moved to another
+CPU rebuilds instead of dying with SIGILL. Any failure (no compiler, no ninja) leaves
 `load()` returning None and the model on its plain-torch path, which is also the tests' oracle.
 """
 
@@ -21,7 +22,9 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCE = os.path.join(_HERE, "csrc", "cpu_ops.cpp")
+_CSRC = os.path.join(_HERE, "csrc")
+SOURCES = [os.path.join(_CSRC, "cpu_ops.cpp"), os.path.join(_CSRC, "sampling.cpp")]
+HEADERS = [os.path.join(_CSRC, "cpu_math.h")]
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(_HERE)))
 #: set to 1 to run the plain-torch path even when the op is built
 DISABLE_ENV = "MESHSERVE_NO_CPU_OPS"
@@ -31,7 +34,7 @@ _cached: tuple[ModuleType | None, str] | None = None
 
 
 def _cpu_key() -> str:
-    """Short hash of what the build depends on besides the source: CPU features, torch, python."""
+    """Short hash of what the build depends on: CPU features, torch, python and the sources."""
     import torch
 
     flags = ""
@@ -44,7 +47,11 @@ def _cpu_key() -> str:
     except OSError:
         pass
     text = "|".join([platform.machine(), flags, torch.__version__, sys.version.split()[0]])
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
+    h = hashlib.sha1(text.encode())
+    for path in SOURCES + HEADERS:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:12]
 
 
 def build_dir() -> str:
@@ -53,7 +60,9 @@ def build_dir() -> str:
 
 
 def _flags() -> list[str]:
-    flags = ["-O3", "-fopenmp", "-fno-math-errno"]
+    # -fno-trapping-math: without it GCC keeps the clamps and selects in exp and softmax loops as
+    # branches (a compare might trap), which leaves those loops scalar; results are unchanged
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
         flags.append("-march=native")
     return flags
@@ -68,7 +77,7 @@ def _build(verbose: bool) -> ModuleType:
     venv_bin = os.path.dirname(sys.executable)
     if venv_bin not in os.environ.get("PATH", "").split(os.pathsep):
         os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
-    return cpp_extension.load(name="meshserve_cpu_ops", sources=[SOURCE], build_directory=folder,
+    return cpp_extension.load(name="meshserve_cpu_ops", sources=SOURCES, build_directory=folder,
                               extra_cflags=_flags(), extra_ldflags=["-fopenmp"], verbose=verbose)
 
 

@@ -1,5 +1,6 @@
-// CPU kernels of the torch engine: paged attention that reads the KV cache in place, and the fused
-// RoPE + KV-cache write in front of it.
+// CPU kernels of the torch engine: paged attention that reads the KV cache in place, the fused
+// RoPE + KV-cache write in front of it, the fused norm and activation, and the module's bindings
+// (the sampler's kernel lives in sampling.cpp).
 //
 // Written as plain loops the compiler vectorises for the build machine (the op is built at install
 // with -march=native, so AVX-512 where present, AVX2 or NEON elsewhere); no intrinsics, so one
@@ -26,55 +27,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_math.h"
+
 namespace {
 
-using bf16 = c10::BFloat16;
-
-inline float to_f(float x) { return x; }
-inline float to_f(bf16 x) {
-  uint32_t u = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline void from_f(float x, float* out) { *out = x; }
-inline void from_f(float x, bf16* out) {  // round to nearest even, like torch
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  if (std::isnan(x)) {
-    out->x = 0x7fc0;
-    return;
-  }
-  u += 0x7fff + ((u >> 16) & 1);
-  out->x = static_cast<uint16_t>(u >> 16);
-}
-
-// exp for the softmax: 2^(x log2 e) split into the nearest integer and a fraction in [-0.5, 0.5],
-// whose 2^f is a degree-6 Taylor polynomial (rel. error ~2e-7). Inlined and vectorisable; libm's
-// expf is neither without -ffast-math, which would also let the compiler reorder our reductions.
-inline float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float t = x * 1.4426950408889634f;
-  const float n = std::floor(t + 0.5f);
-  const float f = (t - n) * 0.6931471805599453f;  // 2^(t-n) = e^f, |f| <= 0.347
-  float p = 1.0f / 720.0f;
-  p = p * f + 1.0f / 120.0f;
-  p = p * f + 1.0f / 24.0f;
-  p = p * f + 1.0f / 6.0f;
-  p = p * f + 0.5f;
-  p = p * f + 1.0f;
-  p = p * f + 1.0f;
-  const int32_t e = static_cast<int32_t>(n) + 127;
-  const uint32_t bits = static_cast<uint32_t>(e) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return p * scale;
-}
-
-// Below this many multiply-adds a kernel runs on the calling thread: waking OpenMP threads costs
-// more than it saves for a few rows, and on a busy machine a descheduled thread stalls the region.
-constexpr int64_t kParallelWork = 1 << 16;
+using namespace meshserve;
 
 struct WorkItem {
   int32_t seq, kv_head, q_begin, q_end;  // query tokens [q_begin, q_end) of the step (global rows)
@@ -393,6 +350,10 @@ void add_rms_norm(torch::Tensor x, std::optional<torch::Tensor> delta, torch::Te
   }
 }
 
+// csrc/sampling.cpp
+torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor rows, torch::Tensor temperatures,
+                          torch::Tensor top_k, torch::Tensor top_p, torch::Tensor u);
+
 int64_t openmp_threads() { return omp_get_max_threads(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -400,5 +361,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_and_cache", &rope_and_cache, "RoPE on q and k, k and v written to their cache slots");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("add_rms_norm", &add_rms_norm, "x += delta; out = rms_norm(x) * w");
+  m.def("sample_rows", &sample_rows, "temperature/top-k/top-p sampling of rows without a vocabulary sort");
   m.def("openmp_threads", &openmp_threads, "OpenMP threads the calling thread would use");
 }

@@ -1,0 +1,61 @@
+// Scalar helpers shared by the engine's CPU kernels: bf16 widening/rounding and a vectorisable exp.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace meshserve {
+
+using bf16 = c10::BFloat16;
+
+inline float to_f(float x) { return x; }
+inline float to_f(bf16 x) {
+  uint32_t u = static_cast<uint32_t>(x.x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline void from_f(float x, float* out) { *out = x; }
+inline void from_f(float x, bf16* out) {  // round to nearest even, like torch
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if (std::isnan(x)) {
+    out->x = 0x7fc0;
+    return;
+  }
+  u += 0x7fff + ((u >> 16) & 1);
+  out->x = static_cast<uint16_t>(u >> 16);
+}
+
+// exp for the softmax: 2^(x log2 e) split into the nearest integer and a fraction in [-0.5, 0.5],
+// whose 2^f is a degree-6 Taylor polynomial (rel. error ~2e-7). Inlined and vectorisable; libm's
+// expf is neither without -ffast-math, which would also let the compiler reorder our reductions.
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float t = x * 1.4426950408889634f;
+  const float n = std::floor(t + 0.5f);
+  const float f = (t - n) * 0.6931471805599453f;  // 2^(t-n) = e^f, |f| <= 0.347
+  float p = 1.0f / 720.0f;
+  p = p * f + 1.0f / 120.0f;
+  p = p * f + 1.0f / 24.0f;
+  p = p * f + 1.0f / 6.0f;
+  p = p * f + 0.5f;
+  p = p * f + 1.0f;
+  p = p * f + 1.0f;
+  const int32_t e = static_cast<int32_t>(n) + 127;
+  const uint32_t bits = static_cast<uint32_t>(e) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+// Below this many multiply-adds a kernel runs on the calling thread: waking OpenMP threads costs
+// more than it saves for a few rows, and on a busy machine a descheduled thread stalls the region.
+constexpr int64_t kParallelWork = 1 << 16;
+
+}  // namespace meshserve
