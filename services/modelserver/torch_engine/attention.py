@@ -1,6 +1,6 @@
 """Attention of one step over the paged cache: the C++ kernel when built, plain torch otherwise.
 
-The kernel (csrc/cpu_ops.cpp) reads pages in place for every decode and prefill row at once. The
+The kernel (csrc/paged_attention.cpp) reads pages in place for every decode and prefill row at once. The
 plain-torch path is the fallback and the tests' oracle: decodes gather their pages into one padded
 batch with a length mask; a prefill chunk uses causal SDPA over its own new K/V, and when part of
 its context is already cached, attends to that prefix separately and merges the two by
@@ -22,6 +22,12 @@ from .kv_cache import gather, write_kv
 TILE_ROWS = 16
 #: page sizes the C++ kernel is compiled for; other sizes run the plain-torch path.
 KERNEL_BLOCK_SIZES = (16, 32, 64, 128)
+#: the kernel's head_dim must be a multiple of this (its register blocks); others run plain torch.
+KERNEL_HEAD_DIM_MULTIPLE = 16
+
+
+def kernel_fits(block_size: int, head_dim: int) -> bool:
+    return block_size in KERNEL_BLOCK_SIZES and head_dim % KERNEL_HEAD_DIM_MULTIPLE == 0
 
 
 @dataclass

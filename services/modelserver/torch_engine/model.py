@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops as cpu_ops
-from .attention import KERNEL_BLOCK_SIZES, TorchAttention, kernel_attention
+from .attention import KERNEL_BLOCK_SIZES, KERNEL_HEAD_DIM_MULTIPLE, TorchAttention, kernel_attention, kernel_fits
 from .forward_batch import ForwardBatch
 from .kv_cache import KVCache
 from .linear import Linear
@@ -85,9 +85,10 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, b: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """Run all layers over the step's tokens, write their K/V, return float32 logits of logits_rows."""
-        if self.ops is None or kv.block_size not in KERNEL_BLOCK_SIZES:
+        if self.ops is None or not kernel_fits(kv.block_size, self.args.head_dim):
             if self.fixed_rows:
-                raise ValueError(f"batch-invariant mode needs a page size in {KERNEL_BLOCK_SIZES}")
+                raise ValueError(f"batch-invariant mode needs a page size in {KERNEL_BLOCK_SIZES} and a head_dim "
+                                 f"that is a multiple of {KERNEL_HEAD_DIM_MULTIPLE}")
             return self._forward_torch(b, kv)
         a = self.args
         ops = self.ops
