@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from services.modelserver.torch_engine import ops
-from services.modelserver.torch_engine.attention import TILE_ROWS, TorchAttention
+from services.modelserver.torch_engine.attention import TILE_ROWS, TorchAttention, kernel_attention, kernel_fits
 from services.modelserver.torch_engine.forward_batch import SeqSlice, build_forward_batch
 from services.modelserver.torch_engine.kv_cache import write_kv
 
@@ -170,3 +170,15 @@ def test_add_rms_norm_matches_torch(dtype):
     torch.testing.assert_close(out.float(), want, atol=TOL[dtype] * 4, rtol=TOL[dtype])
     OPS.add_rms_norm(x, None, w, 1e-5, out)  # no residual: x unchanged
     assert torch.equal(x, want_x)
+
+
+@needs_ops
+def test_head_dim_outside_the_register_blocks_is_refused_and_routed_to_torch():
+    """The kernel holds rows in 16-float register blocks; other head dims take the plain-torch path."""
+    assert kernel_fits(64, 64) and kernel_fits(16, 128)
+    assert not kernel_fits(64, 40) and not kernel_fits(48, 64)
+    q = torch.zeros(1, 2, 40)
+    kc, vc = torch.zeros(2, 1, 40, 16), torch.zeros(2, 1, 16, 40)
+    b = build_forward_batch([SeqSlice([0], 0, [0], True)], 16)
+    with pytest.raises(RuntimeError, match="head_dim must be a multiple of 16"):
+        kernel_attention(OPS, q, kc, vc, b)
