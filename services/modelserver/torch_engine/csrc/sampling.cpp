@@ -46,29 +46,14 @@ Kept find_kept(const float* w, int64_t V, double total, int64_t top_k, double to
   Kept kept;
   const bool by_k = top_k > 0 && top_k < V;
   if (!by_k && top_p >= 1.0) return kept;
-  // two interleaved tables, merged after: consecutive tokens often share a bucket, and one table
-  // would serialise on the store-to-load latency of that bucket's counters
-  thread_local std::vector<double> mass, mass2;
-  thread_local std::vector<int64_t> count, count2;
+  thread_local std::vector<double> mass;
+  thread_local std::vector<int64_t> count;
   mass.assign(kBuckets, 0.0);
-  mass2.assign(kBuckets, 0.0);
   count.assign(kBuckets, 0);
-  count2.assign(kBuckets, 0);
-  int64_t i = 0;
-  for (; i + 1 < V; i += 2) {
-    const uint32_t k0 = key_of(w[i]), k1 = key_of(w[i + 1]);
-    mass[k0] += w[i];
-    count[k0] += 1;
-    mass2[k1] += w[i + 1];
-    count2[k1] += 1;
-  }
-  if (i < V) {
-    mass[key_of(w[i])] += w[i];
-    count[key_of(w[i])] += 1;
-  }
-  for (int b = 0; b < kBuckets; ++b) {
-    mass[b] += mass2[b];
-    count[b] += count2[b];
+  for (int64_t i = 0; i < V; ++i) {
+    const uint32_t k = key_of(w[i]);
+    mass[k] += w[i];
+    count[k] += 1;
   }
   const double target = top_p * total;
   const int64_t k_max = by_k ? top_k : V;
