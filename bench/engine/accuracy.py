@@ -1,5 +1,6 @@
-"""What reduced precision costs in answers: bf16 and weight-only int8 logits against float32, teacher-
-forced over a fixed chat transcript (every position is scored, not just a generated path).
+"""What reduced precision costs in answers: bf16, weight-only int8 and the int8 KV cache against float32
+logits, teacher-forced over a fixed chat transcript (every position is scored, not just a generated
+path).
 
     .venv/bin/python bench/engine/accuracy.py [--out file.json]
 
@@ -32,12 +33,18 @@ TURNS = [("user", "What is the capital of France, and what is it known for?"),
          ("user", "Write a short poem about the sea.")]
 
 
-def all_logits(model: LlamaModel, ids: list[int]) -> torch.Tensor:
-    """Float32 logits at every position of `ids`, one forward."""
-    kv = KVCache.allocate(model.args, -(-len(ids) // 64), 64, model.dtype)
-    b = build_forward_batch([SeqSlice(ids, 0, list(range(kv.num_blocks)), True)], 64)
-    b.logits_rows = torch.arange(len(ids))
-    return model.forward(b, kv)
+def all_logits(model: LlamaModel, ids: list[int], kv_dtype: str = "auto") -> torch.Tensor:
+    """Float32 logits at every position of `ids`: the prompt in 16-token steps, so later positions read
+    what earlier steps stored in the cache (as in serving: with an int8 cache, its rounded values)."""
+    kv = KVCache.allocate(model.args, -(-len(ids) // 64), 64, model.dtype, kv_dtype)
+    pages = list(range(kv.num_blocks))
+    out = []
+    for s in range(0, len(ids), 16):
+        part = ids[s:s + 16]
+        b = build_forward_batch([SeqSlice(part, s, pages, True)], 64)
+        b.logits_rows = torch.arange(len(part))
+        out.append(model.forward(b, kv))
+    return torch.cat(out)
 
 
 def compare(ref: torch.Tensor, got: torch.Tensor) -> dict:
@@ -59,8 +66,10 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     args, tensors = load_checkpoint("embedded")
     ids = Tokenizer(resolve_source("embedded")).encode_chat(TURNS)
-    ref = all_logits(LlamaModel(args, tensors, torch.float32, 4096), ids)
-    out = {"bf16": compare(ref, all_logits(LlamaModel(args, tensors, torch.bfloat16, 4096), ids))}
+    f32 = LlamaModel(args, tensors, torch.float32, 4096)
+    ref = all_logits(f32, ids)
+    out = {"int8_kv_cache_float32": compare(ref, all_logits(f32, ids, "int8")),
+           "bf16": compare(ref, all_logits(LlamaModel(args, tensors, torch.bfloat16, 4096), ids))}
     int8 = LlamaModel(args, tensors, torch.bfloat16, 4096, int8_max_tokens=1 << 20)
     if int8.layers[0].qkv.int8_max_rows:
         out["int8_weights_bf16_activations"] = compare(ref, all_logits(int8, ids))

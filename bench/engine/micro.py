@@ -1,6 +1,7 @@
 """Forward-only micro figures beside the end-to-end run: one decode step's forward at a given batch and
-context, with the C++ kernels and with the plain-torch path, the sampler's cost, and the step's bytes
-(weights + K/V read) against the machine's measured memory bandwidth (the roofline that binds here).
+context, with the C++ kernels and with the plain-torch path, and with the int8 KV cache (same pages),
+the sampler's cost, and the step's bytes (weights + K/V read) against the machine's measured memory
+bandwidth.
 
     .venv/bin/python bench/engine/micro.py [--batches 1,16,64] [--context 600] [--repeats 5]
 
@@ -104,6 +105,11 @@ def main() -> None:
     kv = KVCache.allocate(args, blocks, 64, dtype)
     kv.k.normal_()
     kv.v.normal_()
+    kv8 = KVCache.allocate(args, blocks, 64, dtype, "int8")  # same pages, int8 with per-token scales
+    for pool in (kv8.k, kv8.v):
+        pool.random_(-127, 128)
+    for pool in kv8.pools[2:]:
+        pool.uniform_(0.005, 0.02)
     elem = torch.empty((), dtype=dtype).element_size()
     weight_bytes = sum(t.numel() for t in tensors.values()) * elem
     bw = bandwidth_gb_s()
@@ -115,12 +121,15 @@ def main() -> None:
         b = decode_step(model, kv, bsz, a.context, rng)
         kv_bytes = sum(b.context_lens) * 2 * args.num_layers * args.num_kv_heads * args.head_dim * elem
         step_bytes = weight_bytes + kv_bytes
-        row: dict = {"step_bytes": step_bytes, "roofline_ms": round(step_bytes / (bw * 1e9) * 1e3, 2)}
-        for name, m in (("cpu_ops", model), ("torch", torch_model)):
-            if name == "cpu_ops" and m.ops is None:
+        kv8_bytes = sum(b.context_lens) * 2 * args.num_layers * args.num_kv_heads * (args.head_dim + 4)
+        row: dict = {"step_bytes": step_bytes, "roofline_ms": round(step_bytes / (bw * 1e9) * 1e3, 2),
+                     "kv8_step_bytes": weight_bytes + kv8_bytes}
+        for name, m, cache in (("cpu_ops", model, kv), ("torch", torch_model, kv), ("cpu_ops_kv8", model, kv8)):
+            if name.startswith("cpu_ops") and m.ops is None:
                 continue
-            row[f"{name}_ms"] = round(_time(lambda m=m, b=b: m.forward(b, kv), a.repeats) * 1e3, 2)
-            row[f"{name}_roofline_fraction"] = round(row["roofline_ms"] / row[f"{name}_ms"], 3)
+            row[f"{name}_ms"] = round(_time(lambda m=m, b=b, c=cache: m.forward(b, c), a.repeats) * 1e3, 2)
+            if name != "cpu_ops_kv8":
+                row[f"{name}_roofline_fraction"] = round(row["roofline_ms"] / row[f"{name}_ms"], 3)
         logits = model.forward(b, kv)
         greedy = [SamplingRow(0.0)] * bsz
         sampled = [SamplingRow(0.8, top_p=0.95)] * bsz

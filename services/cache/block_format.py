@@ -4,7 +4,8 @@
     head_dim u16 | key 32 B | parent 32 B | token ids (block_size x u32 LE) | K bytes | V bytes
 
 K is [layers, kv_heads, head_dim, block_size] and V [layers, kv_heads, block_size, head_dim]: one
-block's slice of the engine's head-major pool, copied as is. A block read back is used only if
+block's slice of the engine's head-major pool, copied as is. An int8 pool (dtype int8) stores after
+them its per-token scales, K's then V's, float32 [layers, kv_heads, block_size]. A block read back is used only if
 every field matches what the reader expects - version, dtype, layout, shapes, its own key, its
 parent's key and the very token ids of the request - so a hash collision, a foreign writer or a
 torn value can cost a recompute, never wrong KV.
@@ -23,7 +24,7 @@ from .keys import KEY_BYTES, token_bytes
 MAGIC = b"MSKV"
 VERSION = 1
 LAYOUT_HEAD_MAJOR = 1
-_DTYPES: dict[torch.dtype, int] = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
+_DTYPES: dict[torch.dtype, int] = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3, torch.int8: 4}
 _HEADER = struct.Struct(f"<4sHBBHHHH{KEY_BYTES}s{KEY_BYTES}s")
 
 
@@ -50,35 +51,57 @@ class BlockShape:
     def v_shape(self) -> tuple[int, int, int, int]:
         return (self.layers, self.kv_heads, self.block_size, self.head_dim)
 
+    @property
+    def parts(self) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+        """The tensors of one block in stored order: K, V, and for int8 their scales."""
+        out: list[tuple[torch.dtype, tuple[int, ...]]] = [(self.dtype, self.k_shape), (self.dtype, self.v_shape)]
+        if self.dtype == torch.int8:
+            scales = (self.layers, self.kv_heads, self.block_size)
+            out += [(torch.float32, scales), (torch.float32, scales)]
+        return out
+
     def nbytes(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return _HEADER.size + 4 * self.block_size + 2 * self.elements * elem
+        return _HEADER.size + 4 * self.block_size + sum(_numel(shape) * _elem(dt) for dt, shape in self.parts)
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 class BlockMismatch(ValueError):
     """A stored value is not the block asked for (another version, shape, key or tokens)."""
 
 
-def encode(shape: BlockShape, key: bytes, parent: bytes, tokens: Sequence[int], k: torch.Tensor,
-           v: torch.Tensor) -> bytearray:
-    """One block's bytes; K and V (views into the pool are fine) are copied once, straight into
-    the value (on a 2-core server every copy of 3 MiB competes with the step loop)."""
-    if len(tokens) != shape.block_size or tuple(k.shape) != shape.k_shape or tuple(v.shape) != shape.v_shape:
+def encode(shape: BlockShape, key: bytes, parent: bytes, tokens: Sequence[int], *parts: torch.Tensor) -> bytearray:
+    """One block's bytes from its parts (K, V[, K scales, V scales]; views into the pool are fine),
+    copied once, straight into the value (on a 2-core server every copy of 3 MiB competes with the
+    step loop)."""
+    want = shape.parts
+    if len(tokens) != shape.block_size or len(parts) != len(want) or any(
+            tuple(t.shape) != s or t.dtype != dt for t, (dt, s) in zip(parts, want, strict=True)):
         raise ValueError("block does not have the declared shape")
     out = bytearray(shape.nbytes())
     _HEADER.pack_into(out, 0, MAGIC, VERSION, _DTYPES[shape.dtype], LAYOUT_HEAD_MAJOR, shape.block_size,
                       shape.layers, shape.kv_heads, shape.head_dim, key, parent)
-    tok_end = _HEADER.size + 4 * shape.block_size
-    out[_HEADER.size:tok_end] = token_bytes(tokens)
-    torch.frombuffer(out, dtype=shape.dtype, count=shape.elements, offset=tok_end).view(shape.k_shape).copy_(k)
-    torch.frombuffer(out, dtype=shape.dtype, count=shape.elements,
-                     offset=tok_end + shape.elements * k.element_size()).view(shape.v_shape).copy_(v)
+    off = _HEADER.size + 4 * shape.block_size
+    out[_HEADER.size:off] = token_bytes(tokens)
+    for t, (dt, s) in zip(parts, want, strict=True):
+        n = _numel(s)
+        torch.frombuffer(out, dtype=dt, count=n, offset=off).view(s).copy_(t)
+        off += n * _elem(dt)
     return out
 
 
 def decode(shape: BlockShape, data: bytes | bytearray, key: bytes, parent: bytes,
-           tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """K and V of the block, or BlockMismatch saying which field differs."""
+           tokens: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """The block's parts (K, V[, K scales, V scales]), or BlockMismatch saying which field differs."""
     if len(data) != shape.nbytes():
         raise BlockMismatch(f"size {len(data)} != {shape.nbytes()}")
     magic, version, dtype, layout, bs, layers, kvh, hd, got_key, got_parent = _HEADER.unpack_from(data)
@@ -94,7 +117,9 @@ def decode(shape: BlockShape, data: bytes | bytearray, key: bytes, parent: bytes
     if data[off:tok_end] != token_bytes(tokens):
         raise BlockMismatch("token ids differ (hash collision or foreign writer)")
     buf = bytearray(data[tok_end:])  # writable: the tensors are copied into the pool from it
-    k = torch.frombuffer(buf, dtype=shape.dtype, count=shape.elements).view(shape.k_shape)
-    v = torch.frombuffer(buf, dtype=shape.dtype, count=shape.elements,
-                         offset=shape.elements * k.element_size()).view(shape.v_shape)
-    return k, v
+    parts, off = [], 0
+    for dt, s in shape.parts:
+        n = _numel(s)
+        parts.append(torch.frombuffer(buf, dtype=dt, count=n, offset=off).view(s))
+        off += n * _elem(dt)
+    return tuple(parts)

@@ -48,11 +48,11 @@ class BlockRef:
 
 
 class KvTier:
-    def __init__(self, store: Store, model: str, namespace: bytes, shape: BlockShape, k_pool: torch.Tensor,
-                 v_pool: torch.Tensor, log_: events.EventLog | None = None, max_pending: int = 32,
-                 known_capacity: int = 65_536) -> None:
+    def __init__(self, store: Store, model: str, namespace: bytes, shape: BlockShape, pools: Sequence[torch.Tensor],
+                 log_: events.EventLog | None = None, max_pending: int = 32, known_capacity: int = 65_536) -> None:
+        """`pools`: the engine's pool tensors indexed [layer, block, ...] (K, V[, their int8 scales])."""
         self.store, self.namespace, self.shape = store, namespace, shape
-        self._k, self._v = k_pool, v_pool
+        self._pools = list(pools)
         self.events = log_
         self.max_pending = max_pending
         self.stats = metrics.tier_stats(model, "shared")
@@ -188,7 +188,7 @@ class KvTier:
         for r in refs:
             try:  # one copy, from the pinned page straight into the value
                 items[self.name(r)] = block_format.encode(self.shape, r.key, r.parent, r.tokens,
-                                                          self._k[:, r.block], self._v[:, r.block])
+                                                          *(p[:, r.block] for p in self._pools))
                 written.append(r)
             except Exception:
                 log.exception("could not encode KV block %s for the shared tier", r.key.hex()[:16])
@@ -201,18 +201,18 @@ class KvTier:
         self._queue.put(None)
 
     # ---- reads (any thread but the step thread) -------------------------------------------------
-    def fetch(self, refs: Sequence[BlockRef]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def fetch(self, refs: Sequence[BlockRef]) -> list[tuple[torch.Tensor, ...]]:
         """K/V of the leading run of `refs` found in the store and verified."""
         with self._cpu("read"):
             return self._fetch(refs)
 
-    def _fetch(self, refs: Sequence[BlockRef]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _fetch(self, refs: Sequence[BlockRef]) -> list[tuple[torch.Tensor, ...]]:
         if not refs or not self.store.available():
             if refs:
                 self.stats.error("store_down")
             return []
         values = self.store.get_many([self.name(r) for r in refs])
-        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        out: list[tuple[torch.Tensor, ...]] = []
         nbytes = 0
         for ref, data in zip(refs, values, strict=True):
             if data is None:

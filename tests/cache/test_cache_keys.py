@@ -74,6 +74,22 @@ def test_block_round_trip_and_every_mismatch_is_rejected():
         block_format.decode(shape, data[:-1], key, parent, tokens)
 
 
+def test_int8_block_carries_its_scales_and_is_not_read_as_float():
+    shape = BlockShape(torch.int8, block_size=4, layers=2, kv_heads=1, head_dim=3)
+    k = torch.randint(-127, 128, shape.k_shape, dtype=torch.int8)
+    v = torch.randint(-127, 128, shape.v_shape, dtype=torch.int8)
+    ks, vs = torch.rand(2, 1, 4), torch.rand(2, 1, 4)
+    key, parent, tokens = keys.block_key(NS, [1, 2, 3, 4], SALT), NS, [1, 2, 3, 4]
+    data = block_format.encode(shape, key, parent, tokens, k, v, ks, vs)
+    assert len(data) == shape.nbytes()
+    got = block_format.decode(shape, data, key, parent, tokens)
+    assert all(torch.equal(a, b) for a, b in zip(got, (k, v, ks, vs), strict=True))
+    with pytest.raises(ValueError, match="declared shape"):  # an int8 block without its scales
+        block_format.encode(shape, key, parent, tokens, k, v)
+    with pytest.raises(BlockMismatch):  # a float reader never takes int8 pages for its own
+        block_format.decode(BlockShape(torch.float32, 4, 2, 1, 3), data, key, parent, tokens)
+
+
 def test_event_log_replays_or_snapshots():
     log = EventLog(ring_size=3)
     first = log.read(None)

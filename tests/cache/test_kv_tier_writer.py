@@ -23,7 +23,7 @@ def _tier(store_url: str) -> KvTier:
     n = 6
     k = torch.randn(SHAPE.layers, n, SHAPE.kv_heads, SHAPE.head_dim, SHAPE.block_size)
     v = torch.randn(SHAPE.layers, n, SHAPE.kv_heads, SHAPE.block_size, SHAPE.head_dim)
-    return KvTier(store, "tiny", b"ns" * 16, SHAPE, k, v)
+    return KvTier(store, "tiny", b"ns" * 16, SHAPE, [k, v])
 
 
 def _refs(tokens: list[list[int]]) -> list[BlockRef]:
@@ -47,7 +47,7 @@ def test_written_blocks_are_released_once_and_the_engine_woken(store_url: str):
         assert sorted(tier.drain_released()) == [0, 1, 2]
         assert tier.drain_released() == [] and tier._pending == 0  # noqa: SLF001
         got = tier.fetch(refs)
-        assert len(got) == 3 and torch.equal(got[1][0], tier._k[:, 1])  # noqa: SLF001
+        assert len(got) == 3 and torch.equal(got[1][0], tier._pools[0][:, 1])  # noqa: SLF001
         assert tier.cpu_s["write"] > 0 and tier.cpu_s["offer"] > 0 and tier.cpu_s["read"] > 0
     finally:
         tier.close()
@@ -79,7 +79,7 @@ def test_blocks_the_store_evicts_go_out_as_removed_events(tmp_path: Path):
     log = events.EventLog()
     k = torch.randn(SHAPE.layers, 6, SHAPE.kv_heads, SHAPE.head_dim, SHAPE.block_size)
     v = torch.randn(SHAPE.layers, 6, SHAPE.kv_heads, SHAPE.block_size, SHAPE.head_dim)
-    tier = KvTier(store, "tiny", b"ns" * 16, SHAPE, k, v, log)
+    tier = KvTier(store, "tiny", b"ns" * 16, SHAPE, [k, v], log)
     client = server.client()
     try:
         refs = _refs([[1, 2, 3, 4], [5, 6, 7, 8]])

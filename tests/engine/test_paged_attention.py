@@ -2,7 +2,8 @@
 
 Random block tables over a pool with garbage in every unused slot, context lengths straddling page
 edges, decodes mixed with prefill chunks that follow a cached prefix, GQA ratios 1/3/4/8, head
-dims 64/128, batches of 1-64 sequences, float32 and bfloat16.
+dims 64/128, batches of 1-64 sequences, float32 and bfloat16, and the int8 cache (its scales per
+token and KV head) against the same reference over the dequantized pool.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from services.modelserver.torch_engine import ops
 from services.modelserver.torch_engine.attention import TILE_ROWS, TorchAttention, kernel_attention, kernel_fits
 from services.modelserver.torch_engine.forward_batch import SeqSlice, build_forward_batch
-from services.modelserver.torch_engine.kv_cache import write_kv
+from services.modelserver.torch_engine.kv_cache import dequantize_rows, quantize_rows, write_kv
 
 OPS: Any = ops.load()
 needs_ops = pytest.mark.skipif(OPS is None, reason=f"C++ ops not built: {ops.status()}")
@@ -103,22 +104,75 @@ def test_torch_path_matches_reference(kv, ratio, hd, bs, n_seqs, dtype):
     torch.testing.assert_close(out.double(), want, atol=TOL[dtype] * 2, rtol=TOL[dtype])
 
 
+def quantize_pool(k_cache: torch.Tensor, v_cache: torch.Tensor):
+    """int8 pages and per-token scales of a float pool, and the pool they dequantize to."""
+    kq, ks = quantize_rows(k_cache.float().transpose(2, 3))  # K pages are [hd, B]: rows per token
+    vq, vs = quantize_rows(v_cache.float())
+    k_deq = dequantize_rows(kq, ks, torch.float32).transpose(2, 3)
+    return kq.transpose(2, 3).contiguous(), vq, ks, vs, k_deq, dequantize_rows(vq, vs, torch.float32)
+
+
 @needs_ops
-def test_kernel_rows_do_not_depend_on_batch_or_tiling():
-    """A row's result is bit-identical alone, in a big batch, and under another tile size."""
+@pytest.mark.parametrize(("kv", "ratio", "hd", "bs", "n_seqs", "dtype"), CASES)
+def test_int8_cache_kernel_matches_reference(kv, ratio, hd, bs, n_seqs, dtype):
+    rng = random.Random(hash((kv, ratio, hd, bs, n_seqs, "int8")) & 0xFFFF)
+    b, q, k_cache, v_cache = make_step(rng, n_seqs, kv, ratio, hd, bs, dtype)
+    kq, vq, ks, vs, k_deq, v_deq = quantize_pool(k_cache, v_cache)
+    out = torch.empty_like(q)
+    OPS.paged_attention(out, q, kq, vq, b.block_tables, b.seq_starts_t, b.context_lens_t, hd ** -0.5, TILE_ROWS,
+                        ks, vs)
+    want = reference(b, q, k_deq, v_deq)
+    torch.testing.assert_close(out.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize(("kv", "ratio", "hd", "bs", "n_seqs", "dtype"), CASES[:5])
+def test_int8_cache_torch_path_matches_reference(kv, ratio, hd, bs, n_seqs, dtype):
+    rng = random.Random(11 + n_seqs)
+    b, q, k_cache, v_cache = make_step(rng, n_seqs, kv, ratio, hd, bs, dtype)
+    kq, vq, ks, vs, k_deq, v_deq = quantize_pool(k_cache, v_cache)
+    k, v = new_kv(b, k_deq.to(dtype), v_deq.to(dtype))  # re-quantizing a dequantized row gives it back
+    out = TorchAttention(b, q.shape[1], bs)(q, k, v, kq, vq, b.slot_mapping, ks, vs)
+    want = reference(b, q, k_deq, v_deq)
+    torch.testing.assert_close(out.double(), want, atol=TOL[dtype] * 2, rtol=TOL[dtype])
+
+
+@needs_ops
+@pytest.mark.parametrize("int8", [False, True])
+def test_kernel_rows_do_not_depend_on_batch_or_tiling(int8):
+    """A row's result is bit-identical alone, in a big batch, and under another tile size; with the
+    int8 cache the decode walk (int8 read in place) and the prefill blocks give the same row too."""
     rng = random.Random(3)
     b, q, k_cache, v_cache = make_step(rng, 20, 3, 3, 64, 64, torch.bfloat16)
+    scales: tuple = (None, None)
+    if int8:
+        k_cache, v_cache, ks, vs, _, _ = quantize_pool(k_cache, v_cache)
+        scales = (ks, vs)
     full = torch.empty_like(q)
-    OPS.paged_attention(full, q, k_cache, v_cache, b.block_tables, b.seq_starts_t, b.context_lens_t, 0.125, 16)
+    OPS.paged_attention(full, q, k_cache, v_cache, b.block_tables, b.seq_starts_t, b.context_lens_t, 0.125, 16,
+                        *scales)
     other = torch.empty_like(q)
-    OPS.paged_attention(other, q, k_cache, v_cache, b.block_tables, b.seq_starts_t, b.context_lens_t, 0.125, 3)
+    OPS.paged_attention(other, q, k_cache, v_cache, b.block_tables, b.seq_starts_t, b.context_lens_t, 0.125, 3,
+                        *scales)
     assert torch.equal(full, other)
     s = len(b.context_lens) - 1  # the last sequence, alone, as decodes of its last token only
     end = b.seq_starts[s + 1]
+    assert end - b.seq_starts[s] > 1  # it was a prefill chunk in the batch
     alone = torch.empty_like(q[end - 1:end])
     OPS.paged_attention(alone, q[end - 1:end], k_cache, v_cache, b.block_tables[s:s + 1],
-                        torch.tensor([0, 1], dtype=torch.int32), b.context_lens_t[s:s + 1], 0.125, 16)
+                        torch.tensor([0, 1], dtype=torch.int32), b.context_lens_t[s:s + 1], 0.125, 16, *scales)
     assert torch.equal(alone[0], full[end - 1])
+
+
+@needs_ops
+def test_int8_cache_is_refused_without_its_scales():
+    b = build_forward_batch([SeqSlice([0], 0, [0], True)], 16)
+    q = torch.zeros(1, 2, 64)
+    kc, vc = torch.zeros(2, 1, 64, 16, dtype=torch.int8), torch.zeros(2, 1, 16, 64, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="needs k_scale and v_scale"):
+        kernel_attention(OPS, q, kc, vc, b)
+    bad = torch.zeros(2, 1, 8)
+    with pytest.raises(RuntimeError, match="scales must be float32"):
+        kernel_attention(OPS, q, kc, vc, b, bad, bad)
 
 
 @needs_ops
@@ -143,6 +197,19 @@ def test_rope_and_cache_matches_torch(dtype):
     torch.testing.assert_close(q.float(), rot[:, :H].float(), atol=tol, rtol=tol)
     torch.testing.assert_close(kc.float(), kc_ref.float(), atol=tol, rtol=tol)
     assert torch.equal(vc, vc_ref)
+
+    # int8 cache: each K/V row quantized on write with its own scale, as write_kv does
+    kq, vq = torch.zeros_like(kc, dtype=torch.int8), torch.zeros_like(vc, dtype=torch.int8)
+    ks, vs = torch.zeros((nb, KV, bs)), torch.zeros((nb, KV, bs))
+    OPS.rope_and_cache(qkv, cos, sin, pos, slots, q, kq, vq, ks, vs)
+    kq_ref, vq_ref = torch.zeros_like(kq), torch.zeros_like(vq)
+    ks_ref, vs_ref = torch.zeros_like(ks), torch.zeros_like(vs)
+    write_kv(kq_ref, vq_ref, rot[:, H:], qkv[:, (H + KV) * hd:].view(T, KV, hd), slots, ks_ref, vs_ref)
+    assert torch.equal(vq, vq_ref) and torch.equal(vs, vs_ref)  # V is not rotated: the same bytes
+    torch.testing.assert_close(ks, ks_ref, atol=0, rtol=tol)
+    # K went through RoPE, where a fused multiply-add may move the last bit: at most one step apart
+    assert (kq.int() - kq_ref.int()).abs().max() <= 1
+    assert (kq != kq_ref).float().mean() < 0.01
 
 
 @needs_ops

@@ -136,6 +136,8 @@ TORCH = (
          high=1 << 30),
     _opt("kv_cache_bytes", int, 512 * 1024 * 1024, "KV pool in bytes when kv_cache_blocks is 0",
          low=0, high=1 << 46),
+    _opt("kv_cache_dtype", str, "auto", "KV cache elements: auto = the model's dtype; int8 = int8 with a scale "
+         "per token and head (~3.8x fewer bytes than float32; changes answers slightly)", choices=("auto", "int8")),
     _opt("max_running", int, 64, "sequences in one step", low=1, high=1 << 16),
     _opt("step_token_budget", int, 512, "tokens computed per step", low=1, high=1 << 20),
     _opt("max_context", int, 4096, "prompt + output tokens (0 = the model's own limit)", low=0,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .forward_batch import ForwardBatch
-from .kv_cache import gather, write_kv
+from .kv_cache import dequantize_rows, gather, quantize_rows, write_kv
 
 #: query rows (tokens x heads of one KV head) one kernel work item holds; bounds its scratch.
 TILE_ROWS = 16
@@ -28,6 +28,10 @@ KERNEL_HEAD_DIM_MULTIPLE = 16
 
 def kernel_fits(block_size: int, head_dim: int) -> bool:
     return block_size in KERNEL_BLOCK_SIZES and head_dim % KERNEL_HEAD_DIM_MULTIPLE == 0
+
+
+#: one layer's pages: k, v and, for an int8 cache, their per-token scales
+Pages = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
 @dataclass
@@ -57,25 +61,31 @@ class TorchAttention:
             self.spans.append(_Span(start, end - start, ctx, ids))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """q [T, H, hd], this step's k, v [T, KV, hd] (also written to the cache) -> [T, H, hd]."""
-        write_kv(k_cache, v_cache, k, v, slots)
+                 v_cache: torch.Tensor, slots: torch.Tensor, k_scale: torch.Tensor | None = None,
+                 v_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """q [T, H, hd], this step's k, v [T, KV, hd] (also written to the cache) -> [T, H, hd].
+        With an int8 cache (scales given) every K/V row attended to, this step's included, is the
+        stored int8 value times its scale, as in the kernel."""
+        write_kv(k_cache, v_cache, k, v, slots, k_scale, v_scale)
+        if k_scale is not None:
+            k = dequantize_rows(*quantize_rows(k), q.dtype)
+            v = dequantize_rows(*quantize_rows(v), q.dtype)
         T, H, hd = q.shape
         KV = k.shape[1]
         out = torch.empty((T, H, hd), dtype=q.dtype)
+        pages: Pages = (k_cache, v_cache, k_scale, v_scale)
         if self.D:
-            kg, vg = gather(k_cache, v_cache, self.dec_tables)
+            kg, vg = gather(k_cache, v_cache, self.dec_tables, q.dtype, k_scale, v_scale)
             o = F.scaled_dot_product_attention(q[: self.D].view(self.D, KV, H // KV, hd), kg, vg,
                                                attn_mask=self.dec_mask)
             out[: self.D] = o.view(self.D, H, hd)
         for sp in self.spans:
             rows = slice(sp.start, sp.start + sp.n)
-            out[rows] = _prefill(q[rows], k[rows], v[rows], k_cache, v_cache, sp)
+            out[rows] = _prefill(q[rows], k[rows], v[rows], pages, sp)
         return out
 
 
-def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             sp: _Span) -> torch.Tensor:
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pages: Pages, sp: _Span) -> torch.Tensor:
     """One chunk: causal attention within it, merged with attention to its cached prefix."""
     n, H, hd = q.shape
     KV = k.shape[1]
@@ -87,7 +97,8 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.T
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # noqa: SLF001 - the only op with LSE
     out_c, lse_c = flash(qh.unsqueeze(0), kh.repeat_interleave(G, 0).unsqueeze(0),
                          vh.repeat_interleave(G, 0).unsqueeze(0), 0.0, True)
-    kp, vp = gather(k_cache, v_cache, sp.block_ids)
+    k_cache, v_cache, k_scale, v_scale = pages
+    kp, vp = gather(k_cache, v_cache, sp.block_ids, q.dtype, k_scale, v_scale)
     qg = qh.reshape(KV, G * n, hd)  # every chunk query sees the whole prefix: fold the group into rows
     # the private flash op assumes unit stride in head_dim, which a one-page gather view lacks
     out_p, lse_p = flash(qg.unsqueeze(0), kp[:, :, :cached].contiguous(), vp[:, :, :cached].contiguous(), 0.0, False)
@@ -101,9 +112,10 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.T
 
 
 def kernel_attention(ops: ModuleType, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     b: ForwardBatch) -> torch.Tensor:
+                     b: ForwardBatch, k_scale: torch.Tensor | None = None,
+                     v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The C++ kernel over every row of the step; q [T, H, hd] already rotated, K/V already written."""
     out = torch.empty(q.shape, dtype=q.dtype)
     ops.paged_attention(out, q, k_cache, v_cache, b.block_tables, b.seq_starts_t, b.context_lens_t,
-                        q.shape[-1] ** -0.5, TILE_ROWS)
+                        q.shape[-1] ** -0.5, TILE_ROWS, k_scale, v_scale)
     return out

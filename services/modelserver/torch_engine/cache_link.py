@@ -70,7 +70,8 @@ class EngineCache:
         self.model = model
         self.block_size = kv.block_size
         self.tokenizer = tokenizer
-        numerics = f"int8={cfg.int8_max_tokens};invariant={cfg.invariant_rows if cfg.batch_invariant else 0}"
+        numerics = (f"int8={cfg.int8_max_tokens};invariant={cfg.invariant_rows if cfg.batch_invariant else 0}"
+                    + ("" if cfg.kv_cache_dtype == "auto" else f";kv={cfg.kv_cache_dtype}"))
         self.weights_digest = weights_digest(path)
         self.namespace = keys.namespace(self.weights_digest, str(dtype), LAYOUT, kv.block_size, numerics)
         self.events = events.EventLog()
@@ -81,8 +82,8 @@ class EngineCache:
         store = runtime.store()
         self.tier: KvTier | None = None
         if store is not None and cfg.shared_kv:
-            shape = BlockShape(dtype, kv.block_size, args.num_layers, args.num_kv_heads, args.head_dim)
-            self.tier = KvTier(store, model, self.namespace, shape, kv.k, kv.v, self.events)
+            shape = BlockShape(kv.k.dtype, kv.block_size, args.num_layers, args.num_kv_heads, args.head_dim)
+            self.tier = KvTier(store, model, self.namespace, shape, kv.pools, self.events)
 
     def _on_blocks(self, kind: str, block_keys: list[bytes]) -> None:
         self.events.record(kind, events.LOCAL, block_keys)

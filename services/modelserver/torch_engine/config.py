@@ -24,6 +24,10 @@ class TorchEngineConfig:
     #: KV pool size in blocks; when 0 it is derived from kv_cache_bytes. The pool is never exceeded.
     kv_cache_blocks: int = 0
     kv_cache_bytes: int = 512 * 1024 * 1024
+    #: "auto" (the model's dtype) or "int8": K/V stored as int8 with a float32 scale per token and
+    #: KV head, ~3.8x fewer bytes than float32 for attention to read and a pool that holds as many
+    #: more tokens; changes answers slightly (bench/engine/accuracy.py measures by how much).
+    kv_cache_dtype: str = "auto"
     #: sequences that may hold KV blocks and run in one step.
     max_running: int = 64
     #: tokens computed per step (decode tokens + prefill chunks): bounds step latency.

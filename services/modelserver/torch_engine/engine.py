@@ -145,8 +145,8 @@ class TorchEngine(Engine):
         model = LlamaModel(args, tensors, dtype, max_context, int8_max_tokens=cfg.int8_max_tokens,
                            invariant_rows=cfg.invariant_rows if cfg.batch_invariant else 0)
         del tensors
-        num_blocks = cfg.num_blocks(KVCache.bytes_per_block(args, cfg.block_size, dtype))
-        kv = KVCache.allocate(args, num_blocks, cfg.block_size, dtype)
+        num_blocks = cfg.num_blocks(KVCache.bytes_per_block(args, cfg.block_size, dtype, cfg.kv_cache_dtype))
+        kv = KVCache.allocate(args, num_blocks, cfg.block_size, dtype, cfg.kv_cache_dtype)
         core = EngineCore(model, kv, tokenizer.decode, tokenizer.eos_token_ids, cfg.max_running,
                           cfg.step_token_budget, max_context)
         self.cache = EngineCache(self.model_name, path, args, dtype, cfg, kv, core.blocks, tokenizer)
@@ -156,8 +156,8 @@ class TorchEngine(Engine):
         self.core = core
         self.tokenizer, self.dtype = tokenizer, dtype
         self._vocab_size, self._max_context = args.vocab_size, max_context
-        log.info("torch engine %s: %s, %d KV blocks of %d tokens, max context %d", self.model_name, dtype,
-                 num_blocks, cfg.block_size, max_context)
+        log.info("torch engine %s: %s, %d KV blocks of %d tokens (%s), max context %d", self.model_name, dtype,
+                 num_blocks, cfg.block_size, kv.k.dtype, max_context)
 
     async def stop(self) -> None:
         self._accepting = False

@@ -199,10 +199,11 @@ class EngineCore:
     # ---- the shared tier ------------------------------------------------------------------------
     def _install_remote(self, seq: Sequence, start: int, data: list) -> None:
         """Copy fetched blocks into the sequence's fresh blocks [start, start + len) and publish them."""
-        for j, (k, v) in enumerate(data):
+        pools = self.kv.pools
+        for j, parts in enumerate(data):
             b = seq.block_ids[start + j]
-            self.kv.k[:, b].copy_(k)
-            self.kv.v[:, b].copy_(v)
+            for pool, part in zip(pools, parts, strict=True):
+                pool[:, b].copy_(part)
         self.blocks.publish(seq.block_ids, seq.full_block_hashes(self.kv.block_size), start, start + len(data))
 
     def _offer_to_tier(self, committed_before: dict[Sequence, int]) -> None:

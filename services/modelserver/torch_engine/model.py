@@ -101,10 +101,10 @@ class LlamaModel:
         act = torch.empty((T, a.intermediate_size), dtype=x.dtype)
         ops.add_rms_norm(x, None, self.layers[0].attn_norm, eps, h)
         for li, layer in enumerate(self.layers):
-            k_cache, v_cache = kv.k[li], kv.v[li]
+            k_cache, v_cache, k_scale, v_scale = kv.layer(li)
             ops.rope_and_cache(layer.qkv(h), self.cos, self.signed_sin, b.positions, b.slot_mapping, q, k_cache,
-                               v_cache)
-            attn = kernel_attention(ops, q, k_cache, v_cache, b)
+                               v_cache, k_scale, v_scale)
+            attn = kernel_attention(ops, q, k_cache, v_cache, b, k_scale, v_scale)
             ops.add_rms_norm(x, layer.o(attn.view(T, H * hd)), layer.mlp_norm, eps, h)
             ops.silu_and_mul(layer.gate_up(h), act)
             down = layer.down(act)
@@ -133,7 +133,8 @@ class LlamaModel:
             qk = qkv[:, : (H + KV) * hd].view(T, H + KV, hd)
             qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
             v = qkv[:, (H + KV) * hd:].view(T, KV, hd)
-            attn = attend(qk[:, :H], qk[:, H:], v, kv.k[li], kv.v[li], b.slot_mapping)
+            k_cache, v_cache, k_scale, v_scale = kv.layer(li)
+            attn = attend(qk[:, :H], qk[:, H:], v, k_cache, v_cache, b.slot_mapping, k_scale, v_scale)
             x = x + layer.o(attn.view(T, H * hd))
             h = F.rms_norm(x, (a.hidden_size,), layer.mlp_norm, a.rms_norm_eps)
             gu = layer.gate_up(h)

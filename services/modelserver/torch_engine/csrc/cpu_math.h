@@ -13,6 +13,7 @@ namespace meshserve {
 using bf16 = c10::BFloat16;
 
 inline float to_f(float x) { return x; }
+inline float to_f(int8_t x) { return static_cast<float>(x); }
 inline float to_f(bf16 x) {
   uint32_t u = static_cast<uint32_t>(x.x) << 16;
   float f;
@@ -57,5 +58,8 @@ inline float fast_exp(float x) {
 // Below this many multiply-adds a kernel runs on the calling thread: waking OpenMP threads costs
 // more than it saves for a few rows, and on a busy machine a descheduled thread stalls the region.
 constexpr int64_t kParallelWork = 1 << 16;
+
+// Largest head_dim a kernel holds on the stack (Llama-family models use 64-256).
+constexpr int kMaxHeadDim = 512;
 
 }  // namespace meshserve

@@ -12,15 +12,31 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 
 #include "cpu_math.h"
 
 using namespace meshserve;
 
-template <typename T>
+// The int8 form of one row of a cache: scale = max |x| / 127, q = round-half-even(x / scale) (what
+// kv_cache.quantize_rows computes, so kernel and plain-torch path store the same bytes).
+inline float quantize_row(const float* x, int n, int8_t* q, int64_t q_stride) {
+  float amax = 0.0f;
+  for (int i = 0; i < n; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float scale = amax / 127.0f;
+  const float div = scale > 0.0f ? scale : 1.0f;
+  for (int i = 0; i < n; ++i) {
+    const float r = std::nearbyint(x[i] / div);
+    q[i * q_stride] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+  }
+  return scale;
+}
+
+template <typename T, typename C>
 void rope_cache_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& sin,
                      const torch::Tensor& positions, const torch::Tensor& slots, torch::Tensor& q_out,
-                     torch::Tensor& k_cache, torch::Tensor& v_cache, int H) {
+                     torch::Tensor& k_cache, torch::Tensor& v_cache, float* k_scale, float* v_scale, int H) {
+  constexpr bool kInt8 = std::is_same_v<C, int8_t>;
   const int64_t T_ = qkv.size(0);
   const int KV = k_cache.size(1), D = k_cache.size(2), B = k_cache.size(3);
   const int half = D / 2;
@@ -31,14 +47,15 @@ void rope_cache_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const t
   const int64_t* pos = positions.data_ptr<int64_t>();
   const int64_t* slot = slots.data_ptr<int64_t>();
   T* qo = q_out.data_ptr<T>();
-  T* kc = k_cache.data_ptr<T>();
-  T* vc = v_cache.data_ptr<T>();
+  C* kc = k_cache.data_ptr<C>();
+  C* vc = v_cache.data_ptr<C>();
 #pragma omp parallel for schedule(static) num_threads(at::get_num_threads()) if (T_ * (H + 2 * KV) * D > kParallelWork)
   for (int64_t t = 0; t < T_; ++t) {
     const T* row = x + t * xs;
     const T* ct = c + pos[t] * D;
     const T* st = sn + pos[t] * D;
     const int64_t blk = slot[t] / B, off = slot[t] % B;
+    float kf[kMaxHeadDim];  // one rotated K row in the model's dtype, widened (int8 caches)
     for (int h = 0; h < H + KV; ++h) {
       const T* src = row + h * D;
       for (int d = 0; d < D; ++d) {
@@ -46,38 +63,81 @@ void rope_cache_impl(const torch::Tensor& qkv, const torch::Tensor& cos, const t
         const float v = to_f(src[d]) * to_f(ct[d]) + rot * to_f(st[d]);
         if (h < H) {
           from_f(v, qo + (t * H + h) * D + d);
+        } else if constexpr (kInt8) {
+          T rounded;  // the model's dtype first, as the plain-torch path computes it
+          from_f(v, &rounded);
+          kf[d] = to_f(rounded);
         } else {
           from_f(v, kc + ((blk * KV + (h - H)) * D + d) * B + off);
+        }
+      }
+      if constexpr (kInt8) {
+        if (h >= H) {
+          const int64_t page = blk * KV + (h - H);
+          k_scale[page * B + off] = quantize_row(kf, D, kc + page * D * B + off, B);
         }
       }
     }
     for (int h = 0; h < KV; ++h) {
       const T* src = row + (H + KV + h) * D;
-      T* dst = vc + ((blk * KV + h) * B + off) * D;
-      std::memcpy(dst, src, sizeof(T) * D);
+      C* dst = vc + ((blk * KV + h) * B + off) * D;
+      if constexpr (kInt8) {
+        for (int d = 0; d < D; ++d) kf[d] = to_f(src[d]);
+        v_scale[(blk * KV + h) * B + off] = quantize_row(kf, D, dst, 1);
+      } else {
+        std::memcpy(dst, src, sizeof(T) * D);
+      }
     }
   }
 }
 
 // Rotate q and k of every token (rotate-half RoPE with sign-folded sin tables [positions, D]),
-// write q to q_out [T, H, D] and k, v into their cache slots (slot = block * B + offset).
+// write q to q_out [T, H, D] and k, v into their cache slots (slot = block * B + offset). An int8
+// cache comes with k_scale / v_scale [num_blocks, kv_heads, block]: each row is quantized on write.
 void rope_and_cache(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor positions,
-                    torch::Tensor slots, torch::Tensor q_out, torch::Tensor k_cache, torch::Tensor v_cache) {
+                    torch::Tensor slots, torch::Tensor q_out, torch::Tensor k_cache, torch::Tensor v_cache,
+                    std::optional<torch::Tensor> k_scale, std::optional<torch::Tensor> v_scale) {
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1, "qkv must be [T, (H + 2 KV) * D] with unit last stride");
   TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous() && q_out.is_contiguous(), "tables and q_out contiguous");
   TORCH_CHECK(positions.scalar_type() == torch::kInt64 && slots.scalar_type() == torch::kInt64 &&
                   positions.is_contiguous() && slots.is_contiguous(), "positions and slots must be int64");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   const auto dt = qkv.scalar_type();
-  TORCH_CHECK(cos.scalar_type() == dt && sin.scalar_type() == dt && q_out.scalar_type() == dt &&
-                  k_cache.scalar_type() == dt && v_cache.scalar_type() == dt, "all tensors must share a dtype");
+  TORCH_CHECK(cos.scalar_type() == dt && sin.scalar_type() == dt && q_out.scalar_type() == dt,
+              "qkv, tables and q_out must share a dtype");
+  const bool int8 = k_cache.scalar_type() == torch::kChar;
+  TORCH_CHECK(v_cache.scalar_type() == k_cache.scalar_type() && (int8 || k_cache.scalar_type() == dt),
+              "caches must be int8 or have qkv's dtype");
   const int KV = k_cache.size(1), D = k_cache.size(2);
   const int H = q_out.size(1);
   TORCH_CHECK(qkv.size(1) == (H + 2 * KV) * D && q_out.size(2) == D && q_out.size(0) == qkv.size(0), "bad shapes");
+  float* ks = nullptr;
+  float* vs = nullptr;
+  if (int8) {
+    TORCH_CHECK(k_scale && v_scale, "an int8 cache needs k_scale and v_scale");
+    TORCH_CHECK(D <= kMaxHeadDim, "head_dim above ", kMaxHeadDim, " with an int8 cache");
+    for (const torch::Tensor* t : {&*k_scale, &*v_scale}) {
+      TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->dim() == 3 &&
+                      t->size(0) == k_cache.size(0) && t->size(1) == KV && t->size(2) == k_cache.size(3),
+                  "scales must be float32 [num_blocks, kv_heads, block]");
+    }
+    ks = k_scale->data_ptr<float>();
+    vs = v_scale->data_ptr<float>();
+  } else {
+    TORCH_CHECK(!k_scale && !v_scale, "scales are for an int8 cache only");
+  }
   if (dt == torch::kBFloat16) {
-    rope_cache_impl<bf16>(qkv, cos, sin, positions, slots, q_out, k_cache, v_cache, H);
+    if (int8) {
+      rope_cache_impl<bf16, int8_t>(qkv, cos, sin, positions, slots, q_out, k_cache, v_cache, ks, vs, H);
+    } else {
+      rope_cache_impl<bf16, bf16>(qkv, cos, sin, positions, slots, q_out, k_cache, v_cache, ks, vs, H);
+    }
   } else if (dt == torch::kFloat32) {
-    rope_cache_impl<float>(qkv, cos, sin, positions, slots, q_out, k_cache, v_cache, H);
+    if (int8) {
+      rope_cache_impl<float, int8_t>(qkv, cos, sin, positions, slots, q_out, k_cache, v_cache, ks, vs, H);
+    } else {
+      rope_cache_impl<float, float>(qkv, cos, sin, positions, slots, q_out, k_cache, v_cache, ks, vs, H);
+    }
   } else {
     TORCH_CHECK(false, "rope_and_cache supports float32 and bfloat16");
   }
@@ -158,7 +218,8 @@ void add_rms_norm(torch::Tensor x, std::optional<torch::Tensor> delta, torch::Te
 // paged_attention.cpp
 void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                      torch::Tensor block_tables, torch::Tensor seq_starts, torch::Tensor context_lens, double scale,
-                     int64_t max_tile_rows);
+                     int64_t max_tile_rows, std::optional<torch::Tensor> k_scale,
+                     std::optional<torch::Tensor> v_scale);
 
 // sampling.cpp
 torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor rows, torch::Tensor temperatures,
@@ -167,8 +228,14 @@ torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor rows, torch::Tenso
 int64_t openmp_threads() { return omp_get_max_threads(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention, "paged attention over head-major KV pages (decode + prefill)");
-  m.def("rope_and_cache", &rope_and_cache, "RoPE on q and k, k and v written to their cache slots");
+  namespace py = pybind11;
+  m.def("paged_attention", &paged_attention, "paged attention over head-major KV pages (decode + prefill)",
+        py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
+        py::arg("seq_starts"), py::arg("context_lens"), py::arg("scale"), py::arg("max_tile_rows"),
+        py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
+  m.def("rope_and_cache", &rope_and_cache, "RoPE on q and k, k and v written to their cache slots",
+        py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("slots"), py::arg("q_out"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("add_rms_norm", &add_rms_norm, "x += delta; out = rms_norm(x) * w");
   m.def("sample_rows", &sample_rows, "temperature/top-k/top-p sampling of rows without a vocabulary sort");

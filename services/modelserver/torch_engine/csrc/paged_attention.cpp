@@ -1,8 +1,9 @@
 // Paged attention of one engine step over the KV cache, read in place: decode tokens and prefill
 // chunks together, grouped-query heads sharing every page read, no padding and no mask tensors.
 //
-// Portable source (plain loops and GCC/Clang vector extensions, no intrinsics) built with
-// -march=native, so one source is both the fast and the portable build. All math is float32; bf16
+// Portable source (plain loops and GCC/Clang vector extensions; one AVX2 intrinsic where GCC's
+// portable int8 widening is scalar) built with -march=native, so one source is both the fast and
+// the portable build. All math is float32; bf16
 // is widened on load.
 //
 // Cache layout, per layer (head-major pages, so one page of one KV head is contiguous):
@@ -10,12 +11,21 @@
 //                                                     over tokens with unit stride
 //   v_cache [num_blocks, kv_heads, block, head_dim]   V rows: the P.V loop runs over head_dim
 //
+// 8-bit cache (optional): k_cache / v_cache int8 with a float32 scale per token and KV head,
+// k_scale / v_scale [num_blocks, kv_heads, block]. A token's score is (q . k_int8) * k_scale and its
+// value weight p * v_scale, on the decode walk (int8 read in place, a quarter of float32's bytes)
+// and the prefill blocks (pages widened once, unscaled) alike, so both paths give the same sums.
+//
 // Determinism: every query row (one token, one head) is computed by the same loop over its own
 // context in block order, whatever the batch, the chunking or the tile it shares, so the result of
 // a row depends only on its inputs (what the engine's batch-invariant mode relies on).
 #include <torch/extension.h>
 
 #include <omp.h>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -47,7 +57,17 @@ constexpr int kLanes = 16;  // columns per register block: two 8-float vectors
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf8u __attribute__((vector_size(32), aligned(4), may_alias));  // any float address
 
+typedef int8_t vi8 __attribute__((vector_size(8), aligned(1), may_alias));  // 8 int8 at any address
+
 inline vf8 load8(const float* p) { return *reinterpret_cast<const vf8u*>(p); }
+// GCC 12 turns the portable conversion into eight scalar ones; AVX2 has it in two instructions.
+inline vf8 load8(const int8_t* p) {
+#if defined(__AVX2__)
+  return reinterpret_cast<vf8>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#else
+  return __builtin_convertvector(*reinterpret_cast<const vi8*>(p), vf8);
+#endif
+}
 inline void store8(float* p, vf8 v) { *reinterpret_cast<vf8u*>(p) = v; }
 
 // s[r][t] = q_r . k_t for every token t of the page (K stored [D][B] inside a page).
@@ -72,8 +92,8 @@ inline void page_scores(const float* q, const float* kpage, int D, float* s) {
 }
 
 // acc[r] += sum over t < nt of p[r][t] * v_t (V stored [B][D] inside a page; p is 0 past a row's tokens).
-template <int RB, int B>
-inline void page_values(const float* p, const float* vpage, int D, int nt, float* acc) {
+template <int RB, int B, typename C = float>
+inline void page_values(const float* p, const C* vpage, int D, int nt, float* acc) {
   for (int d0 = 0; d0 < D; d0 += kLanes) {
     vf8 a0[RB], a1[RB];
     for (int r = 0; r < RB; ++r) {
@@ -97,9 +117,11 @@ inline void page_values(const float* p, const float* vpage, int D, int nt, float
 
 // One group of RB consecutive rows (row r is token r0 + r / G) against one page: scores, online
 // softmax update per row, then the weighted values.
+// ks / vs: the page's int8 scales per token, or null for a float page.
 template <int RB, int B>
 inline void attend_page(int r0, int G, int first_pos, int base, const float* qf, const float* kpage,
-                        const float* vpage, int D, float* m, float* l, float* acc, float* s) {
+                        const float* vpage, const float* ks, const float* vs, int D, float* m, float* l,
+                        float* acc, float* s) {
   page_scores<RB, B>(qf + r0 * D, kpage, D, s);
   const int nt = std::min(B, first_pos + (r0 + RB - 1) / G - base + 1);  // the last row sees most
   for (int r = 0; r < RB; ++r) {
@@ -109,6 +131,9 @@ inline void attend_page(int r0, int G, int first_pos, int base, const float* qf,
     if (nv <= 0) {  // the page starts after this row's position
       for (int t = 0; t < nt; ++t) sr[t] = 0.0f;
       continue;
+    }
+    if (ks) {
+      for (int t = 0; t < nv; ++t) sr[t] *= ks[t];
     }
     float mx = m[row];
 #pragma omp simd reduction(max : mx)
@@ -125,25 +150,36 @@ inline void attend_page(int r0, int G, int first_pos, int base, const float* qf,
     m[row] = mx;
     float* ar = acc + row * D;
     for (int d = 0; d < D; ++d) ar[d] *= corr;
+    if (vs) {
+      for (int t = 0; t < nv; ++t) sr[t] *= vs[t];
+    }
   }
   page_values<RB, B>(s, vpage, D, nt, acc + r0 * D);
 }
 
-// The G rows of one decode token against one page, a row at a time: the score loop walks the K page
-// in address order, which the hardware prefetcher follows; at batch 64 (memory-bound) that beat the
-// row-blocked walk, which reads K column-wise, by ~20%. Same sums in the same order as attend_page.
-template <int B>
-inline void attend_page_rows(int G, int pos, int base, const float* qf, const float* kpage, const float* vpage,
-                             int D, float* m, float* l, float* acc) {
+// The G rows of one decode token against one page, a row at a time: the score loop holds the row's
+// B scores in registers and walks the K page in address order, which the hardware prefetcher
+// follows (at batch 64, memory-bound, that beat the row-blocked walk, which reads K column-wise, by
+// ~20%). C is float, or int8_t read in place with its per-token scales ks / vs (null for float).
+// Same sums in the same order as attend_page.
+template <typename C, int B>
+inline void attend_page_rows(int G, int pos, int base, const float* qf, const C* kpage, const C* vpage,
+                             const float* ks, const float* vs, int D, float* m, float* l, float* acc) {
+  constexpr int NV = B / 8;
   const int nv = std::min(B, pos - base + 1);
   alignas(64) float s[B];
   for (int r = 0; r < G; ++r) {
     const float* qr = qf + r * D;
-    for (int t = 0; t < B; ++t) s[t] = 0.0f;
+    vf8 a[NV];
+    for (int j = 0; j < NV; ++j) a[j] = vf8{};
     for (int d = 0; d < D; ++d) {
       const float qd = qr[d];
-      const float* kr = kpage + d * B;
-      for (int t = 0; t < B; ++t) s[t] += qd * kr[t];
+      const C* kr = kpage + d * B;
+      for (int j = 0; j < NV; ++j) a[j] += qd * load8(kr + 8 * j);
+    }
+    for (int j = 0; j < NV; ++j) store8(s + 8 * j, a[j]);
+    if constexpr (std::is_same_v<C, int8_t>) {
+      for (int t = 0; t < nv; ++t) s[t] *= ks[t];
     }
     float mx = m[r];
 #pragma omp simd reduction(max : mx)
@@ -159,18 +195,20 @@ inline void attend_page_rows(int G, int pos, int base, const float* qf, const fl
     m[r] = mx;
     float* ar = acc + r * D;
     for (int d = 0; d < D; ++d) ar[d] *= corr;
-    for (int t = 0; t < nv; ++t) {
-      const float p = s[t];
-      const float* vr = vpage + t * D;
-      for (int d = 0; d < D; ++d) ar[d] += p * vr[d];
+    if constexpr (std::is_same_v<C, int8_t>) {
+      for (int t = 0; t < nv; ++t) s[t] *= vs[t];
     }
+    page_values<1, B, C>(s, vpage, D, nv, ar);
   }
 }
 
 // One work item: rows = (query token, query head of this KV head). Online softmax over pages.
-template <typename T, int B>
-void attend(const WorkItem& w, const T* q, int64_t q_row_stride, T* out, const T* k_cache, const T* v_cache,
-            const int32_t* table, int32_t first_pos, int H, int KV, int D, float scale) {
+// T: the type of q and out; C: the cache's (T, or int8_t with scales ks_all / vs_all).
+template <typename T, typename C, int B>
+void attend(const WorkItem& w, const T* q, int64_t q_row_stride, T* out, const C* k_cache, const C* v_cache,
+            const float* ks_all, const float* vs_all, const int32_t* table, int32_t first_pos, int H, int KV,
+            int D, float scale) {
+  constexpr bool kInt8 = std::is_same_v<C, int8_t>;
   const int G = H / KV;
   const int ntok = w.q_end - w.q_begin;
   const int R = ntok * G;
@@ -194,35 +232,47 @@ void attend(const WorkItem& w, const T* q, int64_t q_row_stride, T* out, const T
   const size_t page = static_cast<size_t>(D) * B;
   alignas(64) float s[kRowBlock * B];
   for (int blk = 0; blk < nblocks; ++blk) {
-    const size_t off = (static_cast<size_t>(table[blk]) * KV + w.kv_head) * page;
+    const size_t head_page = static_cast<size_t>(table[blk]) * KV + w.kv_head;
+    const size_t off = head_page * page;
+    const float* ks = kInt8 ? ks_all + head_page * B : nullptr;
+    const float* vs = kInt8 ? vs_all + head_page * B : nullptr;
+    const int base = blk * B;
+    if constexpr (kInt8) {
+      if (ntok == 1) {  // a decode token reads the int8 page in place
+        attend_page_rows<int8_t, B>(G, first_pos, base, qf.data(), k_cache + off, v_cache + off, ks, vs, D,
+                                    m.data(), l.data(), acc.data());
+        continue;
+      }
+    }
     const float* kpage;
     const float* vpage;
-    if constexpr (std::is_same_v<T, float>) {  // already float: read the page in place
+    if constexpr (std::is_same_v<C, float>) {  // already float: read the page in place
       kpage = k_cache + off;
       vpage = v_cache + off;
-    } else {  // widen once per page; every row of the item then reads float from L1
-      const T* kp = k_cache + off;
-      const T* vp = v_cache + off;
+    } else {  // widen once per page (int8 unscaled); every row of the item then reads float from L1
+      const C* kp = k_cache + off;
+      const C* vp = v_cache + off;
       for (size_t e = 0; e < page; ++e) kf[e] = to_f(kp[e]);
       for (size_t e = 0; e < page; ++e) vf[e] = to_f(vp[e]);
       kpage = kf.data();
       vpage = vf.data();
     }
-    const int base = blk * B;
     if (ntok == 1) {  // a decode token
-      attend_page_rows<B>(G, first_pos, base, qf.data(), kpage, vpage, D, m.data(), l.data(), acc.data());
+      attend_page_rows<float, B>(G, first_pos, base, qf.data(), kpage, vpage, ks, vs, D, m.data(), l.data(),
+                                 acc.data());
       continue;
     }
     const int first_row = std::max(0, (base - first_pos) * G);  // rows before it do not see this page
     int r0 = first_row;
     for (; r0 + kRowBlock <= R; r0 += kRowBlock) {
-      attend_page<kRowBlock, B>(r0, G, first_pos, base, qf.data(), kpage, vpage, D, m.data(), l.data(), acc.data(), s);
+      attend_page<kRowBlock, B>(r0, G, first_pos, base, qf.data(), kpage, vpage, ks, vs, D, m.data(), l.data(),
+                                acc.data(), s);
     }
     const float* qd = qf.data();
     switch (R - r0) {
-      case 3: attend_page<3, B>(r0, G, first_pos, base, qd, kpage, vpage, D, m.data(), l.data(), acc.data(), s); break;
-      case 2: attend_page<2, B>(r0, G, first_pos, base, qd, kpage, vpage, D, m.data(), l.data(), acc.data(), s); break;
-      case 1: attend_page<1, B>(r0, G, first_pos, base, qd, kpage, vpage, D, m.data(), l.data(), acc.data(), s); break;
+      case 3: attend_page<3, B>(r0, G, first_pos, base, qd, kpage, vpage, ks, vs, D, m.data(), l.data(), acc.data(), s); break;
+      case 2: attend_page<2, B>(r0, G, first_pos, base, qd, kpage, vpage, ks, vs, D, m.data(), l.data(), acc.data(), s); break;
+      case 1: attend_page<1, B>(r0, G, first_pos, base, qd, kpage, vpage, ks, vs, D, m.data(), l.data(), acc.data(), s); break;
       default: break;
     }
   }
@@ -237,10 +287,16 @@ void attend(const WorkItem& w, const T* q, int64_t q_row_stride, T* out, const T
   }
 }
 
-template <typename T, int B>
+struct Scales {
+  const float* k = nullptr;
+  const float* v = nullptr;
+};
+
+template <typename T, typename C, int B>
 void run_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
-                   const torch::Tensor& v_cache, const torch::Tensor& block_tables, const torch::Tensor& seq_starts,
-                   const torch::Tensor& context_lens, double scale, int64_t max_tile_rows) {
+                   const torch::Tensor& v_cache, Scales scales, const torch::Tensor& block_tables,
+                   const torch::Tensor& seq_starts, const torch::Tensor& context_lens, double scale,
+                   int64_t max_tile_rows) {
   const int H = q.size(1), D = q.size(2), KV = k_cache.size(1);
   const int G = H / KV;
   const int S = context_lens.size(0);
@@ -261,8 +317,8 @@ void run_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tens
   const T* qp = q.data_ptr<T>();
   const int64_t q_stride = q.stride(0);
   T* op = out.data_ptr<T>();
-  const T* kc = k_cache.data_ptr<T>();
-  const T* vc = v_cache.data_ptr<T>();
+  const C* kc = k_cache.data_ptr<C>();
+  const C* vc = v_cache.data_ptr<C>();
   const int32_t* tables = block_tables.data_ptr<int32_t>();
   const int64_t table_stride = block_tables.stride(0);
   const int64_t n = static_cast<int64_t>(items.size());
@@ -273,17 +329,30 @@ void run_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tens
     const WorkItem& w = items[i];
     const int32_t nq = starts[w.seq + 1] - starts[w.seq];
     const int32_t first_pos = ctx[w.seq] - nq + (w.q_begin - starts[w.seq]);
-    attend<T, B>(w, qp, q_stride, op, kc, vc, tables + w.seq * table_stride, first_pos, H, KV, D,
-                 static_cast<float>(scale));
+    attend<T, C, B>(w, qp, q_stride, op, kc, vc, scales.k, scales.v, tables + w.seq * table_stride, first_pos, H,
+                    KV, D, static_cast<float>(scale));
   }
 }
 
-void check_common(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache) {
+// The scales of an int8 cache (checked against it), or none for a float one.
+Scales check_caches(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                    const std::optional<torch::Tensor>& k_scale, const std::optional<torch::Tensor>& v_scale) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be [T, H, D], rows strided");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "q and caches must share a dtype");
   TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k and v caches must share a dtype");
+  if (k_cache.scalar_type() != torch::kChar) {
+    TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "a float cache must have q's dtype");
+    TORCH_CHECK(!k_scale && !v_scale, "scales are for an int8 cache only");
+    return {};
+  }
+  TORCH_CHECK(k_scale && v_scale, "an int8 cache needs k_scale and v_scale");
+  for (const torch::Tensor* t : {&*k_scale, &*v_scale}) {
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->dim() == 3 &&
+                    t->size(0) == k_cache.size(0) && t->size(1) == k_cache.size(1) && t->size(2) == k_cache.size(3),
+                "scales must be float32 [num_blocks, kv_heads, block]");
+  }
+  return {k_scale->data_ptr<float>(), v_scale->data_ptr<float>()};
 }
 
 }  // namespace
@@ -291,10 +360,13 @@ void check_common(const torch::Tensor& q, const torch::Tensor& k_cache, const to
 // out[T, H, D] = softmax(q K^T * scale) V per query row, causal within each sequence's context.
 // Rows [seq_starts[s], seq_starts[s+1]) belong to sequence s, whose cache holds context_lens[s]
 // tokens (this step's included); its last query is at position context_lens[s] - 1.
+// An int8 cache comes with its scales k_scale / v_scale [num_blocks, kv_heads, block] (float32).
 void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                      torch::Tensor block_tables, torch::Tensor seq_starts, torch::Tensor context_lens, double scale,
-                     int64_t max_tile_rows) {
-  check_common(q, k_cache, v_cache);
+                     int64_t max_tile_rows, std::optional<torch::Tensor> k_scale,
+                     std::optional<torch::Tensor> v_scale) {
+  const Scales scales = check_caches(q, k_cache, v_cache, k_scale, v_scale);
+  const bool int8 = scales.k != nullptr;
   TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "bad out");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && seq_starts.scalar_type() == torch::kInt32 &&
                   context_lens.scalar_type() == torch::kInt32 && seq_starts.is_contiguous() &&
@@ -303,24 +375,31 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, 
   const int64_t B = k_cache.size(3);
   TORCH_CHECK(k_cache.size(2) == q.size(2) && v_cache.size(2) == B && v_cache.size(3) == q.size(2), "bad cache shape");
   TORCH_CHECK(q.size(2) % kLanes == 0, "head_dim must be a multiple of ", kLanes);
-#define MS_DISPATCH_B(T)                                                                                       \
-  switch (B) {                                                                                                 \
-    case 16: run_attention<T, 16>(out, q, k_cache, v_cache, block_tables, seq_starts, context_lens, scale,    \
-                                  max_tile_rows); break;                                                       \
-    case 32: run_attention<T, 32>(out, q, k_cache, v_cache, block_tables, seq_starts, context_lens, scale,    \
-                                  max_tile_rows); break;                                                       \
-    case 64: run_attention<T, 64>(out, q, k_cache, v_cache, block_tables, seq_starts, context_lens, scale,    \
-                                  max_tile_rows); break;                                                       \
-    case 128: run_attention<T, 128>(out, q, k_cache, v_cache, block_tables, seq_starts, context_lens, scale,  \
-                                    max_tile_rows); break;                                                     \
-    default: TORCH_CHECK(false, "block size must be 16, 32, 64 or 128, got ", B);                             \
+#define MS_RUN(T, C, BS) \
+  run_attention<T, C, BS>(out, q, k_cache, v_cache, scales, block_tables, seq_starts, context_lens, scale, max_tile_rows)
+#define MS_DISPATCH_B(T, C)                                       \
+  switch (B) {                                                    \
+    case 16: MS_RUN(T, C, 16); break;                             \
+    case 32: MS_RUN(T, C, 32); break;                             \
+    case 64: MS_RUN(T, C, 64); break;                             \
+    case 128: MS_RUN(T, C, 128); break;                           \
+    default: TORCH_CHECK(false, "block size must be 16, 32, 64 or 128, got ", B); \
   }
   if (q.scalar_type() == torch::kBFloat16) {
-    MS_DISPATCH_B(bf16)
+    if (int8) {
+      MS_DISPATCH_B(bf16, int8_t)
+    } else {
+      MS_DISPATCH_B(bf16, bf16)
+    }
   } else if (q.scalar_type() == torch::kFloat32) {
-    MS_DISPATCH_B(float)
+    if (int8) {
+      MS_DISPATCH_B(float, int8_t)
+    } else {
+      MS_DISPATCH_B(float, float)
+    }
   } else {
     TORCH_CHECK(false, "paged_attention supports float32 and bfloat16");
   }
 #undef MS_DISPATCH_B
+#undef MS_RUN
 }
