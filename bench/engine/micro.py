@@ -100,6 +100,8 @@ def main() -> None:
     dtype = resolve_dtype(a.dtype)
     model = LlamaModel(args, tensors, dtype, 4096)
     torch_model = LlamaModel(args, tensors, dtype, 4096, use_cpu_ops=False)
+    # the opt-in int8 weights (steps of up to 4 tokens; they need the C++ kernels)
+    int8_model = LlamaModel(args, tensors, dtype, 4096, int8_max_tokens=4) if model.ops is not None else None
     batches = [int(x) for x in a.batches.split(",")]
     blocks = sum(-(-int(a.context * 1.5) // 64) for _ in range(max(batches))) + a.prefill_tokens // 64 + 8
     kv = KVCache.allocate(args, blocks, 64, dtype)
@@ -124,11 +126,14 @@ def main() -> None:
         kv8_bytes = sum(b.context_lens) * 2 * args.num_layers * args.num_kv_heads * (args.head_dim + 4)
         row: dict = {"step_bytes": step_bytes, "roofline_ms": round(step_bytes / (bw * 1e9) * 1e3, 2),
                      "kv8_step_bytes": weight_bytes + kv8_bytes}
-        for name, m, cache in (("cpu_ops", model, kv), ("torch", torch_model, kv), ("cpu_ops_kv8", model, kv8)):
+        variants = [("cpu_ops", model, kv), ("torch", torch_model, kv), ("cpu_ops_kv8", model, kv8)]
+        if int8_model is not None and bsz <= 4:
+            variants.append(("cpu_ops_int8", int8_model, kv8))
+        for name, m, cache in variants:
             if name.startswith("cpu_ops") and m.ops is None:
                 continue
             row[f"{name}_ms"] = round(_time(lambda m=m, b=b, c=cache: m.forward(b, c), a.repeats) * 1e3, 2)
-            if name != "cpu_ops_kv8":
+            if name in ("cpu_ops", "torch"):
                 row[f"{name}_roofline_fraction"] = round(row["roofline_ms"] / row[f"{name}_ms"], 3)
         logits = model.forward(b, kv)
         greedy = [SamplingRow(0.0)] * bsz

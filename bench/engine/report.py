@@ -49,6 +49,9 @@ def targets(results: dict) -> list[tuple[str, bool | None, str]]:
                   _tok_s(results, w, "vllm_cpu", c), 1.0)
     check("greedy c=1: decode tok/s >= llama.cpp", _tok_s(results, "greedy", "meshserve", "1"),
           _tok_s(results, "greedy", "llama_cpp", "1"), 1.0)
+    if _tok_s(results, "greedy", "meshserve_int8", "1") is not None:  # both quantized: llama.cpp runs Q4_1
+        check("greedy c=1, our int8 option: decode tok/s >= llama.cpp",
+              _tok_s(results, "greedy", "meshserve_int8", "1"), _tok_s(results, "greedy", "llama_cpp", "1"), 1.0)
     check("greedy c=1: TTFT p50 <= vLLM-CPU (s)", _level(results, "greedy", "meshserve", "1").get("ttft_p50_s"),
           _level(results, "greedy", "vllm_cpu", "1").get("ttft_p50_s"), 1.0, lower_is_better=True)
     pre = (results.get("micro") or {}).get("prefill") or {}
@@ -137,11 +140,12 @@ def _micro(results: dict) -> list[str]:
     lines = ["## Forward-only figures (one decode step, SmolLM2, " + str(m.get("dtype")) + ")", "",
              f"Measured memory bandwidth {m['bandwidth_gb_s']} GB/s (large copy, read + write); contexts "
              f"around {m['context']} tokens; C++ ops: {m['cpu_ops']}.", "",
-             "| batch | bytes/step (MB) | roofline ms | C++ ops ms | plain torch ms | sample greedy ms | "
-             "sample top-p ms |", "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| batch | bytes/step (MB) | roofline ms | C++ ops ms | plain torch ms | int8 KV ms | "
+             "int8 weights + KV ms | sample greedy ms | sample top-p ms |", "|---:" * 9 + "|"]
     for b, r in m["decode"].items():
         lines.append(f"| {b} | {r['step_bytes'] / 1e6:.0f} | {r['roofline_ms']} | {r.get('cpu_ops_ms', '-')} | "
-                     f"{r.get('torch_ms', '-')} | {r['sample_greedy_ms']} | {r['sample_top_p_ms']} |")
+                     f"{r.get('torch_ms', '-')} | {r.get('cpu_ops_kv8_ms', '-')} | {r.get('cpu_ops_int8_ms', '-')} | "
+                     f"{r['sample_greedy_ms']} | {r['sample_top_p_ms']} |")
     pre = m.get("prefill") or {}
     if pre:
         lines += ["", f"Prefill of a {pre['tokens']}-token prompt: cold {pre['cold_ms']} ms, first half cached "

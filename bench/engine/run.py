@@ -89,6 +89,10 @@ def systems(quick: bool) -> list[System]:
     return [
         System("meshserve", PROJECT_PY, "run_meshserve.py", {"threads": THREADS}, full,
                "in-process TorchEngine through its asyncio generate() (what the model server calls)"),
+        System("meshserve_int8", PROJECT_PY, "run_meshserve.py",
+               {"threads": THREADS, "int8_max_tokens": 4, "kv_cache_dtype": "int8"}, full,
+               "the same engine with its opt-in int8 options (they change answers; bench/engine/accuracy.py): "
+               "int8 weights with scales per 32 columns for steps of up to 4 tokens, int8 KV cache"),
         System("transformers_sequential", PROJECT_PY, "run_hf.py",
                {"mode": "sequential", "folder": HF_FOLDER, "threads": THREADS}, sequential,
                f"one request at a time; at most 8 requests per level and outputs capped at {seq_cap} "

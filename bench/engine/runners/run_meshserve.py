@@ -33,7 +33,9 @@ class MeshServeRunner:
         cfg = TorchEngineConfig(threads=int(config.get("threads", 2)), max_running=64,
                                 kv_cache_bytes=int(config.get("kv_cache_bytes", 2 << 30)),
                                 step_token_budget=int(config.get("step_token_budget", 512)),
-                                max_context=2048, batch_invariant=bool(config.get("batch_invariant", False)))
+                                max_context=2048, batch_invariant=bool(config.get("batch_invariant", False)),
+                                int8_max_tokens=int(config.get("int8_max_tokens", 0)),
+                                kv_cache_dtype=str(config.get("kv_cache_dtype", "auto")))
         self.loop = asyncio.new_event_loop()
         self.engine = _TokenIdEngine("smollm2", config.get("source", "embedded"), cfg)
         self.loop.run_until_complete(self.engine.start())
@@ -44,7 +46,8 @@ class MeshServeRunner:
         self.info = {"dtype": str(self.engine.dtype), "threads": cfg.threads,
                      "kv_blocks": self.engine.core.blocks.num_blocks, "block_size": cfg.block_size,
                      "step_token_budget": cfg.step_token_budget, "cpu_ops": ops.status(),
-                     "batch_invariant": cfg.batch_invariant, "mode": "in-process TorchEngine"}
+                     "batch_invariant": cfg.batch_invariant, "int8_max_tokens": cfg.int8_max_tokens,
+                     "kv_cache_dtype": cfg.kv_cache_dtype, "mode": "in-process TorchEngine"}
 
     def run(self, scenario: dict) -> list[Record]:
         return self.loop.run_until_complete(self._run(scenario))

@@ -36,9 +36,9 @@ class TorchEngineConfig:
     max_context: int = 4096
     #: requests allowed to wait for admission before generate() raises CapacityError.
     max_waiting: int = 1024
-    #: steps computing at most this many tokens use weight-only int8 matmuls (bf16 only; 0 = never):
-    #: a lone decoding sequence is bound by weight bytes read, which int8 halves. Off by default
-    #: because it changes answers (logits move by up to ~1.4; see docs/architecture.md).
+    #: steps computing at most this many tokens use weight-only int8 matmuls (the C++ kernel, scales per
+    #: 32 columns; 0 = never): a lone decoding sequence is bound by weight bytes read, which int8 cuts
+    #: to a quarter of float32's. Off by default because it changes answers (docs/architecture.md).
     int8_max_tokens: int = 0
     #: greedy output independent of batch composition, chunking and prefix-cache state: GEMMs run
     #: in fixed blocks of `invariant_rows` rows, attention in the C++ kernel (required), no int8.

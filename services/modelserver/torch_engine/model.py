@@ -39,7 +39,7 @@ class LlamaModel:
     def __init__(self, args: ModelArgs, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
                  max_positions: int, int8_max_tokens: int = 0, use_cpu_ops: bool = True,
                  invariant_rows: int = 0) -> None:
-        """`int8_max_tokens` > 0 (bf16): steps of at most that many tokens use int8 weight copies.
+        """`int8_max_tokens` > 0: steps of at most that many tokens use int8 weight copies (needs the kernels).
         `use_cpu_ops`: run the C++ kernels when they are built (else, or when False, plain torch).
         `invariant_rows` > 0: batch-invariant mode (GEMMs in fixed row blocks; needs the kernels)."""
         self.args = args
@@ -48,11 +48,13 @@ class LlamaModel:
         if invariant_rows and (self.ops is None or int8_max_tokens):
             raise ValueError(f"batch-invariant mode needs the C++ kernels (they are {cpu_ops.status()}) "
                              "and no int8 path")
+        if int8_max_tokens and self.ops is None:
+            raise ValueError(f"int8 weights (int8_max_tokens) need the C++ kernels (they are {cpu_ops.status()})")
         q8 = int8_max_tokens
         fixed = self.fixed_rows = invariant_rows
 
         def lin(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
-            return Linear(weight, bias, q8, fixed)
+            return Linear(weight, bias, q8, fixed, self.ops)
 
         def w(name: str) -> torch.Tensor:
             return tensors[name].to(dtype).contiguous()

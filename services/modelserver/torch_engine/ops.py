@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _CSRC = os.path.join(_HERE, "csrc")
-SOURCES = [os.path.join(_CSRC, name) for name in ("cpu_ops.cpp", "paged_attention.cpp", "sampling.cpp")]
+SOURCES = [os.path.join(_CSRC, name) for name in ("cpu_ops.cpp", "paged_attention.cpp", "sampling.cpp",
+                                                      "int8_linear.cpp")]
 HEADERS = [os.path.join(_CSRC, "cpu_math.h")]
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(_HERE)))
 #: set to 1 to run the plain-torch path even when the op is built

@@ -1,5 +1,5 @@
-// CPU kernels of the torch engine besides attention (paged_attention.cpp) and sampling
-// (sampling.cpp): the fused RoPE + KV-cache write, the residual add + RMSNorm, SiLU x mul, and the
+// CPU kernels of the torch engine besides attention (paged_attention.cpp), sampling (sampling.cpp)
+// and the int8 matmul (int8_linear.cpp): the fused RoPE + KV-cache write, the residual add + RMSNorm, SiLU x mul, and the
 // module's bindings. Plain loops the compiler vectorises for the build machine (-march=native).
 //
 // Cache layout, per layer (see paged_attention.cpp): k_cache [num_blocks, kv_heads, head_dim, block]
@@ -221,6 +221,9 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, 
                      int64_t max_tile_rows, std::optional<torch::Tensor> k_scale,
                      std::optional<torch::Tensor> v_scale);
 
+// int8_linear.cpp
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor q, torch::Tensor scale, std::optional<torch::Tensor> bias);
+
 // sampling.cpp
 torch::Tensor sample_rows(torch::Tensor logits, torch::Tensor rows, torch::Tensor temperatures,
                           torch::Tensor top_k, torch::Tensor top_p, torch::Tensor u);
@@ -238,6 +241,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale") = py::none(), py::arg("v_scale") = py::none());
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("add_rms_norm", &add_rms_norm, "x += delta; out = rms_norm(x) * w");
+  m.def("int8_linear", &int8_linear, "x @ (q * group scales)^T + bias with int8 weights (few-row steps)",
+        py::arg("x"), py::arg("q"), py::arg("scale"), py::arg("bias") = py::none());
   m.def("sample_rows", &sample_rows, "temperature/top-k/top-p sampling of rows without a vocabulary sort");
   m.def("openmp_threads", &openmp_threads, "OpenMP threads the calling thread would use");
 }
