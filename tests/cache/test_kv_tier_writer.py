@@ -102,3 +102,24 @@ def test_blocks_the_store_evicts_go_out_as_removed_events(tmp_path: Path):
         client.close()
         runtime.configure("")
         server.stop()
+
+
+def test_int8_pool_blocks_round_trip_with_their_scales(store_url: str):
+    """An int8 pool's block carries its K and V scales through the real store and back."""
+    store = runtime.store()
+    assert store is not None
+    shape = BlockShape(torch.int8, 4, 2, 1, 8)
+    n = 3
+    k = torch.randint(-127, 128, (2, n, 1, 8, 4), dtype=torch.int8)
+    v = torch.randint(-127, 128, (2, n, 1, 4, 8), dtype=torch.int8)
+    ks, vs = torch.rand(2, n, 1, 4), torch.rand(2, n, 1, 4)
+    tier = KvTier(store, "tiny8", b"n8" * 16, shape, [k, v, ks, vs])
+    try:
+        refs = _refs([[1, 2, 3, 4], [5, 6, 7, 8]])
+        assert tier.offer(refs) == refs and tier.wait_writes(30)
+        got = tier.fetch(refs)
+        assert len(got) == 2
+        for block, parts in enumerate(got):
+            assert all(torch.equal(p, pool[:, block]) for p, pool in zip(parts, (k, v, ks, vs), strict=True))
+    finally:
+        tier.close()

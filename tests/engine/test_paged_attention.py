@@ -83,14 +83,21 @@ CASES = [(kv, ratio, hd, bs, n, dtype)
 
 
 @needs_ops
+@pytest.mark.parametrize("int8", [False, True], ids=["float-cache", "int8-cache"])
 @pytest.mark.parametrize(("kv", "ratio", "hd", "bs", "n_seqs", "dtype"), CASES)
-def test_kernel_matches_reference(kv, ratio, hd, bs, n_seqs, dtype):
-    rng = random.Random(hash((kv, ratio, hd, bs, n_seqs)) & 0xFFFF)
+def test_kernel_matches_reference(kv, ratio, hd, bs, n_seqs, dtype, int8):
+    """Float pages, or int8 pages with their scales against the reference over the dequantized pool."""
+    rng = random.Random(hash((kv, ratio, hd, bs, n_seqs, int8)) & 0xFFFF)
     b, q, k_cache, v_cache = make_step(rng, n_seqs, kv, ratio, hd, bs, dtype)
+    scales: tuple = (None, None)
+    want_k, want_v = k_cache, v_cache
+    if int8:
+        k_cache, v_cache, ks, vs, want_k, want_v = quantize_pool(k_cache, v_cache)
+        scales = (ks, vs)
     out = torch.empty_like(q)
     OPS.paged_attention(out, q, k_cache, v_cache, b.block_tables, b.seq_starts_t, b.context_lens_t, hd ** -0.5,
-                        TILE_ROWS)
-    want = reference(b, q, k_cache, v_cache)
+                        TILE_ROWS, *scales)
+    want = reference(b, q, want_k, want_v)
     torch.testing.assert_close(out.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
@@ -110,19 +117,6 @@ def quantize_pool(k_cache: torch.Tensor, v_cache: torch.Tensor):
     vq, vs = quantize_rows(v_cache.float())
     k_deq = dequantize_rows(kq, ks, torch.float32).transpose(2, 3)
     return kq.transpose(2, 3).contiguous(), vq, ks, vs, k_deq, dequantize_rows(vq, vs, torch.float32)
-
-
-@needs_ops
-@pytest.mark.parametrize(("kv", "ratio", "hd", "bs", "n_seqs", "dtype"), CASES)
-def test_int8_cache_kernel_matches_reference(kv, ratio, hd, bs, n_seqs, dtype):
-    rng = random.Random(hash((kv, ratio, hd, bs, n_seqs, "int8")) & 0xFFFF)
-    b, q, k_cache, v_cache = make_step(rng, n_seqs, kv, ratio, hd, bs, dtype)
-    kq, vq, ks, vs, k_deq, v_deq = quantize_pool(k_cache, v_cache)
-    out = torch.empty_like(q)
-    OPS.paged_attention(out, q, kq, vq, b.block_tables, b.seq_starts_t, b.context_lens_t, hd ** -0.5, TILE_ROWS,
-                        ks, vs)
-    want = reference(b, q, k_deq, v_deq)
-    torch.testing.assert_close(out.double(), want, atol=TOL[dtype], rtol=TOL[dtype])
 
 
 @pytest.mark.parametrize(("kv", "ratio", "hd", "bs", "n_seqs", "dtype"), CASES[:5])
