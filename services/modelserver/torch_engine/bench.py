@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--source", default="embedded")
     ap.add_argument("--int8-max-tokens", type=int, default=TorchEngineConfig.int8_max_tokens)
+    ap.add_argument("--kv-cache-dtype", default=TorchEngineConfig.kv_cache_dtype, choices=("auto", "int8"))
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     path = resolve_source(a.source)
@@ -35,9 +36,10 @@ def main() -> None:
     cfg = TorchEngineConfig(max_running=128, step_token_budget=1024)
     model = LlamaModel(args, tensors, dtype, 4096, int8_max_tokens=a.int8_max_tokens)
     bs = cfg.block_size
-    kv = KVCache.allocate(args, cfg.num_blocks(KVCache.bytes_per_block(args, bs, dtype)), bs, dtype)
+    kv_dtype = a.kv_cache_dtype
+    kv = KVCache.allocate(args, cfg.num_blocks(KVCache.bytes_per_block(args, bs, dtype, kv_dtype)), bs, dtype, kv_dtype)
     print(f"dtype={dtype} threads={torch.get_num_threads()} kv_blocks={kv.num_blocks} "
-          f"int8_max_tokens={a.int8_max_tokens}")
+          f"int8_max_tokens={a.int8_max_tokens} kv_cache_dtype={kv_dtype}")
     for bsz in (int(x) for x in a.batches.split(",")):
         core = EngineCore(model, kv, tok.decode, frozenset(), cfg.max_running, cfg.step_token_budget, 4096)
         for i in range(bsz):
