@@ -1,6 +1,7 @@
 // CPU kernels of the torch engine besides attention (paged_attention.cpp), sampling (sampling.cpp)
-// and the int8 matmul (int8_linear.cpp): the fused RoPE + KV-cache write, the residual add + RMSNorm, SiLU x mul, and the
-// module's bindings. Plain loops the compiler vectorises for the build machine (-march=native).
+// and the int8 matmul (int8_linear.cpp): the fused RoPE + KV-cache write, the residual add +
+// RMSNorm, SiLU x mul, and the module's bindings. Plain loops the compiler vectorises for the build
+// machine (-march=native).
 //
 // Cache layout, per layer (see paged_attention.cpp): k_cache [num_blocks, kv_heads, head_dim, block]
 // (K transposed inside a page), v_cache [num_blocks, kv_heads, block, head_dim].

@@ -3,8 +3,7 @@
 //
 // Portable source (plain loops and GCC/Clang vector extensions; one AVX2 intrinsic where GCC's
 // portable int8 widening is scalar) built with -march=native, so one source is both the fast and
-// the portable build. All math is float32; bf16
-// is widened on load.
+// the portable build. All math is float32; bf16 and int8 are widened on load.
 //
 // Cache layout, per layer (head-major pages, so one page of one KV head is contiguous):
 //   k_cache [num_blocks, kv_heads, head_dim, block]   K transposed inside a page: the Q.K loop runs
@@ -63,7 +62,8 @@ inline vf8 load8(const float* p) { return *reinterpret_cast<const vf8u*>(p); }
 // GCC 12 turns the portable conversion into eight scalar ones; AVX2 has it in two instructions.
 inline vf8 load8(const int8_t* p) {
 #if defined(__AVX2__)
-  return reinterpret_cast<vf8>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return reinterpret_cast<vf8>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
 #else
   return __builtin_convertvector(*reinterpret_cast<const vi8*>(p), vf8);
 #endif
@@ -264,15 +264,17 @@ void attend(const WorkItem& w, const T* q, int64_t q_row_stride, T* out, const C
     }
     const int first_row = std::max(0, (base - first_pos) * G);  // rows before it do not see this page
     int r0 = first_row;
-    for (; r0 + kRowBlock <= R; r0 += kRowBlock) {
-      attend_page<kRowBlock, B>(r0, G, first_pos, base, qf.data(), kpage, vpage, ks, vs, D, m.data(), l.data(),
-                                acc.data(), s);
-    }
+    float* mp = m.data();
+    float* lp = l.data();
+    float* ap = acc.data();
     const float* qd = qf.data();
+    for (; r0 + kRowBlock <= R; r0 += kRowBlock) {
+      attend_page<kRowBlock, B>(r0, G, first_pos, base, qd, kpage, vpage, ks, vs, D, mp, lp, ap, s);
+    }
     switch (R - r0) {
-      case 3: attend_page<3, B>(r0, G, first_pos, base, qd, kpage, vpage, ks, vs, D, m.data(), l.data(), acc.data(), s); break;
-      case 2: attend_page<2, B>(r0, G, first_pos, base, qd, kpage, vpage, ks, vs, D, m.data(), l.data(), acc.data(), s); break;
-      case 1: attend_page<1, B>(r0, G, first_pos, base, qd, kpage, vpage, ks, vs, D, m.data(), l.data(), acc.data(), s); break;
+      case 3: attend_page<3, B>(r0, G, first_pos, base, qd, kpage, vpage, ks, vs, D, mp, lp, ap, s); break;
+      case 2: attend_page<2, B>(r0, G, first_pos, base, qd, kpage, vpage, ks, vs, D, mp, lp, ap, s); break;
+      case 1: attend_page<1, B>(r0, G, first_pos, base, qd, kpage, vpage, ks, vs, D, mp, lp, ap, s); break;
       default: break;
     }
   }
@@ -375,8 +377,9 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, 
   const int64_t B = k_cache.size(3);
   TORCH_CHECK(k_cache.size(2) == q.size(2) && v_cache.size(2) == B && v_cache.size(3) == q.size(2), "bad cache shape");
   TORCH_CHECK(q.size(2) % kLanes == 0, "head_dim must be a multiple of ", kLanes);
-#define MS_RUN(T, C, BS) \
-  run_attention<T, C, BS>(out, q, k_cache, v_cache, scales, block_tables, seq_starts, context_lens, scale, max_tile_rows)
+#define MS_RUN(T, C, BS)                                                                                 \
+  run_attention<T, C, BS>(out, q, k_cache, v_cache, scales, block_tables, seq_starts, context_lens, scale, \
+                          max_tile_rows)
 #define MS_DISPATCH_B(T, C)                                       \
   switch (B) {                                                    \
     case 16: MS_RUN(T, C, 16); break;                             \
