@@ -4,15 +4,16 @@
     head_dim u16 | key 32 B | parent 32 B | token ids (block_size x u32 LE) | K bytes | V bytes
 
 K is [layers, kv_heads, head_dim, block_size] and V [layers, kv_heads, block_size, head_dim]: one
-block's slice of the engine's head-major pool, copied as is. An int8 pool (dtype int8) stores after
-them its per-token scales, K's then V's, float32 [layers, kv_heads, block_size]. A block read back is used only if
-every field matches what the reader expects - version, dtype, layout, shapes, its own key, its
-parent's key and the very token ids of the request - so a hash collision, a foreign writer or a
-torn value can cost a recompute, never wrong KV.
+block's slice of the engine's head-major pool, copied as is. An int8 pool (dtype int8) stores
+after them its per-token scales, K's then V's, float32 [layers, kv_heads, block_size]. A block read
+back is used only if every field matches what the reader expects - version, dtype, layout, shapes,
+its own key, its parent's key and the very token ids of the request - so a hash collision, a
+foreign writer or a torn value can cost a recompute, never wrong KV.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,18 +62,7 @@ class BlockShape:
         return out
 
     def nbytes(self) -> int:
-        return _HEADER.size + 4 * self.block_size + sum(_numel(shape) * _elem(dt) for dt, shape in self.parts)
-
-
-def _elem(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return _HEADER.size + 4 * self.block_size + sum(math.prod(shape) * dt.itemsize for dt, shape in self.parts)
 
 
 class BlockMismatch(ValueError):
@@ -93,9 +83,9 @@ def encode(shape: BlockShape, key: bytes, parent: bytes, tokens: Sequence[int], 
     off = _HEADER.size + 4 * shape.block_size
     out[_HEADER.size:off] = token_bytes(tokens)
     for t, (dt, s) in zip(parts, want, strict=True):
-        n = _numel(s)
+        n = math.prod(s)
         torch.frombuffer(out, dtype=dt, count=n, offset=off).view(s).copy_(t)
-        off += n * _elem(dt)
+        off += n * dt.itemsize
     return out
 
 
@@ -119,7 +109,7 @@ def decode(shape: BlockShape, data: bytes | bytearray, key: bytes, parent: bytes
     buf = bytearray(data[tok_end:])  # writable: the tensors are copied into the pool from it
     parts, off = [], 0
     for dt, s in shape.parts:
-        n = _numel(s)
+        n = math.prod(s)
         parts.append(torch.frombuffer(buf, dtype=dt, count=n, offset=off).view(s))
-        off += n * _elem(dt)
+        off += n * dt.itemsize
     return tuple(parts)

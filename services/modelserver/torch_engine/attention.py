@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .forward_batch import ForwardBatch
-from .kv_cache import dequantize_rows, gather, quantize_rows, write_kv
+from .kv_cache import gather, write_kv
 
 #: query rows (tokens x heads of one KV head) one kernel work item holds; bounds its scratch.
 TILE_ROWS = 16
@@ -66,10 +66,7 @@ class TorchAttention:
         """q [T, H, hd], this step's k, v [T, KV, hd] (also written to the cache) -> [T, H, hd].
         With an int8 cache (scales given) every K/V row attended to, this step's included, is the
         stored int8 value times its scale, as in the kernel."""
-        write_kv(k_cache, v_cache, k, v, slots, k_scale, v_scale)
-        if k_scale is not None:
-            k = dequantize_rows(*quantize_rows(k), q.dtype)
-            v = dequantize_rows(*quantize_rows(v), q.dtype)
+        k, v = write_kv(k_cache, v_cache, k, v, slots, k_scale, v_scale)
         T, H, hd = q.shape
         KV = k.shape[1]
         out = torch.empty((T, H, hd), dtype=q.dtype)

@@ -96,17 +96,23 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slots: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> None:
-    """Plain-torch write of k, v [T, KV, hd] into one layer's pages at flat slots (block * B + offset)."""
+             slots: torch.Tensor, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-torch write of k, v [T, KV, hd] into one layer's pages at flat slots (block * B + offset).
+    Returns k, v as the pages now hold them (an int8 cache's rounded values, in k's dtype)."""
     B = k_cache.shape[-1]
     blk, off = slots // B, slots % B
-    if k_scale is not None and v_scale is not None:
-        k, ks = quantize_rows(k)
-        v, vs = quantize_rows(v)
-        k_scale[blk, :, off] = ks
-        v_scale[blk, :, off] = vs
-    k_cache[blk, :, :, off] = k
-    v_cache[blk, :, off, :] = v
+    if k_scale is None or v_scale is None:
+        k_cache[blk, :, :, off] = k
+        v_cache[blk, :, off, :] = v
+        return k, v
+    kq, ks = quantize_rows(k)
+    vq, vs = quantize_rows(v)
+    k_cache[blk, :, :, off] = kq
+    v_cache[blk, :, off, :] = vq
+    k_scale[blk, :, off] = ks
+    v_scale[blk, :, off] = vs
+    return dequantize_rows(kq, ks, k.dtype), dequantize_rows(vq, vs, v.dtype)
 
 
 def gather(k_cache: torch.Tensor, v_cache: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype,

@@ -25,7 +25,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _CSRC = os.path.join(_HERE, "csrc")
 SOURCES = [os.path.join(_CSRC, name) for name in ("cpu_ops.cpp", "paged_attention.cpp", "sampling.cpp",
                                                       "int8_linear.cpp")]
-HEADERS = [os.path.join(_CSRC, "cpu_math.h")]
+HEADERS = [os.path.join(_CSRC, name) for name in ("cpu_math.h", "cpu_vec.h")]
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(_HERE)))
 #: set to 1 to run the plain-torch path even when the op is built
 DISABLE_ENV = "MESHSERVE_NO_CPU_OPS"

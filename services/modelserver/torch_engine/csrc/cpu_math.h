@@ -1,4 +1,5 @@
-// Scalar helpers shared by the engine's CPU kernels: bf16 widening/rounding and a vectorisable exp.
+// Scalar helpers shared by the engine's CPU kernels: bf16 widening/rounding, a vectorisable exp,
+// and the int8 KV cache's scale check.
 #pragma once
 
 #include <torch/extension.h>
@@ -7,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 
 namespace meshserve {
 
@@ -61,5 +63,27 @@ constexpr int64_t kParallelWork = 1 << 16;
 
 // Largest head_dim a kernel holds on the stack (Llama-family models use 64-256).
 constexpr int kMaxHeadDim = 512;
+
+// The per-token scales of an int8 KV cache [num_blocks, kv_heads, block] (float32), checked against
+// the cache; null pointers for a float cache, which must come without scales.
+struct KvScales {
+  float* k = nullptr;
+  float* v = nullptr;
+};
+
+inline KvScales int8_cache_scales(const torch::Tensor& k_cache, const std::optional<torch::Tensor>& k_scale,
+                                  const std::optional<torch::Tensor>& v_scale) {
+  if (k_cache.scalar_type() != torch::kChar) {
+    TORCH_CHECK(!k_scale && !v_scale, "scales are for an int8 cache only");
+    return {};
+  }
+  TORCH_CHECK(k_scale && v_scale, "an int8 cache needs k_scale and v_scale");
+  for (const torch::Tensor* t : {&*k_scale, &*v_scale}) {
+    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->dim() == 3 &&
+                    t->size(0) == k_cache.size(0) && t->size(1) == k_cache.size(1) && t->size(2) == k_cache.size(3),
+                "scales must be float32 [num_blocks, kv_heads, block]");
+  }
+  return {k_scale->data_ptr<float>(), v_scale->data_ptr<float>()};
+}
 
 }  // namespace meshserve

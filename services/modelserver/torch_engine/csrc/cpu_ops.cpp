@@ -112,21 +112,10 @@ void rope_and_cache(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, tor
   const int KV = k_cache.size(1), D = k_cache.size(2);
   const int H = q_out.size(1);
   TORCH_CHECK(qkv.size(1) == (H + 2 * KV) * D && q_out.size(2) == D && q_out.size(0) == qkv.size(0), "bad shapes");
-  float* ks = nullptr;
-  float* vs = nullptr;
-  if (int8) {
-    TORCH_CHECK(k_scale && v_scale, "an int8 cache needs k_scale and v_scale");
-    TORCH_CHECK(D <= kMaxHeadDim, "head_dim above ", kMaxHeadDim, " with an int8 cache");
-    for (const torch::Tensor* t : {&*k_scale, &*v_scale}) {
-      TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->dim() == 3 &&
-                      t->size(0) == k_cache.size(0) && t->size(1) == KV && t->size(2) == k_cache.size(3),
-                  "scales must be float32 [num_blocks, kv_heads, block]");
-    }
-    ks = k_scale->data_ptr<float>();
-    vs = v_scale->data_ptr<float>();
-  } else {
-    TORCH_CHECK(!k_scale && !v_scale, "scales are for an int8 cache only");
-  }
+  const KvScales scales = int8_cache_scales(k_cache, k_scale, v_scale);
+  TORCH_CHECK(!int8 || D <= kMaxHeadDim, "head_dim above ", kMaxHeadDim, " with an int8 cache");
+  float* ks = scales.k;
+  float* vs = scales.v;
   if (dt == torch::kBFloat16) {
     if (int8) {
       rope_cache_impl<bf16, int8_t>(qkv, cos, sin, positions, slots, q_out, k_cache, v_cache, ks, vs, H);

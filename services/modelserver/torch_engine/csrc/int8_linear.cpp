@@ -7,7 +7,7 @@
 //
 // Rows are taken kRows at a time, so each weight vector converted from int8 feeds up to kRows FMAs;
 // output columns are split over the OpenMP threads, each streaming its own weight rows in address
-// order. Portable vector extensions plus the AVX2 int8 widening (GCC's portable one is scalar).
+// order. Vector helpers from cpu_vec.h (portable, plus the AVX2 int8 widening).
 #include <torch/extension.h>
 
 #include <omp.h>
@@ -16,11 +16,8 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
 #include "cpu_math.h"
+#include "cpu_vec.h"
 
 namespace {
 
@@ -28,20 +25,6 @@ using namespace meshserve;
 
 constexpr int kGroup = 32;  // input columns per scale
 constexpr int kRows = 4;    // activation rows per weight pass
-
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf8u __attribute__((vector_size(32), aligned(4), may_alias));
-typedef int8_t vi8 __attribute__((vector_size(8), aligned(1), may_alias));
-
-inline vf8 load8(const float* p) { return *reinterpret_cast<const vf8u*>(p); }
-inline vf8 widen8(const int8_t* p) {
-#if defined(__AVX2__)
-  return reinterpret_cast<vf8>(
-      _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
-#else
-  return __builtin_convertvector(*reinterpret_cast<const vi8*>(p), vf8);
-#endif
-}
 
 inline float hsum(vf8 v) {
   float s = 0.0f;
@@ -56,7 +39,7 @@ inline void dot_rows(const float* x, int64_t K, const int8_t* w, const float* sc
   for (int r = 0; r < RB; ++r) acc[r] = vf8{};
   for (int64_t g = 0; g < K / kGroup; ++g) {
     const int64_t k = g * kGroup;
-    const vf8 w0 = widen8(w + k), w1 = widen8(w + k + 8), w2 = widen8(w + k + 16), w3 = widen8(w + k + 24);
+    const vf8 w0 = load8(w + k), w1 = load8(w + k + 8), w2 = load8(w + k + 16), w3 = load8(w + k + 24);
     const float s = sc[g];
     for (int r = 0; r < RB; ++r) {
       const float* xr = x + r * K + k;

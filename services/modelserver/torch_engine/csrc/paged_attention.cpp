@@ -22,10 +22,6 @@
 
 #include <omp.h>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -35,6 +31,7 @@
 #include <vector>
 
 #include "cpu_math.h"
+#include "cpu_vec.h"
 
 namespace {
 
@@ -53,22 +50,6 @@ struct WorkItem {
 constexpr int kRowBlock = 4;
 constexpr int kLanes = 16;  // columns per register block: two 8-float vectors
 
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf8u __attribute__((vector_size(32), aligned(4), may_alias));  // any float address
-
-typedef int8_t vi8 __attribute__((vector_size(8), aligned(1), may_alias));  // 8 int8 at any address
-
-inline vf8 load8(const float* p) { return *reinterpret_cast<const vf8u*>(p); }
-// GCC 12 turns the portable conversion into eight scalar ones; AVX2 has it in two instructions.
-inline vf8 load8(const int8_t* p) {
-#if defined(__AVX2__)
-  const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  return reinterpret_cast<vf8>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)));
-#else
-  return __builtin_convertvector(*reinterpret_cast<const vi8*>(p), vf8);
-#endif
-}
-inline void store8(float* p, vf8 v) { *reinterpret_cast<vf8u*>(p) = v; }
 
 // s[r][t] = q_r . k_t for every token t of the page (K stored [D][B] inside a page).
 template <int RB, int B>
@@ -289,14 +270,9 @@ void attend(const WorkItem& w, const T* q, int64_t q_row_stride, T* out, const C
   }
 }
 
-struct Scales {
-  const float* k = nullptr;
-  const float* v = nullptr;
-};
-
 template <typename T, typename C, int B>
 void run_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tensor& k_cache,
-                   const torch::Tensor& v_cache, Scales scales, const torch::Tensor& block_tables,
+                   const torch::Tensor& v_cache, KvScales scales, const torch::Tensor& block_tables,
                    const torch::Tensor& seq_starts, const torch::Tensor& context_lens, double scale,
                    int64_t max_tile_rows) {
   const int H = q.size(1), D = q.size(2), KV = k_cache.size(1);
@@ -336,25 +312,16 @@ void run_attention(torch::Tensor& out, const torch::Tensor& q, const torch::Tens
   }
 }
 
-// The scales of an int8 cache (checked against it), or none for a float one.
-Scales check_caches(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                    const std::optional<torch::Tensor>& k_scale, const std::optional<torch::Tensor>& v_scale) {
+// The caches checked against q; for an int8 cache, its scales.
+KvScales check_caches(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                      const std::optional<torch::Tensor>& k_scale, const std::optional<torch::Tensor>& v_scale) {
   TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.stride(1) == q.size(2), "q must be [T, H, D], rows strided");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(q.size(1) % k_cache.size(1) == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(k_cache.scalar_type() == v_cache.scalar_type(), "k and v caches must share a dtype");
-  if (k_cache.scalar_type() != torch::kChar) {
-    TORCH_CHECK(k_cache.scalar_type() == q.scalar_type(), "a float cache must have q's dtype");
-    TORCH_CHECK(!k_scale && !v_scale, "scales are for an int8 cache only");
-    return {};
-  }
-  TORCH_CHECK(k_scale && v_scale, "an int8 cache needs k_scale and v_scale");
-  for (const torch::Tensor* t : {&*k_scale, &*v_scale}) {
-    TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->dim() == 3 &&
-                    t->size(0) == k_cache.size(0) && t->size(1) == k_cache.size(1) && t->size(2) == k_cache.size(3),
-                "scales must be float32 [num_blocks, kv_heads, block]");
-  }
-  return {k_scale->data_ptr<float>(), v_scale->data_ptr<float>()};
+  TORCH_CHECK(k_cache.scalar_type() == torch::kChar || k_cache.scalar_type() == q.scalar_type(),
+              "a float cache must have q's dtype");
+  return int8_cache_scales(k_cache, k_scale, v_scale);
 }
 
 }  // namespace
@@ -367,7 +334,7 @@ void paged_attention(torch::Tensor out, torch::Tensor q, torch::Tensor k_cache, 
                      torch::Tensor block_tables, torch::Tensor seq_starts, torch::Tensor context_lens, double scale,
                      int64_t max_tile_rows, std::optional<torch::Tensor> k_scale,
                      std::optional<torch::Tensor> v_scale) {
-  const Scales scales = check_caches(q, k_cache, v_cache, k_scale, v_scale);
+  const KvScales scales = check_caches(q, k_cache, v_cache, k_scale, v_scale);
   const bool int8 = scales.k != nullptr;
   TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "bad out");
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt32 && seq_starts.scalar_type() == torch::kInt32 &&
